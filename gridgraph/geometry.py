@@ -1,0 +1,221 @@
+"""The geometry of a convolution: the one object every other part of gridgraph reads.
+
+A :class:`ConvGeometry` holds, for ``n`` spatial dimensions, the kernel size, stride, padding
+(resolved to explicit ``(before, after)`` amounts, so ``'same'`` and ``'valid'`` are numbers here),
+dilation and padding mode of a convolution. It is immutable and hashable, so it keys the graph
+cache. It is built from keywords (:meth:`ConvGeometry.from_keywords`, same meaning as
+``nn.Conv2d``) or from a module (:meth:`ConvGeometry.from_module`: an ``nn.Conv1d/2d/3d`` or a
+gridgraph layer).
+
+Conventions (stated once, used everywhere):
+
+* taps are numbered row-major over the kernel: in 2-D the tap ``(u, v)`` is ``t = u * kW + v``;
+* the tap ``(u, v)`` of the output pixel ``(i_h, i_w)`` reads the input pixel
+  ``(i_h * sH + u * dH - pad_top, i_w * sW + v * dW - pad_left)`` (cross-correlation, as in
+  ``nn.Conv2d``, no kernel flip); its *offset* is ``(u * dH - pad_top, v * dW - pad_left)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["ConvGeometry", "PADDING_MODES"]
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+_VALID_PADDING_MODES = {"zeros", "reflect", "replicate", "circular"}
+_VALID_PADDING_STRINGS = {"same", "valid"}
+
+
+def _ntuple(value: Any, ndim: int, name: str) -> tuple[int, ...]:
+    """``value`` as a tuple of ``ndim`` ints (an int is repeated), with a clear error otherwise."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a tuple of {ndim} ints (got {value!r})")
+    if isinstance(value, int):
+        return (value,) * ndim
+    if isinstance(value, torch.Size) or isinstance(value, (tuple, list)):
+        items = tuple(value)
+        if len(items) != ndim or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            raise ValueError(f"{name} must be an int or a tuple of {ndim} ints (got {value!r})")
+        return items
+    raise TypeError(f"{name} must be an int or a tuple of {ndim} ints (got {type(value).__name__} {value!r})")
+
+
+def check_conv_arguments(in_channels: int, out_channels: int, stride: tuple[int, ...],
+                         padding: Any, groups: int, padding_mode: str) -> None:
+    """The checks ``nn.Conv2d`` makes in its constructor, with its exact messages."""
+    for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"{name} must be an int (got {type(v).__name__} {v!r})")
+    if groups <= 0:
+        raise ValueError("groups must be a positive integer")
+    if in_channels % groups != 0:
+        raise ValueError("in_channels must be divisible by groups")
+    if out_channels % groups != 0:
+        raise ValueError("out_channels must be divisible by groups")
+    if isinstance(padding, str):
+        if padding not in _VALID_PADDING_STRINGS:
+            raise ValueError(
+                f"Invalid padding string {padding!r}, should be one of {_VALID_PADDING_STRINGS}")
+        if padding == "same" and any(s != 1 for s in stride):
+            raise ValueError("padding='same' is not supported for strided convolutions")
+    if padding_mode not in _VALID_PADDING_MODES:
+        raise ValueError(
+            f"padding_mode must be one of {_VALID_PADDING_MODES}, but got padding_mode='{padding_mode}'")
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Normalised geometry of an ``n``-d convolution (immutable, hashable).
+
+    Args:
+        kernel_size (tuple[int, ...]): kernel extent per spatial dimension.
+        stride (tuple[int, ...]): step between output anchors on the input grid.
+        padding (tuple[tuple[int, int], ...]): ``(before, after)`` padding per dimension.
+        dilation (tuple[int, ...]): spacing between taps.
+        padding_mode (str): ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
+
+    Example:
+        >>> g = ConvGeometry.from_keywords(2, kernel_size=3, padding='same')
+        >>> g.padding, g.num_taps, g.output_size((5, 7))
+        (((1, 1), (1, 1)), 9, (5, 7))
+        >>> g.offsets().tolist()[4]  # the centre tap of a 'same' kernel
+        [0, 0]
+    """
+
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
+    padding_mode: str = "zeros"
+
+    def __post_init__(self) -> None:
+        n = len(self.kernel_size)
+        if not (len(self.stride) == len(self.padding) == len(self.dilation) == n) or n == 0:
+            raise ValueError("kernel_size, stride, padding and dilation must have the same number of "
+                             f"dimensions (got {self.kernel_size}, {self.stride}, {self.padding}, "
+                             f"{self.dilation})")
+        if any(k <= 0 for k in self.kernel_size):
+            raise ValueError(f"kernel_size must be positive (got {self.kernel_size})")
+        if any(s <= 0 for s in self.stride):
+            raise ValueError(f"stride must be positive (got {self.stride}): non-positive stride is not supported")
+        if any(p < 0 for pair in self.padding for p in pair):
+            raise ValueError(f"padding must be non-negative (got {self.padding}): negative padding is not supported")
+        if any(d <= 0 for d in self.dilation):
+            raise ValueError(f"dilation must be positive (got {self.dilation})")
+        if self.padding_mode not in _VALID_PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {_VALID_PADDING_MODES}, but got "
+                             f"padding_mode='{self.padding_mode}'")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_keywords(cls, ndim: int, kernel_size: Any = 3, stride: Any = 1, padding: Any = 0,
+                      dilation: Any = 1, padding_mode: str = "zeros") -> "ConvGeometry":
+        """Build from ``nn.ConvNd``-style keywords (``padding`` may be ``'same'``/``'valid'``)."""
+        k = _ntuple(kernel_size, ndim, "kernel_size")
+        s = _ntuple(stride, ndim, "stride")
+        d = _ntuple(dilation, ndim, "dilation")
+        if isinstance(padding, str):
+            if padding not in _VALID_PADDING_STRINGS:
+                raise ValueError(
+                    f"Invalid padding string {padding!r}, should be one of {_VALID_PADDING_STRINGS}")
+            if padding == "valid":
+                pads = ((0, 0),) * ndim
+            else:
+                if any(x != 1 for x in s):
+                    raise ValueError("padding='same' is not supported for strided convolutions")
+                pads = tuple((di * (ki - 1) // 2, di * (ki - 1) - di * (ki - 1) // 2) for ki, di in zip(k, d))
+        else:
+            p = _ntuple(padding, ndim, "padding")
+            pads = tuple((x, x) for x in p)
+        return cls(k, s, pads, d, padding_mode)
+
+    @classmethod
+    def from_module(cls, module: Any) -> "ConvGeometry":
+        """The geometry of an ``nn.Conv1d/2d/3d`` or of a gridgraph layer."""
+        geometry = getattr(module, "geometry", None)
+        if isinstance(geometry, ConvGeometry):
+            return geometry
+        if isinstance(module, torch.nn.modules.conv._ConvNd) and not module.transposed:
+            n = len(module.kernel_size)
+            return cls.from_keywords(n, module.kernel_size, module.stride, module.padding,
+                                     module.dilation, module.padding_mode)
+        raise TypeError("conv must be an nn.Conv1d/Conv2d/Conv3d or a gridgraph convolution layer "
+                        f"(got {type(module).__name__})")
+
+    # ------------------------------------------------------------------ derived facts
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dimensions."""
+        return len(self.kernel_size)
+
+    @property
+    def num_taps(self) -> int:
+        """Number of kernel taps, ``prod(kernel_size)``: the number of edge types."""
+        return math.prod(self.kernel_size)
+
+    @property
+    def is_pointwise(self) -> bool:
+        """True for a 1x1 kernel with unit stride and no padding: a graph of self-loops only."""
+        return (all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride)
+                and all(p == (0, 0) for p in self.padding))
+
+    def padded_size(self, input_size: Sequence[int]) -> tuple[int, ...]:
+        return tuple(n + a + b for n, (a, b) in zip(input_size, self.padding))
+
+    def output_size(self, input_size: Sequence[int]) -> tuple[int, ...]:
+        """Output grid size from ``nn.Conv2d``'s formula; a ValueError where Conv2d refuses."""
+        input_size = tuple(int(n) for n in input_size)
+        if len(input_size) != self.ndim:
+            raise ValueError(f"expected a grid of {self.ndim} dimensions (got size {input_size})")
+        self.check_input_size(input_size)
+        return tuple((p - d * (k - 1) - 1) // s + 1 for p, k, s, d in
+                     zip(self.padded_size(input_size), self.kernel_size, self.stride, self.dilation))
+
+    def check_input_size(self, input_size: Sequence[int]) -> None:
+        """Raise the ValueError ``nn.Conv2d`` raises (as a RuntimeError) for too small inputs."""
+        padded = self.padded_size(input_size)
+        extent = tuple(d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation))
+        if any(n < 1 for n in input_size):
+            raise ValueError(f"image size must be positive in every spatial dimension (got {tuple(input_size)})")
+        if any(p < e for p, e in zip(padded, extent)):
+            raise ValueError(
+                f"image too small for the kernel: padded input size per channel {padded}, dilated kernel "
+                f"size {extent}; the kernel can't be greater than the (padded) input size")
+        if self.padding_mode == "reflect":
+            for n, (a, b) in zip(input_size, self.padding):
+                if a >= n or b >= n:
+                    raise ValueError(
+                        f"padding {self.padding} with padding_mode='reflect' needs each padding to be less "
+                        f"than the corresponding image size (got image size {tuple(input_size)})")
+        if self.padding_mode == "circular":
+            for n, (a, b) in zip(input_size, self.padding):
+                if a > n or b > n:
+                    raise ValueError(
+                        f"padding {self.padding} with padding_mode='circular' would wrap around more than "
+                        f"once (image size {tuple(input_size)}); padding must be at most the image size")
+
+    def offsets(self) -> torch.Tensor:
+        """``[num_taps, ndim]`` long tensor: the offset of each tap from the output pixel's anchor."""
+        axes = [torch.arange(k) * d - a for k, d, (a, _) in zip(self.kernel_size, self.dilation, self.padding)]
+        grids = torch.meshgrid(*axes, indexing="ij")
+        return torch.stack([g.reshape(-1) for g in grids], dim=1)
+
+    def torch_padding(self) -> tuple[int, ...] | str:
+        """Padding as ``nn.ConvNd`` takes it: symmetric ints, or ``'same'`` where it is asymmetric."""
+        if all(a == b for a, b in self.padding):
+            return tuple(a for a, _ in self.padding)
+        same = ConvGeometry.from_keywords(self.ndim, self.kernel_size, 1, "same", self.dilation)
+        if self.padding == same.padding and all(s == 1 for s in self.stride):
+            return "same"
+        raise ValueError(f"asymmetric padding {self.padding} has no nn.ConvNd equivalent")
+
+    def describe(self) -> str:
+        """A compact human-readable summary, e.g. ``k3x3 s1 p1 d1 zeros``."""
+        x = "x".join
+        pads = self.padding
+        p = x(str(a) for a, _ in pads) if all(a == b for a, b in pads) else x(f"{a}+{b}" for a, b in pads)
+        return (f"k{x(map(str, self.kernel_size))} s{x(map(str, self.stride))} p{p} "
+                f"d{x(map(str, self.dilation))} {self.padding_mode}")

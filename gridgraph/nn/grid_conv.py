@@ -1,0 +1,278 @@
+"""``GridConv2d``: the convolution as message passing from each neighbour in the kernel window."""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.nn import Parameter, init
+from torch_geometric.nn import MessagePassing
+
+from ..geometry import ConvGeometry, _ntuple, check_conv_arguments
+from ..graph import grid_edges
+from .functional import table_conv, tap_messages
+
+__all__ = ["GridConvNd", "GridConv2d"]
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class GridConvNd(MessagePassing):
+    r"""The n-d grid convolution as relational message passing (base of :class:`GridConv2d`).
+
+    .. math::
+        \mathbf{x}'_i = \mathbf{b} + \sum_{(j \to i) \in \mathcal{E}} \mathbf{W}_{\tau(j \to i)} \mathbf{x}_j
+
+    where :math:`\tau(j \to i)` is the edge's kernel tap and :math:`\mathbf{W}_t` the weight slice
+    ``weight[:, :, *tap]``, block-diagonal over ``groups``.
+    """
+
+    _ndim: int = 2
+    _torch_name: str = "Conv2d"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
+                 padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", device: Any = None, dtype: Any = None) -> None:
+        super().__init__(aggr="add", flow="source_to_target", node_dim=0)
+        n = self._ndim
+        kernel_size = _ntuple(kernel_size, n, "kernel_size")
+        stride = _ntuple(stride, n, "stride")
+        padding = padding if isinstance(padding, str) else _ntuple(padding, n, "padding")
+        dilation = _ntuple(dilation, n, "dilation")
+        check_conv_arguments(in_channels, out_channels, stride, padding, groups, padding_mode)
+        self.geometry = ConvGeometry.from_keywords(n, kernel_size, stride, padding, dilation, padding_mode)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.dilation = dilation
+        self.groups = groups
+        self.padding_mode = padding_mode
+        factory = {"device": device, "dtype": dtype}
+        self.weight = Parameter(torch.empty((out_channels, in_channels // groups, *kernel_size), **factory))
+        if bias:
+            self.bias = Parameter(torch.empty(out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Conv2d``'s initialisation: Kaiming-uniform weight (a=sqrt(5)), bias in +-1/sqrt(fan_in)."""
+        with torch.no_grad():
+            init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def num_taps(self) -> int:
+        """Number of kernel taps: the number of edge types this layer has a weight for."""
+        return self.geometry.num_taps
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, edge_index: Tensor, edge_type: Tensor,
+                size: Optional[tuple[int, int]] = None) -> Tensor:
+        """Args:
+            x (Tensor): source node features ``[N_in, C_in]``.
+            edge_index (Tensor): ``[2, E]`` long, row 0 sources, row 1 targets.
+            edge_type (Tensor): ``[E]`` long, the kernel tap of each edge, in ``[0, num_taps)``.
+            size (tuple[int, int], optional): ``(N_in, N_out)``; by default the pixel graph's own
+                size when ``edge_index`` comes from :func:`~gridgraph.image_to_graph`, else ``N_out = N_in``.
+
+        Returns:
+            Tensor: target node features ``[N_out, C_out]``.
+        """
+        self._check_x(x)
+        info = None if _is_compiling() else grid_edges(edge_index, edge_type)
+        if info is not None:
+            table, b = info.table, info.num_images
+            expected = (b * table.num_src, b * table.num_dst)
+            if x.size(0) != expected[0]:
+                raise ValueError(f"expected x with {expected[0]} rows, the source nodes of this pixel graph "
+                                 f"(got {x.size(0)})")
+            if size is not None and tuple(size) != expected:
+                raise ValueError(f"size {tuple(size)} does not match the pixel graph's (N_in, N_out) = {expected}")
+            if table.device != x.device:
+                raise ValueError(f"x is on {x.device} but edge_index is on {table.device}")
+            return table_conv(x, table, b, self.weight, self.bias, self.groups)
+        size = self._check_edges(x, edge_index, edge_type, size)
+        out = self.propagate(edge_index, x=x, edge_type=edge_type, size=size)
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+    def message(self, x_j: Tensor, edge_type: Tensor) -> Tensor:
+        return tap_messages(x_j, edge_type, self.weight, self.groups)
+
+    # ------------------------------------------------------------------ validation
+    def _check_x(self, x: Any) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor (got {type(x).__name__})")
+        if x.dim() != 2:
+            raise ValueError(f"expected x of shape [num_nodes, {self.in_channels}]: 2 dims "
+                             f"(got a {x.dim()}-dim tensor of shape {tuple(x.shape)})")
+        if x.size(1) != self.in_channels:
+            raise ValueError(f"expected x with {self.in_channels} channels (got {x.size(1)})")
+        if x.dtype != self.weight.dtype:
+            raise TypeError(f"expected x of dtype {self.weight.dtype}, the layer's dtype (got {x.dtype})")
+        if x.device != self.weight.device:
+            raise ValueError(f"x is on {x.device} but the layer's weight is on {self.weight.device}")
+
+    def _check_edges(self, x: Tensor, edge_index: Any, edge_type: Any,
+                     size: Optional[tuple[int, int]]) -> tuple[int, int]:
+        if not isinstance(edge_index, Tensor):
+            raise TypeError(f"edge_index must be a torch.Tensor (got {type(edge_index).__name__})")
+        if edge_index.dtype != torch.long:
+            raise TypeError(f"expected edge_index of dtype torch.int64 (got {edge_index.dtype})")
+        if edge_index.dim() != 2 or edge_index.size(0) != 2:
+            raise ValueError(f"expected edge_index of shape [2, num_edges] (got {tuple(edge_index.shape)})")
+        if edge_index.device != x.device:
+            raise ValueError(f"edge_index is on {edge_index.device} but x is on {x.device}")
+        if not isinstance(edge_type, Tensor):
+            raise TypeError(f"edge_type must be a torch.Tensor (got {type(edge_type).__name__})")
+        if edge_type.dtype != torch.long:
+            raise TypeError(f"expected edge_type of dtype torch.int64 (got {edge_type.dtype})")
+        num_edges = edge_index.size(1)
+        if edge_type.dim() != 1 or edge_type.numel() != num_edges:
+            raise ValueError(f"expected edge_type of shape [{num_edges}], one tap per edge "
+                             f"(got {tuple(edge_type.shape)})")
+        if edge_type.device != x.device:
+            raise ValueError(f"edge_type is on {edge_type.device} but x is on {x.device}")
+        if size is None:
+            size = (x.size(0), x.size(0))
+        else:
+            if len(size) != 2:
+                raise ValueError(f"size must be (num_src, num_dst) (got {size!r})")
+            size = (int(size[0]), int(size[1]))
+            if size[0] != x.size(0):
+                raise ValueError(f"size[0] = {size[0]} must equal the number of rows of x ({x.size(0)})")
+        if num_edges and not _is_compiling():
+            lo, hi = edge_type.aminmax()
+            if lo < 0 or hi >= self.num_taps:
+                raise ValueError(f"edge_type must lie in [0, {self.num_taps}) for a {self.kernel_size} kernel "
+                                 f"(got values in [{int(lo)}, {int(hi)}])")
+            for row, name, n in ((0, "source", size[0]), (1, "target", size[1])):
+                lo, hi = edge_index[row].aminmax()
+                if lo < 0 or hi >= n:
+                    raise ValueError(f"edge_index[{row}] ({name} node ids) must lie in [0, {n}) "
+                                     f"(got values in [{int(lo)}, {int(hi)}])")
+        return size
+
+    # ------------------------------------------------------------------ conversion and repr
+    def _torch_conv_class(self):
+        return getattr(torch.nn, self._torch_name)
+
+    @classmethod
+    def _check_torch_conv(cls, conv: Any) -> None:
+        torch_cls = getattr(torch.nn, cls._torch_name)
+        if type(conv) is not torch_cls and not (isinstance(conv, torch_cls) and not conv.transposed):
+            raise TypeError(f"conv must be an nn.{cls._torch_name} (got {type(conv).__name__})")
+
+    @classmethod
+    def _from_torch(cls, conv: torch.nn.Module, **extra: Any):
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                    device=conv.weight.device, dtype=conv.weight.dtype, **extra)
+        layer._copy_parameters_from(conv)
+        return layer
+
+    def _copy_parameters_from(self, conv: torch.nn.Module) -> None:
+        with torch.no_grad():
+            self.weight.copy_(conv.weight)
+            if self.bias is not None:
+                self.bias.copy_(conv.bias)
+        self.weight.requires_grad_(conv.weight.requires_grad)
+        if self.bias is not None:
+            self.bias.requires_grad_(conv.bias.requires_grad)
+        self.train(conv.training)
+
+    def _to_torch(self) -> torch.nn.Module:
+        conv = self._torch_conv_class()(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+            self.groups, self.bias is not None, self.padding_mode,
+            device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        conv.weight.requires_grad_(self.weight.requires_grad)
+        if self.bias is not None:
+            conv.bias.requires_grad_(self.bias.requires_grad)
+        conv.train(self.training)
+        return conv
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0,) * self._ndim:
+            s += f", padding={self.padding!r}"
+        if self.dilation != (1,) * self._ndim:
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s
+
+    def __repr__(self) -> str:  # MessagePassing.__repr__ hides extra_repr
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class GridConv2d(GridConvNd):
+    r"""A 2-D convolution computed by message passing on a pixel graph; equal to ``nn.Conv2d``.
+
+    Each output pixel :math:`i` receives one message from every input pixel :math:`j` in its
+    ``kH x kW`` window, transformed by the weight of the kernel tap :math:`(u, v)` that joins them:
+
+    .. math::
+        \mathbf{x}'_i = \mathbf{b} + \sum_{(j \to i) \in \mathcal{E}} \mathbf{W}_{:, :, u, v} \, \mathbf{x}_j,
+        \qquad \texttt{edge\_type}(j \to i) = u \cdot k_W + v .
+
+    The constructor is ``nn.Conv2d``'s (names, order, defaults, validation and initialisation), and
+    ``weight`` ``(C_out, C_in/groups, kH, kW)`` and ``bias`` ``(C_out)`` have its names and shapes,
+    so state dicts load both ways. The geometry arguments (stride, padding, dilation, padding mode)
+    do not enter the computation: they describe the pixel graph this layer is the twin of
+    (:func:`~gridgraph.image_to_graph` reads them), while the layer computes from the graph it is given.
+
+    Args:
+        in_channels (int): channels of the input image / source node features.
+        out_channels (int): channels of the output.
+        kernel_size (int or tuple): kernel size ``(kH, kW)``.
+        stride, padding, dilation, groups, bias, padding_mode, device, dtype: as in ``nn.Conv2d``
+            (default: ``1, 0, 1, 1, True, 'zeros', None, None``).
+
+    Shapes:
+        - **input:** node features :math:`(|\mathcal{V}_{in}|, C_{in})`, edge indices
+          :math:`(2, |\mathcal{E}|)`, edge types :math:`(|\mathcal{E}|)`
+        - **output:** node features :math:`(|\mathcal{V}_{out}|, C_{out})`
+
+    Example:
+        >>> conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        >>> layer = GridConv2d.from_conv2d(conv)
+        >>> images = torch.randn(2, 3, 5, 6)
+        >>> g = image_to_graph(images, layer)
+        >>> out = graph_to_image(layer(g.x, g.edge_index, g.edge_type, size=g.size()), g)
+        >>> torch.allclose(out, conv(images), atol=1e-6)
+        True
+        >>> layer
+        GridConv2d(3, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
+    """
+
+    _ndim = 2
+    _torch_name = "Conv2d"
+
+    @classmethod
+    def from_conv2d(cls, conv: torch.nn.Conv2d) -> "GridConv2d":
+        """An independent twin of ``conv`` (weights copied; device, dtype, mode and requires_grad kept)."""
+        cls._check_torch_conv(conv)
+        return cls._from_torch(conv)
+
+    def to_conv2d(self) -> torch.nn.Conv2d:
+        """The ``nn.Conv2d`` twin of this layer (an independent copy)."""
+        return self._to_torch()
