@@ -69,7 +69,7 @@ def table_conv(x: Tensor, table: NeighbourTable, num_images: int, weight: Tensor
     for t in range(taps.size(0)):
         term = apply_tap(xb[:, index[:, t]], taps[t])
         out = term if out is None else out + term
-    out = out.reshape(num_images * table.num_dst, -1)
+    out = out.reshape(num_images * table.num_dst, weight.size(0))
     if bias is not None:
         out = out + bias
     return out
