@@ -1,0 +1,308 @@
+"""Whole networks: swap every ``torch.nn`` convolution in a model for its message-passing twin, and back.
+
+:func:`convert` replaces each ``nn.Conv2d`` by an :class:`ImageGridConv2d`: a :class:`~gridgraph.GridConv2d`
+that, called like ``nn.Conv2d`` on an image ``(B, C, H, W)`` or ``(C, H, W)``, turns it into node
+features, runs message passing on the (cached) pixel graph of its geometry and that image size, and
+returns the output image. Its parameters are the convolution's own ``weight`` and ``bias`` (same names,
+shapes, ``requires_grad``, device and dtype), so state dicts load both ways and, with ``inplace=True``,
+an optimizer built before the conversion keeps training the converted model. :func:`unconvert` goes back.
+
+Which module becomes which is one table, :data:`CONVERSIONS` (torch class -> gridgraph class): a new
+convolution family is one entry there plus its image-facing layer class.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .graph import neighbour_table
+from .nn.functional import table_conv
+from .nn.grid_conv import GridConv2d, GridConvNd
+
+__all__ = ["ImageGridConv2d", "CONVERSIONS", "convert", "unconvert", "converted_layers"]
+
+
+class _ImageGridConv:
+    """Mixin: the image-in, image-out ``forward`` of an ``nn.ConvNd`` twin (any number of dimensions).
+
+    Called with an image it behaves like the torch convolution; called with node features and an
+    ``edge_index`` it is the plain graph layer it extends.
+    """
+
+    _ndim: int
+
+    def forward(self, input: Tensor, edge_index: Optional[Tensor] = None, edge_type: Optional[Tensor] = None,
+                size: Optional[tuple[int, int]] = None) -> Tensor:
+        if edge_index is not None or edge_type is not None:
+            return super().forward(input, edge_index, edge_type, size)  # type: ignore[misc]
+        images, batched = self._check_image(input)
+        num_images, channels, *grid = images.shape
+        table = neighbour_table(self.geometry, grid, images.device)  # type: ignore[attr-defined]
+        n = self._ndim
+        # Node features [B*N_in, C]: a view when the image is channels-last in memory, else one copy.
+        x = images.permute(0, *range(2, n + 2), 1).reshape(num_images * table.num_src, channels)
+        out = table_conv(x, table, num_images, self.weight, self.bias, self.groups)  # type: ignore[attr-defined]
+        out = out.view(num_images, *table.out_size, out.size(1)).permute(0, n + 1, *range(1, n + 1))
+        if not (n == 2 and images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()):
+            out = out.contiguous()  # Conv2d's layout: contiguous, unless the input was channels-last
+        return out if batched else out[0]
+
+    def _check_image(self, input: Any) -> tuple[Tensor, bool]:
+        n = self._ndim
+        dims = {1: "L", 2: "H, W", 3: "D, H, W"}[n]
+        name = type(self).__name__
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{name} expects an image tensor (got {type(input).__name__})")
+        if input.dim() not in (n + 1, n + 2):
+            hint = ("; to run on node features, pass edge_index and edge_type as well"
+                    if input.dim() == 2 and n != 1 else "")
+            raise ValueError(f"{name}: expected input of shape (C, {dims}) or (B, C, {dims}): {n + 1} or {n + 2} "
+                             f"dims (got a {input.dim()}-dim tensor of shape {tuple(input.shape)}){hint}")
+        channels = input.size(-n - 1)
+        if channels != self.in_channels:  # type: ignore[attr-defined]
+            raise ValueError(f"{name}: expected input with {self.in_channels} channels "  # type: ignore[attr-defined]
+                             f"(got {channels} channels, input of shape {tuple(input.shape)})")
+        weight = self.weight  # type: ignore[attr-defined]
+        if input.dtype != weight.dtype:
+            raise TypeError(f"{name}: expected input of dtype {weight.dtype}, the layer's dtype (got {input.dtype})")
+        if input.device != weight.device:
+            raise ValueError(f"{name}: input is on {input.device} but the layer's weight is on {weight.device}")
+        batched = input.dim() == n + 2
+        return (input if batched else input.unsqueeze(0)), batched
+
+    # ------------------------------------------------------------------ conversion
+    @classmethod
+    def _share_from_torch(cls, conv: nn.Module) -> "_ImageGridConv":
+        """The twin of ``conv`` holding ``conv``'s own ``weight`` and ``bias`` Parameter objects.
+
+        Nothing is copied (:func:`convert` copies the model first unless ``inplace=True``; the public
+        ``from_conv2d`` makes an independent copy): the twin and ``conv`` share their parameters.
+        """
+        cls._check_torch_conv(conv)  # type: ignore[attr-defined]
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
+                    dtype=conv.weight.dtype)
+        layer.weight = conv.weight
+        if conv.bias is not None:
+            layer.bias = conv.bias
+        layer.train(conv.training)
+        return layer
+
+    def _share_to_torch(self) -> nn.Module:
+        """The torch convolution holding this layer's own ``weight`` and ``bias`` Parameter objects."""
+        torch_cls = self._torch_conv_class()  # type: ignore[attr-defined]
+        conv = torch_cls(self.in_channels, self.out_channels, self.kernel_size, self.stride,  # type: ignore[attr-defined]
+                         self.padding, self.dilation, self.groups, self.bias is not None,  # type: ignore[attr-defined]
+                         self.padding_mode, device="meta", dtype=self.weight.dtype)  # type: ignore[attr-defined]
+        conv.weight = self.weight  # type: ignore[attr-defined]
+        if self.bias is not None:  # type: ignore[attr-defined]
+            conv.bias = self.bias  # type: ignore[attr-defined]
+        conv.train(self.training)  # type: ignore[attr-defined]
+        return conv
+
+
+class ImageGridConv2d(_ImageGridConv, GridConv2d):
+    r"""A drop-in ``nn.Conv2d`` that computes by message passing on the pixel graph of its input.
+
+    On an image it runs ``image -> node features -> message passing on the cached pixel graph ->
+    output image``:
+
+    .. math::
+        \mathbf{x}'_i = \mathbf{b} + \sum_{(j \to i) \in \mathcal{E}} \mathbf{W}_{:, :, u, v} \, \mathbf{x}_j,
+        \qquad \texttt{edge\_type}(j \to i) = u \cdot k_W + v ,
+
+    where :math:`\mathcal{E}` is the pixel graph of the layer's geometry on the input's ``H x W`` grid
+    (built once per size and device, then cached). Given node features and ``edge_index``/``edge_type``
+    it is the plain :class:`~gridgraph.GridConv2d`. The constructor, parameters (``weight``, ``bias``)
+    and ``state_dict`` keys are ``nn.Conv2d``'s; :func:`convert` puts it in place of every ``nn.Conv2d``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+        device, dtype: as in ``nn.Conv2d``.
+
+    Shapes:
+        - **input:** :math:`(B, C_{in}, H, W)` or :math:`(C_{in}, H, W)`
+        - **output:** :math:`(B, C_{out}, H_{out}, W_{out})` or :math:`(C_{out}, H_{out}, W_{out})`,
+          with ``nn.Conv2d``'s output size
+
+    Example:
+        >>> conv = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode='reflect')
+        >>> twin = ImageGridConv2d.from_conv2d(conv)
+        >>> image = torch.randn(2, 3, 9, 8)
+        >>> twin(image).shape, torch.allclose(twin(image), conv(image), atol=1e-6)
+        (torch.Size([2, 4, 5, 4]), True)
+        >>> twin
+        ImageGridConv2d(3, 4, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), padding_mode=reflect)
+    """
+
+
+#: torch convolution class -> its image-facing message-passing twin. ``convert`` replaces modules whose
+#: type is exactly a key; ``unconvert`` turns instances of the values back into the keys.
+CONVERSIONS: dict[type[nn.Module], type[GridConvNd]] = {
+    nn.Conv2d: ImageGridConv2d,
+}
+
+
+def _copy_model(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as error:  # e.g. non-leaf tensors held as attributes
+        raise RuntimeError(f"convert could not copy the model ({type(error).__name__}: {error}); "
+                           "convert it in place with inplace=True") from error
+
+
+def _replace(model: nn.Module, make, what: str) -> tuple[nn.Module, list[str]]:
+    """Replace, in place, every submodule for which ``make(module)`` returns a module (shared modules
+    stay shared). Returns the (possibly new) root and the qualified names replaced."""
+    done: dict[int, nn.Module] = {}
+    names: list[str] = []
+    hooked: list[str] = []
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            new = done.get(id(child))
+            if new is None:
+                new = make(child)
+                if new is None:
+                    continue
+                done[id(child)] = new
+                if _has_hooks(child):
+                    hooked.append(f"{name}.{child_name}" if name else child_name)
+            module._modules[child_name] = new
+            names.append(f"{name}.{child_name}" if name else child_name)
+    root = model
+    new_root = make(model)
+    if new_root is not None:
+        if _has_hooks(model):
+            hooked.append("(the model itself)")
+        root = new_root
+        names.insert(0, "")
+    if hooked:
+        warnings.warn(f"{what}: hooks registered on {', '.join(sorted(set(hooked)))} were not carried over to "
+                      "the replacement modules; register them again if you need them", UserWarning, stacklevel=3)
+    return root, names
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(len(getattr(module, attr, {})) for attr in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+        "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"))
+
+
+def _check_model(model: Any, name: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} expects an nn.Module (got {type(model).__name__})")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"{name} cannot rewrite a TorchScript module ({type(model).__name__}); "
+                        "pass the eager nn.Module")
+
+
+def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace every ``nn.Conv2d`` in ``model`` by its message-passing twin, :class:`ImageGridConv2d`.
+
+    The twins take and return images exactly like the convolutions they replace, with the same
+    ``weight`` and ``bias`` (names, values, device, dtype, ``requires_grad``), so
+    ``converted.load_state_dict(model.state_dict())`` and the reverse work. Training mode is kept,
+    modules that are not convolutions are left alone, a convolution shared between places stays
+    shared, and ``model`` itself may be a convolution.
+
+    Only modules whose type is exactly a key of :data:`CONVERSIONS` are converted: a subclass of
+    ``nn.Conv2d`` may compute something else in its ``forward`` (weight standardisation,
+    parametrizations, lazy modules), so it is left alone with a warning. A model with nothing to
+    convert gives a ``UserWarning`` and comes back unchanged (a copy unless ``inplace``).
+
+    Args:
+        model (nn.Module): the network (or a single convolution).
+        inplace (bool, optional): modify ``model`` itself, keeping its Parameter objects (so an optimizer
+            built on ``model.parameters()`` still applies); otherwise work on a deep copy and leave
+            ``model`` untouched (default: ``False``).
+
+    Returns:
+        nn.Module: the converted model (``model`` itself when ``inplace`` and it is not a convolution).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+        ...                           torch.nn.Conv2d(8, 4, 1))
+        >>> twin = convert(net)
+        >>> twin
+        Sequential(
+          (0): ImageGridConv2d(3, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
+          (1): ReLU()
+          (2): ImageGridConv2d(8, 4, kernel_size=(1, 1), stride=(1, 1))
+        )
+        >>> image = torch.randn(2, 3, 6, 6)
+        >>> torch.allclose(twin(image), net(image), atol=1e-6)
+        True
+    """
+    _check_model(model, "convert")
+    if not inplace:
+        model = _copy_model(model)
+    skipped: list[str] = []
+
+    def make(module: nn.Module) -> Optional[nn.Module]:
+        target = CONVERSIONS.get(type(module))
+        if target is not None:
+            return target._share_from_torch(module)  # type: ignore[attr-defined]
+        if (isinstance(module, tuple(CONVERSIONS)) and not isinstance(module, tuple(CONVERSIONS.values()))):
+            skipped.append(type(module).__name__)
+        return None
+
+    root, names = _replace(model, make, "convert")
+    if skipped:
+        warnings.warn(f"convert left {len(skipped)} subclass(es) of a torch convolution alone "
+                      f"({', '.join(sorted(set(skipped)))}): their forward may differ from the base class's",
+                      UserWarning, stacklevel=2)
+    if not names:
+        kinds = ", ".join(f"nn.{k.__name__}" for k in CONVERSIONS)
+        warnings.warn(f"convert found nothing to convert in {type(model).__name__}: it contains no {kinds}; "
+                      "the model is returned unchanged", UserWarning, stacklevel=2)
+    return root
+
+
+def unconvert(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The inverse of :func:`convert`: every :class:`ImageGridConv2d` becomes an ``nn.Conv2d`` again.
+
+    Weights (values, device, dtype, ``requires_grad``) and training mode are kept; ``inplace=True``
+    keeps the Parameter objects themselves. A model with nothing to unconvert gives a ``UserWarning``.
+
+    Args:
+        model (nn.Module): a model returned by :func:`convert` (or a single converted layer).
+        inplace (bool, optional): modify ``model`` itself instead of a deep copy (default: ``False``).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))
+        >>> back = unconvert(convert(net))
+        >>> type(back[0]).__name__, torch.equal(back[0].weight, net[0].weight)
+        ('Conv2d', True)
+    """
+    _check_model(model, "unconvert")
+    if not inplace:
+        model = _copy_model(model)
+    targets = tuple(CONVERSIONS.values())
+
+    def make(module: nn.Module) -> Optional[nn.Module]:
+        return module._share_to_torch() if isinstance(module, targets) else None  # type: ignore[attr-defined]
+
+    root, names = _replace(model, make, "unconvert")
+    if not names:
+        warnings.warn(f"unconvert found nothing to unconvert in {type(model).__name__}: it contains no "
+                      f"{'/'.join(t.__name__ for t in targets)}; the model is returned unchanged",
+                      UserWarning, stacklevel=2)
+    return root
+
+
+def converted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The converted layers of ``model`` by qualified name (``''`` for the model itself).
+
+    Example:
+        >>> list(converted_layers(convert(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3), torch.nn.ReLU()))))
+        ['0']
+    """
+    targets = tuple(CONVERSIONS.values())
+    return {name: m for name, m in model.named_modules() if isinstance(m, targets)}
