@@ -33,7 +33,7 @@ from torch_geometric.data import Data
 from .geometry import ConvGeometry
 
 __all__ = ["PixelGraph", "NeighbourTable", "image_to_graph", "graph_to_image", "grid_to_graph",
-           "neighbour_table", "to_networkx", "clear_cache"]
+           "neighbour_table", "to_networkx", "clear_cache", "sequence_to_graph", "volume_to_graph"]
 
 
 # ---------------------------------------------------------------------------------------- tables
@@ -407,3 +407,55 @@ def to_networkx(graph: PixelGraph):
     for j, i, t, o in zip(src, dst, taps, offs):
         nxg.add_edge(j, i + shift, tap=t, offset=tuple(o))
     return nxg
+
+
+# ------------------------------------------------------------------------- sequences and volumes
+def _grid_graph_from(data: Tensor, ndim: int, conv: Any, kernel_size: Any, stride: Any, padding: Any,
+                     dilation: Any, padding_mode: str, name: str) -> PixelGraph:
+    """:func:`image_to_graph` for ``ndim`` spatial dimensions: geometry from ``conv`` or the keywords."""
+    geometry = _geometry(conv, ndim, kernel_size, stride, padding, dilation, padding_mode)
+    if conv is not None:
+        _check_image(data, ndim, name)
+        expected = getattr(conv, "in_channels", None)
+        channels = data.shape[-ndim - 1]
+        if expected is not None and channels != expected:
+            raise ValueError(f"expected {name} with {expected} channels for {type(conv).__name__} "
+                             f"(got {channels} channels, {name} of shape {tuple(data.shape)})")
+    else:
+        _check_image(data, ndim, name)
+    return grid_to_graph(data, geometry)
+
+
+def sequence_to_graph(sequence: Tensor, conv: Any = None, *, kernel_size: Any = 3, stride: Any = 1,
+                      padding: Any = 1, dilation: Any = 1, padding_mode: str = "zeros") -> PixelGraph:
+    """The graph of a sequence ``(C, L)`` or batch ``(B, C, L)`` under a 1-D convolution.
+
+    Node ``b*L + l`` is position ``l`` of sequence ``b``; the edge types are the taps ``u`` of the
+    kernel. The 1-D twin of :func:`image_to_graph` (same keywords, meaning what they mean for
+    ``nn.Conv1d``; the geometry comes from ``conv``, an ``nn.Conv1d`` or :class:`~gridgraph.GridConv1d`,
+    when given). :func:`graph_to_image` turns node features back into ``(B, C, L)``.
+
+    Example:
+        >>> from gridgraph.graph import sequence_to_graph
+        >>> g = sequence_to_graph(torch.arange(4.).view(1, 4), kernel_size=3, padding=1)
+        >>> g.edge_index[:, g.edge_index[1] == 0].tolist(), g.size()
+        ([[0, 1], [0, 0]], (4, 4))
+    """
+    return _grid_graph_from(sequence, 1, conv, kernel_size, stride, padding, dilation, padding_mode, "sequence")
+
+
+def volume_to_graph(volume: Tensor, conv: Any = None, *, kernel_size: Any = 3, stride: Any = 1,
+                    padding: Any = 1, dilation: Any = 1, padding_mode: str = "zeros") -> PixelGraph:
+    """The graph of a volume ``(C, D, H, W)`` or batch ``(B, C, D, H, W)`` under a 3-D convolution.
+
+    Node ``b*D*H*W + d*H*W + h*W + w`` is voxel ``(d, h, w)``; the edge type of the tap ``(u, v, w)`` is
+    ``u*kH*kW + v*kW + w``. The 3-D twin of :func:`image_to_graph` (keywords as for ``nn.Conv3d``;
+    the geometry comes from ``conv``, an ``nn.Conv3d`` or :class:`~gridgraph.GridConv3d`, when given).
+
+    Example:
+        >>> from gridgraph.graph import volume_to_graph
+        >>> g = volume_to_graph(torch.zeros(1, 2, 3, 4), kernel_size=3, padding=1)
+        >>> g.x.shape, g.pos.shape, int((g.edge_index[1] == 0).sum())  # a corner voxel has 8 neighbours
+        (torch.Size([24, 1]), torch.Size([24, 3]), 8)
+    """
+    return _grid_graph_from(volume, 3, conv, kernel_size, stride, padding, dilation, padding_mode, "volume")

@@ -13,7 +13,7 @@ from ..geometry import ConvGeometry, _ntuple, check_conv_arguments
 from ..graph import grid_edges
 from .functional import table_conv, tap_messages
 
-__all__ = ["GridConvNd", "GridConv2d"]
+__all__ = ["GridConvNd", "GridConv2d", "GridConv1d", "GridConv3d"]
 
 
 def _is_compiling() -> bool:
@@ -275,4 +275,96 @@ class GridConv2d(GridConvNd):
 
     def to_conv2d(self) -> torch.nn.Conv2d:
         """The ``nn.Conv2d`` twin of this layer (an independent copy)."""
+        return self._to_torch()
+
+
+class GridConv1d(GridConvNd):
+    r"""A 1-D convolution computed by message passing on a sequence graph; equal to ``nn.Conv1d``.
+
+    The same layer as :class:`GridConv2d` on a 1-D grid (the maths lives once, in
+    :class:`GridConvNd`): each position :math:`i` receives one message from every position :math:`j`
+    in its window, transformed by the weight of the tap :math:`u` that joins them,
+
+    .. math::
+        \mathbf{x}'_i = \mathbf{b} + \sum_{(j \to i) \in \mathcal{E}} \mathbf{W}_{:, :, u} \, \mathbf{x}_j,
+        \qquad \texttt{edge\_type}(j \to i) = u .
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+        device, dtype: as in ``nn.Conv1d`` (default: ``1, 0, 1, 1, True, 'zeros', None, None``).
+
+    Shapes:
+        - **input:** node features :math:`(B \cdot L, C_{in})`, ``edge_index`` :math:`(2, |\mathcal{E}|)`,
+          ``edge_type`` :math:`(|\mathcal{E}|)` (from :func:`~gridgraph.sequence_to_graph`)
+        - **output:** node features :math:`(B \cdot L_{out}, C_{out})`
+
+    Example:
+        >>> from gridgraph.nn import GridConv1d
+        >>> from gridgraph.graph import sequence_to_graph
+        >>> conv = torch.nn.Conv1d(2, 3, 5, stride=2, padding=2)
+        >>> layer = GridConv1d.from_conv1d(conv)
+        >>> seq = torch.randn(4, 2, 11)
+        >>> g = sequence_to_graph(seq, layer)
+        >>> out = graph_to_image(layer(g.x, g.edge_index, g.edge_type, size=g.size()), g)
+        >>> out.shape, torch.allclose(out, conv(seq), atol=1e-6)
+        (torch.Size([4, 3, 6]), True)
+    """
+
+    _ndim = 1
+    _torch_name = "Conv1d"
+
+    @classmethod
+    def from_conv1d(cls, conv: torch.nn.Conv1d) -> "GridConv1d":
+        """An independent twin of ``conv`` (weights copied; device, dtype, mode and requires_grad kept)."""
+        cls._check_torch_conv(conv)
+        return cls._from_torch(conv)
+
+    def to_conv1d(self) -> torch.nn.Conv1d:
+        """The ``nn.Conv1d`` twin of this layer (an independent copy)."""
+        return self._to_torch()
+
+
+class GridConv3d(GridConvNd):
+    r"""A 3-D convolution computed by message passing on a voxel graph; equal to ``nn.Conv3d``.
+
+    The same layer as :class:`GridConv2d` on a 3-D grid (the maths lives once, in
+    :class:`GridConvNd`); the tap of an edge is ``u*kH*kW + v*kW + w``:
+
+    .. math::
+        \mathbf{x}'_i = \mathbf{b} + \sum_{(j \to i) \in \mathcal{E}} \mathbf{W}_{:, :, u, v, w} \, \mathbf{x}_j .
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+        device, dtype: as in ``nn.Conv3d`` (default: ``1, 0, 1, 1, True, 'zeros', None, None``).
+
+    Shapes:
+        - **input:** node features :math:`(B \cdot D \cdot H \cdot W, C_{in})`, ``edge_index``,
+          ``edge_type`` (from :func:`~gridgraph.volume_to_graph`)
+        - **output:** node features :math:`(B \cdot D_{out} H_{out} W_{out}, C_{out})`
+
+    Example:
+        >>> from gridgraph.nn import GridConv3d
+        >>> from gridgraph.graph import volume_to_graph
+        >>> conv = torch.nn.Conv3d(2, 3, 3, padding=1)
+        >>> layer = GridConv3d.from_conv3d(conv)
+        >>> vol = torch.randn(2, 2, 4, 5, 3)
+        >>> g = volume_to_graph(vol, layer)
+        >>> out = graph_to_image(layer(g.x, g.edge_index, g.edge_type, size=g.size()), g)
+        >>> torch.allclose(out, conv(vol), atol=1e-6)
+        True
+        >>> layer
+        GridConv3d(2, 3, kernel_size=(3, 3, 3), stride=(1, 1, 1), padding=(1, 1, 1))
+    """
+
+    _ndim = 3
+    _torch_name = "Conv3d"
+
+    @classmethod
+    def from_conv3d(cls, conv: torch.nn.Conv3d) -> "GridConv3d":
+        """An independent twin of ``conv`` (weights copied; device, dtype, mode and requires_grad kept)."""
+        cls._check_torch_conv(conv)
+        return cls._from_torch(conv)
+
+    def to_conv3d(self) -> torch.nn.Conv3d:
+        """The ``nn.Conv3d`` twin of this layer (an independent copy)."""
         return self._to_torch()
