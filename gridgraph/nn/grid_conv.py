@@ -209,7 +209,7 @@ class GridConvNd(MessagePassing):
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
         if self.padding != (0,) * self._ndim:
-            s += f", padding={self.padding!r}"
+            s += f", padding={self.padding}"  # as Conv2d: padding=same, not padding='same'
         if self.dilation != (1,) * self._ndim:
             s += f", dilation={self.dilation}"
         if self.groups != 1:
