@@ -45,3 +45,8 @@ def device(request) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = False
     return dev
 
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: takes tens of seconds (e.g. torch.compile on CPU); "
+                                       "deselect with -m 'not slow'")
