@@ -313,6 +313,8 @@ def image_to_graph(image: Tensor, conv: Any = None, *, kernel_size: Any = 3, str
     Args:
         image (Tensor): ``(C, H, W)`` or ``(B, C, H, W)``.
         conv (nn.Module, optional): take the geometry (and check the channel count) from this layer.
+            A transposed convolution (``nn.ConvTranspose2d``, :class:`~gridgraph.GridConvTranspose2d`)
+            gives its reversed graph (see :func:`~gridgraph.domains.transposed_image_to_graph`).
         kernel_size, stride, padding, dilation, padding_mode: as in ``nn.Conv2d``.
 
     Returns:
@@ -324,6 +326,9 @@ def image_to_graph(image: Tensor, conv: Any = None, *, kernel_size: Any = 3, str
         >>> g.edge_index.tolist(), g.x.flatten().tolist()
         ([[0, 1, 2, 3], [0, 1, 2, 3]], [0.0, 1.0, 2.0, 3.0])
     """
+    if conv is not None and getattr(conv, "transposed", False) is True:  # nn.ConvTranspose2d, GridConvTranspose2d
+        from .domains import transposed_image_to_graph
+        return transposed_image_to_graph(image, conv)
     geometry = _geometry(conv, 2, kernel_size, stride, padding, dilation, padding_mode)
     if conv is not None:
         _check_image(image, 2)

@@ -1,0 +1,216 @@
+"""``GridConvTranspose2d``: the transposed convolution as message passing along reversed edges."""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.nn import Parameter, init
+from torch_geometric.nn import MessagePassing
+
+from ..domains import TransposedGeometry
+from ..geometry import _ntuple, check_conv_arguments
+from ..graph import grid_edges
+from .functional import table_conv, tap_messages
+from .grid_conv import GridConvNd, _is_compiling
+
+__all__ = ["GridConvTransposeNd", "GridConvTranspose2d"]
+
+
+class GridConvTransposeNd(MessagePassing):
+    r"""The n-d transposed convolution as message passing on the reversed graph of a strided convolution
+    (base of :class:`GridConvTranspose2d`).
+
+    .. math::
+        \mathbf{x}'_q = \mathbf{b} + \sum_{(i \to q) \in \mathcal{E}} \mathbf{W}_{:, :, \tau(i \to q)}^{\top} \mathbf{x}_i
+
+    with ``weight`` ``(C_in, C_out/groups, *kernel)`` as in ``nn.ConvTransposeNd`` (block-diagonal over
+    ``groups``). It is the message function of :class:`~gridgraph.GridConvNd` with the weight read as
+    the convolution weight ``(C_out, C_in/groups, *kernel)`` it is the transpose of.
+    """
+
+    _ndim: int = 2
+    _torch_name: str = "ConvTranspose2d"
+    transposed = True
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
+                 output_padding: Any = 0, groups: int = 1, bias: bool = True, dilation: Any = 1,
+                 padding_mode: str = "zeros", device: Any = None, dtype: Any = None) -> None:
+        super().__init__(aggr="add", flow="source_to_target", node_dim=0)
+        n = self._ndim
+        if padding_mode != "zeros":
+            raise ValueError(f'Only "zeros" padding mode is supported for {self._torch_name}')
+        kernel_size = _ntuple(kernel_size, n, "kernel_size")
+        stride = _ntuple(stride, n, "stride")
+        if isinstance(padding, str):
+            raise TypeError(f"padding must be an int or a tuple of {n} ints for {self._torch_name} (got {padding!r})")
+        padding = _ntuple(padding, n, "padding")
+        output_padding = _ntuple(output_padding, n, "output_padding")
+        dilation = _ntuple(dilation, n, "dilation")
+        check_conv_arguments(in_channels, out_channels, stride, padding, groups, padding_mode)
+        self.transposed_geometry = TransposedGeometry.from_keywords(n, kernel_size, stride, padding,
+                                                                    output_padding, dilation)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.output_padding = output_padding
+        self.dilation = dilation
+        self.groups = groups
+        self.padding_mode = padding_mode
+        factory = {"device": device, "dtype": dtype}
+        self.weight = Parameter(torch.empty((in_channels, out_channels // groups, *kernel_size), **factory))
+        if bias:
+            self.bias = Parameter(torch.empty(out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    reset_parameters = GridConvNd.reset_parameters  # the same init as nn.ConvTransposeNd (fan-in from dim 1)
+
+    @property
+    def num_taps(self) -> int:
+        return self.transposed_geometry.num_taps
+
+    def conv_weight(self) -> Tensor:
+        """``weight`` ``(C_in, C_out/G, *k)`` read as the convolution weight ``(C_out, C_in/G, *k)`` of the
+        reversed graph: block ``g`` of tap ``t`` is ``weight[g-th C_in block, :, t]`` transposed."""
+        c_in, c_out_g = self.weight.shape[:2]
+        g = self.groups
+        w = self.weight.reshape(g, c_in // g, c_out_g, -1).transpose(1, 2)
+        return w.reshape(g * c_out_g, c_in // g, *self.kernel_size)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, edge_index: Tensor, edge_type: Tensor,
+                size: Optional[tuple[int, int]] = None) -> Tensor:
+        """Args:
+            x (Tensor): source node features ``[N_in, C_in]`` (the input grid's pixels).
+            edge_index (Tensor): ``[2, E]`` long, row 0 sources, row 1 targets (output grid pixels).
+            edge_type (Tensor): ``[E]`` long, the kernel tap of each edge.
+            size (tuple[int, int], optional): ``(N_in, N_out)``; by default the graph's own size when
+                ``edge_index`` comes from :func:`~gridgraph.transposed_image_to_graph`, else ``N_out = N_in``.
+
+        Returns:
+            Tensor: target node features ``[N_out, C_out]``.
+        """
+        GridConvNd._check_x(self, x)
+        info = None if _is_compiling() else grid_edges(edge_index, edge_type)
+        if info is not None:
+            table, b = info.table, info.num_images
+            expected = (b * table.num_src, b * table.num_dst)
+            if x.size(0) != expected[0]:
+                raise ValueError(f"expected x with {expected[0]} rows, the source nodes of this graph (got {x.size(0)})")
+            if size is not None and tuple(size) != expected:
+                raise ValueError(f"size {tuple(size)} does not match the graph's (N_in, N_out) = {expected}")
+            if table.device != x.device:
+                raise ValueError(f"x is on {x.device} but edge_index is on {table.device}")
+            return table_conv(x, table, b, self.conv_weight(), self.bias, self.groups)
+        size = GridConvNd._check_edges(self, x, edge_index, edge_type, size)
+        out = self.propagate(edge_index, x=x, edge_type=edge_type, size=size, weight=self.conv_weight())
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+    def message(self, x_j: Tensor, edge_type: Tensor, weight: Tensor) -> Tensor:
+        return tap_messages(x_j, edge_type, weight, self.groups)
+
+    # ------------------------------------------------------------------ conversion and repr
+    @classmethod
+    def _check_torch_conv(cls, conv: Any) -> None:
+        torch_cls = getattr(torch.nn, cls._torch_name)
+        if not isinstance(conv, torch_cls):
+            raise TypeError(f"conv must be an nn.{cls._torch_name} (got {type(conv).__name__})")
+
+    @classmethod
+    def _from_torch(cls, conv: torch.nn.Module):
+        cls._check_torch_conv(conv)
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.output_padding, conv.groups, conv.bias is not None, conv.dilation, conv.padding_mode,
+                    device=conv.weight.device, dtype=conv.weight.dtype)
+        GridConvNd._copy_parameters_from(layer, conv)
+        return layer
+
+    def _to_torch(self) -> torch.nn.Module:
+        conv = getattr(torch.nn, self._torch_name)(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.output_padding,
+            self.groups, self.bias is not None, self.dilation, self.padding_mode,
+            device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        conv.weight.requires_grad_(self.weight.requires_grad)
+        if self.bias is not None:
+            conv.bias.requires_grad_(self.bias.requires_grad)
+        conv.train(self.training)
+        return conv
+
+    def extra_repr(self) -> str:  # nn.ConvTransposeNd's order: padding, dilation, output_padding
+        n = self._ndim
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0,) * n:
+            s += f", padding={self.padding}"
+        if self.dilation != (1,) * n:
+            s += f", dilation={self.dilation}"
+        if self.output_padding != (0,) * n:
+            s += f", output_padding={self.output_padding}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s
+
+    def __repr__(self) -> str:  # MessagePassing.__repr__ hides extra_repr
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class GridConvTranspose2d(GridConvTransposeNd):
+    r"""A 2-D transposed convolution by message passing; equal to ``nn.ConvTranspose2d``.
+
+    Its graph is the strided convolution's graph (same kernel, stride, padding, dilation) with every
+    edge reversed: input pixel :math:`i` sends, through the tap :math:`(u, v)`, to the output pixel
+    :math:`q = i \cdot s + (u d_H - p_H, v d_W - p_W)`, transformed by that tap's weight transposed:
+
+    .. math::
+        \mathbf{x}'_q = \mathbf{b} + \sum_{(i \to q) \in \mathcal{E}} \mathbf{W}_{:, :, u, v}^{\top} \, \mathbf{x}_i,
+        \qquad \texttt{edge\_type}(i \to q) = u \cdot k_W + v .
+
+    The constructor is ``nn.ConvTranspose2d``'s (names, order, defaults, initialisation); ``weight``
+    ``(C_in, C_out/groups, kH, kW)`` and ``bias`` ``(C_out)`` have its names and shapes, so state dicts load
+    both ways. Build the graph with :func:`~gridgraph.transposed_image_to_graph` (or
+    :func:`~gridgraph.image_to_graph` given this layer).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias, dilation,
+        padding_mode, device, dtype: as in ``nn.ConvTranspose2d`` (default: ``1, 0, 0, 1, True, 1, 'zeros'``).
+
+    Shapes:
+        - **input:** node features :math:`(B \cdot H \cdot W, C_{in})`, ``edge_index``, ``edge_type``
+        - **output:** node features :math:`(B \cdot H_{out} W_{out}, C_{out})`,
+          :math:`H_{out} = (H - 1) s - 2p + d (k - 1) + op + 1`
+
+    Example:
+        >>> from gridgraph.nn import GridConvTranspose2d
+        >>> from gridgraph.domains import transposed_image_to_graph
+        >>> up = torch.nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1)
+        >>> layer = GridConvTranspose2d.from_conv_transpose2d(up)
+        >>> images = torch.randn(2, 4, 5, 6)
+        >>> g = transposed_image_to_graph(images, layer)
+        >>> out = graph_to_image(layer(g.x, g.edge_index, g.edge_type, size=g.size()), g)
+        >>> out.shape, torch.allclose(out, up(images), atol=1e-6)
+        (torch.Size([2, 2, 10, 12]), True)
+    """
+
+    _ndim = 2
+    _torch_name = "ConvTranspose2d"
+
+    @classmethod
+    def from_conv_transpose2d(cls, conv: torch.nn.ConvTranspose2d) -> "GridConvTranspose2d":
+        """An independent twin of ``conv`` (weights copied; device, dtype, mode and requires_grad kept)."""
+        return cls._from_torch(conv)
+
+    def to_conv_transpose2d(self) -> torch.nn.ConvTranspose2d:
+        """The ``nn.ConvTranspose2d`` twin of this layer (an independent copy)."""
+        return self._to_torch()
