@@ -1,0 +1,125 @@
+"""Build the tutorial notebooks from their sources and execute them, so they are committed with outputs.
+
+Each notebook is written as a plain Python file in ``notebooks/src/NN-title.py`` ("percent" format:
+a line ``# %%`` starts a code cell, ``# %% [markdown]`` a markdown cell whose lines are ``# `` comments).
+This script turns each into ``notebooks/NN-title.ipynb``, runs it top to bottom in a fresh kernel
+(the interpreter running this script, whatever ``python`` is on PATH), stores the outputs and prints
+the run time. A failing cell (every claim is an ``assert``) stops the build with the error.
+
+Usage::
+
+    python notebooks/_build.py            # build and execute every notebook
+    python notebooks/_build.py 03 05      # only those whose name starts with 03 or 05
+    python notebooks/_build.py --no-execute
+
+The test ``tests/test_notebooks.py`` re-executes the committed notebooks with :func:`execute` and
+checks that each is up to date with its source (:func:`build`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+
+HERE = Path(__file__).resolve().parent
+SOURCES = HERE / "src"
+TIMEOUT = 300  # seconds per cell
+
+
+def sources() -> list[Path]:
+    """The notebook sources, in order."""
+    return sorted(SOURCES.glob("[0-9][0-9]-*.py"))
+
+
+def parse(text: str) -> list[tuple[str, str]]:
+    """Split percent-format source into ``(kind, source)`` cells, ``kind`` being 'code' or 'markdown'."""
+    cells: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        if line.startswith("# %%"):
+            cells.append(("markdown" if "[markdown]" in line else "code", []))
+            continue
+        if not cells:
+            if line.strip():
+                raise ValueError(f"text before the first '# %%' cell marker: {line!r}")
+            continue
+        kind, lines = cells[-1]
+        if kind == "markdown":
+            if line.strip() and not line.startswith("#"):
+                raise ValueError(f"markdown cell lines must be comments (got {line!r})")
+            line = line[2:] if line.startswith("# ") else line[1:]
+        lines.append(line)
+    out = []
+    for kind, lines in cells:
+        while lines and not lines[-1].strip():
+            lines.pop()
+        while lines and not lines[0].strip():
+            lines.pop(0)
+        if lines:
+            out.append((kind, "\n".join(lines)))
+    return out
+
+
+def build(source: Path) -> nbformat.NotebookNode:
+    """The (unexecuted) notebook of one source file."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    for kind, text in parse(source.read_text()):
+        cell = nbformat.v4.new_markdown_cell(text) if kind == "markdown" else nbformat.v4.new_code_cell(text)
+        nb.cells.append(cell)
+    for i, cell in enumerate(nb.cells):  # stable ids, so rebuilding does not churn the files
+        cell["id"] = f"{source.stem[:2]}-{i:02d}"
+    return nb
+
+
+def kernel_manager():
+    """A kernel manager that starts ``ipykernel`` in *this* interpreter (``sys.executable``).
+
+    Kernel specs found on disk may point at another Python (a user-level ``python3`` spec, or the
+    bare word ``python`` resolved on PATH); the notebooks must run against the gridgraph installed here.
+    """
+    from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    class _ThisInterpreter(KernelSpecManager):
+        def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+            return KernelSpec(argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                              display_name="Python 3 (this interpreter)", language="python", name="python3")
+
+    return KernelManager(kernel_name="python3", kernel_spec_manager=_ThisInterpreter())
+
+
+def execute(nb: nbformat.NotebookNode, cwd: Path = HERE, timeout: int = TIMEOUT) -> float:
+    """Execute ``nb`` in place in a fresh kernel; return the wall time in seconds. Raises on a cell error."""
+    from nbclient import NotebookClient
+
+    client = NotebookClient(nb, km=kernel_manager(), timeout=timeout, allow_errors=False,
+                            resources={"metadata": {"path": str(cwd)}})
+    start = time.perf_counter()
+    client.execute()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("only", nargs="*", help="build only notebooks whose name starts with one of these")
+    parser.add_argument("--no-execute", action="store_true", help="write the notebooks without running them")
+    args = parser.parse_args(argv)
+    chosen = [s for s in sources() if not args.only or any(s.stem.startswith(p) for p in args.only)]
+    if not chosen:
+        print("no notebook source matches", args.only, file=sys.stderr)
+        return 2
+    for source in chosen:
+        nb = build(source)
+        seconds = None if args.no_execute else execute(nb)
+        target = HERE / f"{source.stem}.ipynb"
+        nbformat.write(nb, target)
+        print(f"{target.name}: {len(nb.cells)} cells" + ("" if seconds is None else f", executed in {seconds:.1f} s"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
