@@ -15,11 +15,13 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from .convert import CONVERSIONS, convert, converted_layers
 from .graph import graph_to_image, image_to_graph
 from .nn import GridConv2d
 
 __all__ = ["LayerCase", "CaseResult", "LayerReport", "LAYER_CASES", "QUICK_LAYER_CASES", "TOLERANCES",
-           "check_layer_case", "verify_layers", "available_devices", "no_tf32"]
+           "check_layer_case", "verify_layers", "available_devices", "no_tf32",
+           "ModelLayerResult", "Comparison", "ModelReport", "verify_model"]
 
 #: Largest accepted error, relative to ``max(1, max|reference|)``, per dtype.
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -245,3 +247,351 @@ def verify_layers(cases: Sequence[LayerCase] = LAYER_CASES, dtypes: Sequence[tor
                 report.results.extend(check_layer_case(case, dtype, device, seed=seed + i))
     report.seconds = time.perf_counter() - start
     return report
+
+
+# ================================================================================ whole models
+@dataclass
+class ModelLayerResult:
+    """One converted layer of a model, on one call (a shared layer called twice has two rows).
+
+    Errors are max absolute errors against the original layer's output in the same run:
+    ``alone`` feeds the converted layer the original layer's own input (the layer's error by itself),
+    ``in_network`` compares its output inside the converted model (errors of earlier layers included).
+    ``weight_grad``/``bias_grad`` compare the gradients of the layer's parameters (``nan``: not checked).
+    ``tolerance`` (outputs) and ``grad_tolerance`` are absolute: ``tol * max(1, max|reference output|)``
+    and ``tol * (largest gradient of the model)``.
+    """
+
+    name: str
+    configuration: str
+    grid: str
+    alone: float
+    in_network: float
+    tolerance: float
+    weight_grad: float = float("nan")
+    bias_grad: float = float("nan")
+    grad_tolerance: float = float("inf")
+
+    @property
+    def passed(self) -> bool:
+        grads = [g for g in (self.weight_grad, self.bias_grad) if g == g]  # not nan
+        return (self.alone <= self.tolerance and self.in_network <= self.tolerance
+                and all(g <= self.grad_tolerance for g in grads))
+
+
+@dataclass
+class Comparison:
+    """A compared tensor (a model output, a parameter gradient, the input gradient)."""
+
+    name: str
+    error: float       # max absolute error
+    scale: float       # max(1, max|reference|) for outputs; the model's largest gradient for gradients
+    tolerance: float   # absolute: tol * scale
+
+    @property
+    def passed(self) -> bool:
+        return self.error <= self.tolerance
+
+
+@dataclass
+class ModelReport:
+    """What :func:`verify_model` found: per-layer rows, outputs, gradients and the verdict.
+
+    ``str(report)`` is a table (layer name, configuration, grid, max abs error alone and in the network,
+    gradient errors, tolerance, pass/fail) followed by the output and gradient comparisons and a
+    one-line summary.
+    """
+
+    name: str
+    dtype: torch.dtype
+    device: str
+    tol: float
+    layers: list[ModelLayerResult] = field(default_factory=list)
+    outputs: list[Comparison] = field(default_factory=list)
+    gradients: list[Comparison] = field(default_factory=list)  # every parameter, then the inputs
+    unconverted: list[str] = field(default_factory=list)       # torch convolutions still in the converted model
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return (bool(self.layers) and all(r.passed for r in self.layers)
+                and all(c.passed for c in self.outputs + self.gradients) and not self.unconverted)
+
+    @property
+    def max_layer_error(self) -> float:
+        """Largest max-abs error of any converted layer's output (alone or in the network)."""
+        return max((max(r.alone, r.in_network) for r in self.layers), default=0.0)
+
+    @property
+    def max_output_error(self) -> float:
+        return max((c.error for c in self.outputs), default=0.0)
+
+    @property
+    def max_gradient_error(self) -> float:
+        return max((c.error for c in self.gradients), default=float("nan"))
+
+    def table(self) -> str:
+        head = ("| layer | configuration | grid | err alone | err in network | grad err (w, b) | tol | result |")
+        rows = [head, "|" + "---|" * 8]
+        for r in self.layers:
+            grads = ", ".join(f"{g:.1e}" for g in (r.weight_grad, r.bias_grad) if g == g) or "-"
+            rows.append(f"| {r.name} | {r.configuration} | {r.grid} | {r.alone:.1e} | {r.in_network:.1e} | "
+                        f"{grads} | {r.tolerance:.1e} | {'pass' if r.passed else 'FAIL'} |")
+        return "\n".join(rows)
+
+    def details(self) -> str:
+        lines = []
+        for c in self.outputs:
+            lines.append(f"output {c.name}: max abs error {c.error:.2e} (tol {c.tolerance:.1e}) "
+                         f"{'pass' if c.passed else 'FAIL'}")
+        if self.gradients:
+            worst = max(self.gradients, key=lambda c: c.error / c.tolerance if c.tolerance else c.error)
+            failed = [c.name for c in self.gradients if not c.passed]
+            lines.append(f"gradients of {len(self.gradients)} tensors (every parameter and the input): largest abs "
+                         f"error {self.max_gradient_error:.2e}; closest to its tolerance: {worst.name} "
+                         f"{worst.error:.2e} (tol {worst.tolerance:.1e})"
+                         + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+        if self.unconverted:
+            lines.append(f"not converted (still torch convolutions): {', '.join(self.unconverted)}")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        failed = sum(not r.passed for r in self.layers)
+        verdict = "PASS" if self.passed else "FAIL"
+        grads = f", gradients {self.max_gradient_error:.1e}" if self.gradients else ""
+        return (f"{verdict} {self.name} [{_short(self.dtype)}, {self.device}]: {len(self.layers)} converted layer "
+                f"calls, {failed} failing; largest abs errors: layers {self.max_layer_error:.1e}, outputs "
+                f"{self.max_output_error:.1e}{grads} ({self.seconds:.1f}s)")
+
+    def __str__(self) -> str:
+        return "\n".join(p for p in (self.table(), self.details(), self.summary()) if p)
+
+
+def _flatten(value: Any, prefix: str = "output") -> list[tuple[str, Any]]:
+    """Leaves of a (nested) tuple / list / dict of tensors, with their paths."""
+    if isinstance(value, torch.Tensor):
+        return [(prefix, value)]
+    if isinstance(value, dict):
+        return [leaf for k in sorted(value, key=str) for leaf in _flatten(value[k], f"{prefix}[{k!r}]")]
+    if isinstance(value, (tuple, list)):
+        return [leaf for i, v in enumerate(value) for leaf in _flatten(v, f"{prefix}[{i}]")]
+    return [(prefix, value)]
+
+
+def _abs_error(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """``(max|out - ref|, max(1, max|ref|))``; ``inf`` error on a shape mismatch."""
+    if out.shape != ref.shape:
+        return float("inf"), 1.0
+    if ref.numel() == 0:
+        return 0.0, 1.0
+    ref = ref.detach()
+    return (out.detach() - ref).abs().max().item(), max(1.0, ref.abs().max().item())
+
+
+def _describe_conv(module: torch.nn.Module) -> str:
+    from .geometry import ConvGeometry
+
+    s = f"{module.in_channels}->{module.out_channels} {ConvGeometry.from_module(module).describe()}"
+    if module.groups != 1:
+        s += f" g{module.groups}"
+    if module.bias is None:
+        s += " nobias"
+    return s
+
+
+@contextlib.contextmanager
+def _state_kept(*models: torch.nn.Module) -> Iterator[None]:
+    """Restore every buffer (e.g. BatchNorm running statistics) of ``models`` on exit."""
+    saved = [(b, b.detach().clone()) for m in models for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
+def verify_model(original: torch.nn.Module, converted: torch.nn.Module, example_input: Any, *,
+                 grads: bool = False, tol: Optional[float] = None, seed: int = 0,
+                 name: Optional[str] = None) -> ModelReport:
+    """Run a model and its :func:`~gridgraph.convert`-ed twin on the same input and compare, layer by layer.
+
+    Forward hooks record every converted layer's output and the output of the original layer of the
+    same name. Each converted layer is checked twice: *alone* (fed the original layer's own input, so
+    the error is the layer's own) and *in the network* (its output inside the converted model, which
+    carries the rounding of everything before it). The final outputs are compared, and with
+    ``grads=True`` the gradients of every parameter and of the input for a fixed random upstream
+    gradient. An output check passes when ``max|out - ref| <= tol * max(1, max|ref|)``, a gradient check
+    when ``max|grad - ref| <= tol * G`` with ``G`` the largest gradient of the model (round-off in a
+    gradient scales with the network's gradients, and some are exactly zero, e.g. a convolution's bias
+    before BatchNorm), with ``tol`` by default :data:`TOLERANCES` of the input's dtype (``1e-10`` float64,
+    ``1e-5`` float32).
+
+    Both models run in their current training mode, from the same RNG state (so dropout masks agree),
+    with TF32 off; their buffers (BatchNorm running statistics) and ``.grad`` are left as they were.
+
+    Args:
+        original (nn.Module): the torch model.
+        converted (nn.Module): its converted twin (same parameter names).
+        example_input (Tensor or tuple of Tensors): the model's positional input(s).
+        grads (bool, optional): also compare gradients (default: ``False``).
+        tol (float, optional): relative tolerance (default: by dtype).
+        seed (int, optional): seed of the RNG state both runs start from and of the upstream gradient.
+        name (str, optional): the model's name in the report (default: its class name).
+
+    Returns:
+        ModelReport: per-layer table, output and gradient comparisons, ``passed``.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+        >>> report = verify_model(net, convert(net), torch.randn(2, 3, 9, 9), grads=True)
+        >>> report.passed, [r.name for r in report.layers]
+        (True, ['0', '2'])
+        >>> print(report.table().splitlines()[0])
+        | layer | configuration | grid | err alone | err in network | grad err (w, b) | tol | result |
+    """
+    for arg, value in (("original", original), ("converted", converted)):
+        if not isinstance(value, torch.nn.Module):
+            raise TypeError(f"{arg} must be an nn.Module (got {type(value).__name__})")
+    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise TypeError("example_input must be a Tensor or a tuple of Tensors "
+                        f"(got {type(example_input).__name__})")
+    dtype = inputs[0].dtype
+    if tol is None:
+        if dtype not in TOLERANCES:
+            raise ValueError(f"no default tolerance for inputs of dtype {dtype}; pass tol")
+        tol = TOLERANCES[dtype]
+    device = inputs[0].device
+    start = time.perf_counter()
+
+    twins = converted_layers(converted)
+    if not twins:
+        raise ValueError(f"converted ({type(converted).__name__}) contains no converted layer; "
+                         "did you pass gridgraph.convert(original)?")
+    originals = dict(original.named_modules())
+    pairs: list[tuple[str, torch.nn.Module, torch.nn.Module]] = []
+    for layer_name, twin in twins.items():
+        ref = originals.get(layer_name)
+        torch_cls = twin._torch_conv_class()
+        if not isinstance(ref, torch_cls):
+            raise ValueError(f"converted layer {layer_name or '(root)'!r} has no nn.{torch_cls.__name__} of the "
+                             f"same name in original (found {type(ref).__name__ if ref is not None else 'nothing'})")
+        pairs.append((layer_name, ref, twin))
+    unconverted = [n or "(root)" for n, m in converted.named_modules() if type(m) in CONVERSIONS]
+
+    records: dict[str, dict[str, list]] = {n: {"ref_in": [], "ref_out": [], "out": []} for n, _, _ in pairs}
+    handles = []
+
+    def recorder(layer_name: str, side: str):
+        def hook(module, args, output):
+            rec = records[layer_name]
+            if side == "ref":
+                rec["ref_in"].append(args[0].detach())
+                rec["ref_out"].append(output.detach())
+            else:
+                rec["out"].append(output.detach())
+        return hook
+
+    for layer_name, ref, twin in pairs:
+        handles.append(ref.register_forward_hook(recorder(layer_name, "ref")))
+        handles.append(twin.register_forward_hook(recorder(layer_name, "twin")))
+
+    def run(model: torch.nn.Module):
+        xs = [t.detach().clone().requires_grad_(grads and t.is_floating_point()) for t in inputs]
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            with torch.set_grad_enabled(grads):
+                out = model(*xs)
+        return xs, out
+
+    report = ModelReport(name or type(original).__name__, dtype, str(device), tol, unconverted=unconverted)
+    with no_tf32(), _state_kept(original, converted), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using padding='same'", category=UserWarning)
+        try:
+            ref_xs, ref_out = run(original)
+            xs, out = run(converted)
+        finally:
+            for h in handles:
+                h.remove()
+        ref_leaves, leaves = _flatten(ref_out), _flatten(out)
+        if [p for p, _ in ref_leaves] != [p for p, _ in leaves]:
+            raise ValueError("original and converted return outputs of different structure: "
+                             f"{[p for p, _ in ref_leaves]} vs {[p for p, _ in leaves]}")
+        for (path, r), (_, o) in zip(ref_leaves, leaves):
+            if isinstance(r, torch.Tensor):
+                error, scale = _abs_error(o, r) if isinstance(o, torch.Tensor) else (float("inf"), 1.0)
+            else:
+                error, scale = (0.0 if o == r else float("inf")), 1.0
+            report.outputs.append(Comparison(path, error, scale, tol * scale))
+        for layer_name, ref, twin in pairs:
+            rec = records[layer_name]
+            if len(rec["out"]) != len(rec["ref_out"]):
+                raise ValueError(f"layer {layer_name!r} ran {len(rec['ref_out'])} times in original but "
+                                 f"{len(rec['out'])} times in converted")
+            for call, (x_ref, y_ref, y) in enumerate(zip(rec["ref_in"], rec["ref_out"], rec["out"])):
+                with torch.no_grad():
+                    alone, scale = _abs_error(twin(x_ref), y_ref)
+                in_network, _ = _abs_error(y, y_ref)
+                label = layer_name or "(root)"
+                if len(rec["out"]) > 1:
+                    label += f" (call {call + 1})"
+                grid = ("x".join(map(str, x_ref.shape[-2:])) + " -> " + "x".join(map(str, y_ref.shape[-2:])))
+                report.layers.append(ModelLayerResult(label, _describe_conv(ref), grid, alone, in_network,
+                                                      tol * scale))
+        if grads:
+            _compare_gradients(report, original, converted, ref_xs, ref_out, xs, out, tol, seed, pairs)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _compare_gradients(report: ModelReport, original, converted, ref_xs, ref_out, xs, out, tol, seed, pairs) -> None:
+    ref_params = dict(original.named_parameters())
+    params = dict(converted.named_parameters())
+    if set(ref_params) != set(params):
+        raise ValueError("original and converted have different parameter names: "
+                         f"only in original {sorted(set(ref_params) - set(params))}, "
+                         f"only in converted {sorted(set(params) - set(ref_params))}")
+    names = [n for n in ref_params if ref_params[n].requires_grad]
+    gen = torch.Generator().manual_seed(seed + 1)
+    ref_leaves = [t for _, t in _flatten(ref_out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    leaves = [t for _, t in _flatten(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    upstream = [torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for t in ref_leaves]
+    x_names = [f"input[{i}]" if len(xs) > 1 else "input" for i in range(len(xs))]
+    x_ids = [i for i, x in enumerate(xs) if x.requires_grad]
+
+    def grads_of(outs, ps, inputs):
+        pairs_ = [(o, u) for o, u in zip(outs, upstream) if o.requires_grad]
+        if not pairs_:
+            return [None] * (len(ps) + len(inputs))
+        return torch.autograd.grad([o for o, _ in pairs_], ps + inputs, [u for _, u in pairs_], allow_unused=True)
+
+    ref_grads = grads_of(ref_leaves, [ref_params[n] for n in names], [ref_xs[i] for i in x_ids])
+    new_grads = grads_of(leaves, [params[n] for n in names], [xs[i] for i in x_ids])
+    labels = names + [x_names[i] for i in x_ids]
+    compared = []
+    for g_ref, g in zip(ref_grads, new_grads):
+        g_ref = _zero_if_none(g_ref, g)
+        g = _zero_if_none(g, g_ref)
+        compared.append(_abs_error(g, g_ref)[0])
+        compared[-1] = (compared[-1], g_ref.detach().abs().max().item() if g_ref.numel() else 0.0)
+    # Round-off in a gradient scales with the network's gradients, not with that one tensor (a conv bias
+    # followed by BatchNorm has a gradient that is exactly zero up to round-off), so every gradient is
+    # measured against the largest gradient of the model. Unlike the floor of 1 used for activations,
+    # this stays strict when all gradients are small.
+    network_scale = max((m for _, m in compared), default=0.0) or 1.0
+    by_name = {}
+    for label, (error, _) in zip(labels, compared):
+        report.gradients.append(Comparison(label, error, network_scale, tol * network_scale))
+        by_name[label] = report.gradients[-1]
+    # Attach each converted layer's weight / bias gradient error to its rows.
+    rows = {r.name.split(" (call")[0]: [] for r in report.layers}
+    for r in report.layers:
+        rows[r.name.split(" (call")[0]].append(r)
+    for layer_name, _, _ in pairs:
+        for r in rows.get(layer_name or "(root)", []):
+            for attr, param in (("weight_grad", "weight"), ("bias_grad", "bias")):
+                c = by_name.get(f"{layer_name}.{param}" if layer_name else param)
+                if c is not None:
+                    setattr(r, attr, c.error)
+                    r.grad_tolerance = min(r.grad_tolerance, c.tolerance)
