@@ -367,7 +367,7 @@ def graph_to_image(x: Tensor, graph: PixelGraph, side: Optional[str] = None) -> 
                              f"input nodes and {b}x{math.prod(grids['output'])} output nodes")
         if len(fits) == 2 and grids["input"] != grids["output"]:
             raise ValueError(f"x has {x.size(0)} rows, which fits both the input grid {grids['input']} and the "
-                             "output grid {grids['output']}; pass side='input' or side='output'")
+                             f"output grid {grids['output']}; pass side='input' or side='output'")
         side = fits[0]
     if side not in grids:
         raise ValueError(f"side must be 'input', 'output' or None (got {side!r})")
@@ -382,18 +382,20 @@ def graph_to_image(x: Tensor, graph: PixelGraph, side: Optional[str] = None) -> 
 
 
 def to_networkx(graph: PixelGraph):
-    """Export a pixel graph to a ``networkx.DiGraph`` for drawing.
+    """Export a pixel graph to a ``networkx.MultiDiGraph`` for drawing (every edge kept).
 
     Nodes of the input grid are ``0 .. N_in-1``; when the output grid differs (stride, no 'same'
     padding), output nodes are ``N_in + i``. Node attributes: ``pixel`` (row, col), ``side``
     (``'input'``/``'output'``), and ``pos`` (x, y) = (col, -row) ready for ``networkx.draw``
-    (outputs drawn at their anchors, shifted by half a pixel). Edge attributes: ``tap`` and ``offset``.
+    (outputs drawn at their anchors, shifted by half a pixel). Edge attributes: ``tap`` and ``offset``;
+    the edge key is the tap, so the parallel edges that reflect / replicate / circular padding create
+    (one pixel read by several taps of the same target) are all kept.
     """
     import networkx as nx
 
     if graph.geometry.ndim != 2:
         raise ValueError("to_networkx draws 2-d pixel graphs only")
-    nxg = nx.DiGraph()
+    nxg = nx.MultiDiGraph()
     n_in = graph.num_src
     same_grid = tuple(graph.in_size) == tuple(graph.out_size)
     pos = graph.pos.tolist()
@@ -410,7 +412,7 @@ def to_networkx(graph: PixelGraph):
     taps = graph.edge_type.tolist()
     offs = graph.edge_attr.tolist()
     for j, i, t, o in zip(src, dst, taps, offs):
-        nxg.add_edge(j, i + shift, tap=t, offset=tuple(o))
+        nxg.add_edge(j, i + shift, key=t, tap=t, offset=tuple(o))
     return nxg
 
 
