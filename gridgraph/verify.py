@@ -21,7 +21,8 @@ from .nn import GridConv2d
 
 __all__ = ["LayerCase", "CaseResult", "LayerReport", "LAYER_CASES", "QUICK_LAYER_CASES", "TOLERANCES",
            "check_layer_case", "verify_layers", "available_devices", "no_tf32",
-           "ModelLayerResult", "Comparison", "ModelReport", "verify_model"]
+           "ModelLayerResult", "Comparison", "ModelReport", "verify_model", "check_model", "verify_reference_models",
+           "load_model", "models_summary"]
 
 #: Largest accepted error, relative to ``max(1, max|reference|)``, per dtype.
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -595,3 +596,104 @@ def _compare_gradients(report: ModelReport, original, converted, ref_xs, ref_out
                 if c is not None:
                     setattr(r, attr, c.error)
                     r.grad_tolerance = min(r.grad_tolerance, c.tolerance)
+
+
+def load_model(spec: str) -> torch.nn.Module:
+    """The model named by ``'module:attribute'`` (or ``'path/to/file.py:attribute'``).
+
+    The attribute (dots allowed: ``'pkg.nets:Zoo.small'``) is an ``nn.Module`` or a callable that
+    builds one with no arguments (a class or a factory function).
+    """
+    import importlib
+    import importlib.util
+    import os
+
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise ValueError(f"expected a model as 'module:attribute' or 'file.py:attribute' (got {spec!r})")
+    module_name, attribute = spec.split(":")
+    if module_name.endswith(".py"):
+        if not os.path.isfile(module_name):
+            raise ValueError(f"no such file: {module_name!r}")
+        module_spec = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    obj: Any = module
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{module_name!r} has no attribute {attribute!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, torch.nn.Module):
+        if not callable(obj):
+            raise TypeError(f"{spec} is a {type(obj).__name__}, not an nn.Module or a factory of one")
+        obj = obj()
+        if not isinstance(obj, torch.nn.Module):
+            raise TypeError(f"{spec}() returned a {type(obj).__name__}, not an nn.Module")
+    return obj
+
+
+def check_model(model: torch.nn.Module, input_shape: Sequence[int], *, name: str, dtype: torch.dtype = torch.float64,
+                device: Any = "cpu", seed: int = 0, grads: bool = True, training: Optional[bool] = None) -> ModelReport:
+    """Copy ``model`` to ``dtype`` and ``device``, convert it, and :func:`verify_model` it on a seeded
+    standard-normal input of ``input_shape`` (``model`` itself is not modified)."""
+    import copy
+
+    original = copy.deepcopy(model).to(device=device, dtype=dtype)
+    if training is not None:
+        original.train(training)
+    converted = convert(original)
+    generator = torch.Generator().manual_seed(seed)
+    example = torch.randn(tuple(input_shape), generator=generator, dtype=dtype).to(device)
+    mode = "train" if original.training else "eval"
+    return verify_model(original, converted, example, grads=grads, seed=seed, name=f"{name} ({mode})")
+
+
+def verify_reference_models(names: Optional[Sequence[str]] = None,
+                            dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64),
+                            devices: Optional[Sequence[Any]] = None, seed: int = 0, grads: bool = True,
+                            modes: Sequence[str] = ("train", "eval")) -> list[ModelReport]:
+    """:func:`check_model` over the reference networks (:data:`~gridgraph.models.REFERENCE_MODELS`, all by
+    default) x ``dtypes`` x ``devices`` x training ``modes``.
+
+    Example:
+        >>> reports = verify_reference_models(['resnext'], dtypes=[torch.float64], devices=['cpu'], modes=['eval'])
+        >>> [(r.name, r.passed, len(r.layers)) for r in reports]
+        [('resnext (eval)', True, 8)]
+    """
+    from .models import REFERENCE_MODELS
+
+    names = list(REFERENCE_MODELS) if names is None else list(names)
+    unknown = [n for n in names if n not in REFERENCE_MODELS]
+    if unknown:
+        raise ValueError(f"unknown reference model(s) {unknown}; expected some of {sorted(REFERENCE_MODELS)}")
+    for mode in modes:
+        if mode not in ("train", "eval"):
+            raise ValueError(f"modes must be 'train' and/or 'eval' (got {mode!r})")
+    reports = []
+    for device in devices or available_devices():
+        for dtype in dtypes:
+            for name in names:
+                entry = REFERENCE_MODELS[name]
+                model = entry.build(seed=seed)
+                for mode in modes:
+                    reports.append(check_model(model, entry.input_shape, name=name, dtype=dtype, device=device,
+                                               seed=seed, grads=grads, training=mode == "train"))
+    return reports
+
+
+def models_summary(reports: Sequence[ModelReport]) -> str:
+    """One line over many :class:`ModelReport`\\ s: verdict, counts and the largest errors per dtype."""
+    failed = [r.name + f" [{_short(r.dtype)}]" for r in reports if not r.passed]
+    worst: dict = {}
+    for r in reports:
+        w = worst.setdefault(r.dtype, [0.0, 0.0, 0.0])
+        w[0] = max(w[0], r.max_layer_error)
+        w[1] = max(w[1], r.max_output_error)
+        if r.gradients:
+            w[2] = max(w[2], r.max_gradient_error)
+    errors = "; ".join(f"{_short(d)} layers {w[0]:.1e}, outputs {w[1]:.1e}, gradients {w[2]:.1e}"
+                       for d, w in worst.items())
+    verdict = "PASS" if not failed else f"FAIL ({len(failed)}: {', '.join(failed)})"
+    layers = sum(len(r.layers) for r in reports)
+    return (f"{verdict}: {len(reports)} model checks, {layers} converted layer calls; largest abs errors: {errors}")
