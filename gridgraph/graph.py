@@ -303,7 +303,8 @@ def _geometry(conv: Any, ndim: int, kernel_size: Any, stride: Any, padding: Any,
 
 
 def image_to_graph(image: Tensor, conv: Any = None, *, kernel_size: Any = 3, stride: Any = 1,
-                   padding: Any = 1, dilation: Any = 1, padding_mode: str = "zeros") -> PixelGraph:
+                   padding: Any = 1, dilation: Any = 1, padding_mode: str = "zeros",
+                   mask: Optional[Tensor] = None) -> PixelGraph:
     """Turn an image ``(C, H, W)`` or batch ``(B, C, H, W)`` into the pixel graph of a convolution.
 
     The geometry comes from ``conv`` (an ``nn.Conv2d`` or a gridgraph layer) when given, otherwise
@@ -316,6 +317,9 @@ def image_to_graph(image: Tensor, conv: Any = None, *, kernel_size: Any = 3, str
             A transposed convolution (``nn.ConvTranspose2d``, :class:`~gridgraph.GridConvTranspose2d`)
             gives its reversed graph (see :func:`~gridgraph.domains.transposed_image_to_graph`).
         kernel_size, stride, padding, dilation, padding_mode: as in ``nn.Conv2d``.
+        mask (Tensor, optional): bool ``(H, W)`` or ``(B, H, W)``: only its True pixels become nodes
+            (row-major), and edges join them only; see :func:`~gridgraph.domains.masked_grid_to_graph`
+            (a :class:`~gridgraph.domains.MaskedPixelGraph`, ``g.size()`` = active (inputs, outputs)).
 
     Returns:
         PixelGraph: ``x [B*H*W, C]``, ``edge_index [2, E]``, ``edge_type [E]``, ``edge_attr [E, 2]``,
@@ -327,6 +331,8 @@ def image_to_graph(image: Tensor, conv: Any = None, *, kernel_size: Any = 3, str
         ([[0, 1, 2, 3], [0, 1, 2, 3]], [0.0, 1.0, 2.0, 3.0])
     """
     if conv is not None and getattr(conv, "transposed", False) is True:  # nn.ConvTranspose2d, GridConvTranspose2d
+        if mask is not None:
+            raise ValueError("mask is not supported with a transposed convolution")
         from .domains import transposed_image_to_graph
         return transposed_image_to_graph(image, conv)
     geometry = _geometry(conv, 2, kernel_size, stride, padding, dilation, padding_mode)
@@ -337,6 +343,9 @@ def image_to_graph(image: Tensor, conv: Any = None, *, kernel_size: Any = 3, str
         if expected is not None and channels != expected:
             raise ValueError(f"expected image with {expected} channels for {type(conv).__name__} "
                              f"(got {channels} channels, image of shape {tuple(image.shape)})")
+    if mask is not None:
+        from .domains import masked_grid_to_graph
+        return masked_grid_to_graph(image, geometry, mask)
     return grid_to_graph(image, geometry)
 
 
@@ -358,6 +367,9 @@ def graph_to_image(x: Tensor, graph: PixelGraph, side: Optional[str] = None) -> 
         raise TypeError(f"graph must be a PixelGraph from image_to_graph (got {type(graph).__name__})")
     if x.dim() != 2:
         raise ValueError(f"expected x of shape [num_nodes, channels]: 2 dims (got shape {tuple(x.shape)})")
+    if getattr(graph, "in_keys", None) is not None:  # a masked / sparse graph: scatter into zero images
+        from .domains import masked_graph_to_image
+        return masked_graph_to_image(x, graph, side)
     b = graph.num_images
     grids = {"input": tuple(graph.in_size), "output": tuple(graph.out_size)}
     if side is None:
