@@ -174,6 +174,15 @@ def test_node_features_pos_and_batch(device):
     assert torch.equal(unbatched.edge_index, single.edge_index)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_batch(mode):
+    g = image_to_graph(torch.randn(0, 3, 4, 5), kernel_size=3, stride=2, padding=1, padding_mode=mode)
+    assert g.x.shape == (0, 3) and g.edge_index.shape == (2, 0) and g.edge_type.shape == (0,)
+    assert g.edge_attr.shape == (0, 2) and g.pos.shape == (0, 2)
+    assert g.size() == (0, 0) and tuple(g.out_size) == (2, 3) and g.num_images == 0
+    assert graph_to_image(torch.randn(0, 7), g, side="output").shape == (0, 7, 2, 3)
+
+
 def test_geometry_from_conv_or_layer_or_keywords():
     images = torch.randn(2, 3, 7, 6)
     conv = nn.Conv2d(3, 4, (3, 2), stride=2, padding=(1, 0), dilation=(2, 1), padding_mode="circular")

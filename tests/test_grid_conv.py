@@ -142,6 +142,48 @@ def test_default_size_for_same_grid(device):
     assert out.shape == (g2.num_dst, 3)
 
 
+@pytest.mark.parametrize("path", PATHS[:2])
+@pytest.mark.parametrize("needs", ["input only", "weight only", "bias only", "none"])
+def test_partial_gradients(needs, path, device):
+    """Frozen parameters or a constant input: the gradients that are asked for still equal Conv2d's."""
+    conv = make_conv(dict(kernel_size=3, stride=2, padding=1, padding_mode="reflect"), 3, 4, torch.float64, device)
+    conv.weight.requires_grad_(needs == "weight only")
+    conv.bias.requires_grad_(needs == "bias only")
+    layer = GridConv2d.from_conv2d(conv)
+    images = torch.randn(2, 3, 6, 5, dtype=torch.float64, device=device)
+    ref_x = images.clone().requires_grad_(needs == "input only")
+    x = images.clone().requires_grad_(needs == "input only")
+    g = image_to_graph(x, layer)
+    edge_index = g.edge_index if path == "table" else g.edge_index.clone()
+    out = graph_to_image(layer(g.x, edge_index, g.edge_type, size=g.size()), g)
+    ref = conv(ref_x)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    if needs == "none":
+        assert not out.requires_grad
+        return
+    grad = torch.randn_like(ref)
+    out.backward(grad)
+    ref.backward(grad)
+    for mine, theirs in ((x, ref_x), (layer.weight, conv.weight), (layer.bias, conv.bias)):
+        assert (mine.grad is None) == (theirs.grad is None)
+        if theirs.grad is not None:
+            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("path", PATHS[:2])
+def test_non_contiguous_features_and_no_grad(path, device):
+    conv = make_conv(dict(kernel_size=3, padding=1, groups=2), 4, 6, torch.float64, device)
+    layer = GridConv2d.from_conv2d(conv)
+    images = torch.randn(2, 4, 5, 5, dtype=torch.float64, device=device)
+    g = image_to_graph(images, layer)
+    x = g.x.t().contiguous().t()  # same values, column-major
+    assert not x.is_contiguous()
+    edge_index = g.edge_index if path == "table" else g.edge_index.clone()
+    with torch.no_grad():
+        out = graph_to_image(layer(x, edge_index, g.edge_type, size=g.size()), g)
+        torch.testing.assert_close(out, conv(images), rtol=1e-10, atol=1e-10)
+
+
 # ------------------------------------------------------------------------------- orientation
 def test_orientation_impulse(device):
     """An impulse through a kernel of distinct taps pins the convention: cross-correlation, no flip,
