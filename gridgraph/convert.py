@@ -22,9 +22,17 @@ from torch import Tensor, nn
 
 from .graph import neighbour_table
 from .nn.functional import table_conv
-from .nn.grid_conv import GridConv2d, GridConvNd
+from .nn.grid_conv import GridConv1d, GridConv2d, GridConv3d, GridConvNd
+from .nn.transposed_conv import ImageGridConvTranspose2d
 
 __all__ = ["ImageGridConv2d", "CONVERSIONS", "convert", "unconvert", "converted_layers"]
+
+
+@torch.compiler.disable
+def _table(geometry, grid, device):
+    """The cached neighbour table; under ``torch.compile`` a plain call outside the traced graph (the
+    cache's lock and bookkeeping are Python, not tensor code)."""
+    return neighbour_table(geometry, grid, device)
 
 
 class _ImageGridConv:
@@ -42,7 +50,7 @@ class _ImageGridConv:
             return super().forward(input, edge_index, edge_type, size)  # type: ignore[misc]
         images, batched = self._check_image(input)
         num_images, channels, *grid = images.shape
-        table = neighbour_table(self.geometry, grid, images.device)  # type: ignore[attr-defined]
+        table = _table(self.geometry, tuple(grid), images.device)  # type: ignore[attr-defined]
         n = self._ndim
         # Node features [B*N_in, C]: a view when the image is channels-last in memory, else one copy.
         x = images.permute(0, *range(2, n + 2), 1).reshape(num_images * table.num_src, channels)
@@ -141,10 +149,23 @@ class ImageGridConv2d(_ImageGridConv, GridConv2d):
     """
 
 
+class ImageGridConv1d(_ImageGridConv, GridConv1d):
+    """A drop-in ``nn.Conv1d`` computing by message passing on the graph of its input sequence
+    (:class:`ImageGridConv2d` with one spatial dimension; :func:`convert` puts it in place of ``nn.Conv1d``)."""
+
+
+class ImageGridConv3d(_ImageGridConv, GridConv3d):
+    """A drop-in ``nn.Conv3d`` computing by message passing on the graph of its input volume
+    (:class:`ImageGridConv2d` with three spatial dimensions; :func:`convert` puts it in place of ``nn.Conv3d``)."""
+
+
 #: torch convolution class -> its image-facing message-passing twin. ``convert`` replaces modules whose
 #: type is exactly a key; ``unconvert`` turns instances of the values back into the keys.
 CONVERSIONS: dict[type[nn.Module], type[GridConvNd]] = {
     nn.Conv2d: ImageGridConv2d,
+    nn.Conv1d: ImageGridConv1d,
+    nn.Conv3d: ImageGridConv3d,
+    nn.ConvTranspose2d: ImageGridConvTranspose2d,  # type: ignore[dict-item]
 }
 
 
