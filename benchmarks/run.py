@@ -1,0 +1,526 @@
+"""Speed suite: gridgraph's message passing against ``F.conv2d`` and PyTorch Geometric's layers.
+
+Run from the repository root::
+
+    python benchmarks/run.py                # the full suite (CPU, 2 threads), a few minutes
+    python benchmarks/run.py --quick        # tiny shapes, one repeat: checks every method, times nothing useful
+
+For every shape it measures, in one process and one run, forward and forward+backward (inputs and
+parameters all require grad):
+
+* ``conv2d``     ``F.conv2d`` on an NCHW batch: the reference, every ratio is to it;
+* ``gridgraph``  ``GridConv2d(g.x, g.edge_index, g.edge_type)`` on node features, graph built beforehand
+  (its neighbour table is cached with it: the fast path);
+* ``gg-image``   the image-level path: NCHW image -> ``image_to_graph`` (cached structure, one layout
+  copy) -> ``GridConv2d`` -> ``graph_to_image`` (a view, channels-last strides);
+* ``gg-edges``   the same layer on a copy of ``edge_index`` that carries no table: the general
+  edge-list path (gather ``x_j``, one GEMM per tap, scatter-add);
+* ``rgcn``       PyG ``RGCNConv(num_relations=kH*kW, aggr='add', root_weight=False)`` holding the
+  conv's weights (block-diagonal for grouped convs): the peer;
+* ``naive``      a plain PyG ``MessagePassing`` whose ``message`` gathers each edge's weight matrix
+  ``W[edge_type]`` and multiplies (NNConv style): the naive baseline. It is skipped where its
+  per-edge temporaries would exceed ``--naive-max-gb``.
+
+Every method's output is checked against ``F.conv2d`` before it is timed (and the gridgraph methods'
+gradients too). Times are medians of repeated runs after warm-up, the repeats interleaved over
+``--rounds`` rounds so that load from other processes hits all methods alike. Peak extra memory is the
+rise of the process's resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``)
+during one call, with glibc's mmap threshold pinned to 64 KiB so that every large buffer is mapped
+and unmapped (and thus counted) on each call; it includes the output, the saved tensors, workspaces
+of MKL/oneDNN and every temporary, whoever allocates it. Graph construction is timed on a
+1024x1024 image (3 channels, 3x3, padding 1): cold (caches cleared) and cached.
+
+Outputs: a markdown table on stdout, ``results.json``, ``ratios.png`` (bar chart of ratios to
+``F.conv2d``, log scale) in ``--out-dir`` (default ``benchmarks/results``).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch_geometric.nn import MessagePassing, RGCNConv
+
+import gridgraph
+from gridgraph import GridConv2d, clear_cache, graph_to_image, image_to_graph
+
+METHODS = ("conv2d", "gridgraph", "gg-image", "gg-edges", "rgcn", "naive")
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    in_channels: int
+    out_channels: int
+    size: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    groups: int = 1
+
+    def describe(self) -> str:
+        s = (f"B={self.batch} {self.in_channels}->{self.out_channels} {self.size}x{self.size} "
+             f"k{self.kernel_size}")
+        if self.stride != 1:
+            s += f" s{self.stride}"
+        if self.padding:
+            s += f" p{self.padding}"
+        if self.dilation != 1:
+            s += f" d{self.dilation}"
+        if self.groups != 1:
+            s += f" g{self.groups}"
+        return s
+
+
+SHAPES = (
+    Shape("1 3x3", 8, 64, 64, 56, 3, padding=1),
+    Shape("2 3x3 deep", 8, 128, 128, 28, 3, padding=1),
+    Shape("3 stem 7x7/2", 1, 3, 64, 224, 7, stride=2, padding=3),
+    Shape("4 pointwise", 8, 256, 64, 28, 1),
+    Shape("5 depthwise", 8, 128, 128, 56, 3, padding=1, groups=128),
+    Shape("6 3x3/2", 8, 64, 128, 56, 3, stride=2, padding=1),
+    Shape("7 dilated", 8, 32, 32, 56, 3, padding=2, dilation=2),
+)
+
+# The same seven geometries, small enough to check every method in a few seconds.
+QUICK_SHAPES = (
+    Shape("1 3x3", 2, 8, 8, 12, 3, padding=1),
+    Shape("2 3x3 deep", 2, 16, 16, 8, 3, padding=1),
+    Shape("3 stem 7x7/2", 1, 3, 8, 24, 7, stride=2, padding=3),
+    Shape("4 pointwise", 2, 32, 8, 8, 1),
+    Shape("5 depthwise", 2, 16, 16, 12, 3, padding=1, groups=16),
+    Shape("6 3x3/2", 2, 8, 16, 12, 3, stride=2, padding=1),
+    Shape("7 dilated", 2, 8, 8, 12, 3, padding=2, dilation=2),
+)
+
+
+# --------------------------------------------------------------------------------------- memory
+_libc = None
+
+
+def _pin_malloc() -> bool:
+    """Make glibc mmap (and unmap on free) every block >= 64 KiB, so that RSS tracks live buffers."""
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        _libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(_libc.mallopt(m_mmap_threshold, 64 * 1024)) and bool(_libc.mallopt(m_trim_threshold, 64 * 1024))
+    except OSError:
+        return False
+
+
+def _rss() -> tuple[int, int]:
+    rss = hwm = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) * 1024
+    return rss, hwm
+
+
+def peak_extra_bytes(fn: Callable[[], object]) -> Optional[int]:
+    """Rise of the resident-set high-water mark during one call of ``fn`` (result kept alive)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        base, _ = _rss()
+        result = fn()
+        _, hwm = _rss()
+        del result
+        return max(0, hwm - base)
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------------------- methods
+class NaiveEdgeConv(MessagePassing):
+    """Per-edge weight gather: ``message = W[edge_type] @ x_j`` with an ``[E, C_out, C_in/G]`` temporary."""
+
+    def __init__(self, conv: torch.nn.Conv2d) -> None:
+        super().__init__(aggr="add", node_dim=0)
+        self.groups = conv.groups
+        self.weight = torch.nn.Parameter(conv.weight.detach().clone())
+        self.bias = torch.nn.Parameter(conv.bias.detach().clone())
+
+    def forward(self, x, edge_index, edge_type, size):
+        return self.propagate(edge_index, x=x, edge_type=edge_type, size=size) + self.bias
+
+    def message(self, x_j, edge_type):
+        c_out, c_in_g = self.weight.shape[:2]
+        g = self.groups
+        per_tap = self.weight.reshape(g, c_out // g, c_in_g, -1).permute(3, 0, 1, 2)  # [T, G, Co/G, Ci/G]
+        w_e = per_tap[edge_type]  # [E, G, Co/G, Ci/G]: the per-edge weight gather
+        return (w_e @ x_j.view(-1, g, c_in_g, 1)).reshape(-1, c_out)
+
+
+def rgcn_from_conv(conv: torch.nn.Conv2d):
+    """``RGCNConv`` with one relation per tap holding ``conv``'s weights (block-diagonal if grouped)."""
+    c_out, c_in_g, kh, kw = conv.weight.shape
+    g = conv.groups
+    layer = RGCNConv(conv.in_channels, c_out, num_relations=kh * kw, aggr="add", root_weight=False, bias=True)
+    with torch.no_grad():
+        w = torch.zeros(kh * kw, conv.in_channels, c_out)
+        taps = conv.weight.reshape(g, c_out // g, c_in_g, kh * kw).permute(3, 0, 2, 1)  # [T, G, Ci/G, Co/G]
+        for k in range(g):
+            w[:, k * c_in_g:(k + 1) * c_in_g, k * (c_out // g):(k + 1) * (c_out // g)] = taps[:, k]
+        layer.weight.copy_(w)
+        layer.bias.copy_(conv.bias)
+    return layer
+
+
+@dataclass
+class Case:
+    """One method on one shape: how to run it forward and how to compare its output with conv2d."""
+
+    forward: Callable[[], torch.Tensor]
+    inputs: list  # tensors whose .grad is reset before each backward
+    to_image: Callable[[torch.Tensor], torch.Tensor]
+    grad_of_input: Optional[Callable[[], torch.Tensor]] = None  # the input gradient as an NCHW image
+
+
+def build_cases(shape: Shape, methods: tuple[str, ...], naive_max_bytes: float, seed: int = 0):
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(shape.in_channels, shape.out_channels, shape.kernel_size, shape.stride,
+                           shape.padding, shape.dilation, shape.groups)
+    image = torch.randn(shape.batch, shape.in_channels, shape.size, shape.size)
+    layer = GridConv2d.from_conv2d(conv)
+    graph = image_to_graph(image, layer)
+    h_out, w_out = graph.out_size
+    c_out = shape.out_channels
+
+    def node_to_image(y):
+        return y.view(shape.batch, h_out, w_out, c_out).permute(0, 3, 1, 2)
+
+    def x_grad_image(x):
+        return lambda: x.grad.view(shape.batch, shape.size, shape.size, shape.in_channels).permute(0, 3, 1, 2)
+
+    cases: dict[str, Case] = {}
+    skipped: dict[str, str] = {}
+    num_edges = graph.edge_index.size(1)
+    size = graph.size()
+    for method in methods:
+        if method == "conv2d":
+            x = image.clone().requires_grad_()
+            cases[method] = Case(lambda x=x: conv(x), [x, *conv.parameters()], lambda y: y, lambda x=x: x.grad)
+        elif method == "gridgraph":
+            x = graph.x.clone().requires_grad_()
+            cases[method] = Case(lambda x=x: layer(x, graph.edge_index, graph.edge_type),
+                                 [x, *layer.parameters()], node_to_image, x_grad_image(x))
+        elif method == "gg-image":
+            x = image.clone().requires_grad_()
+
+            def run(x=x):
+                g = image_to_graph(x, layer)
+                return graph_to_image(layer(g.x, g.edge_index, g.edge_type), g)
+
+            cases[method] = Case(run, [x, *layer.parameters()], lambda y: y, lambda x=x: x.grad)
+        elif method == "gg-edges":
+            x = graph.x.clone().requires_grad_()
+            plain_edges = graph.edge_index.clone()  # no neighbour table attached: the edge-list path
+            cases[method] = Case(lambda x=x, e=plain_edges: layer(x, e, graph.edge_type, size=size),
+                                 [x, *layer.parameters()], node_to_image, x_grad_image(x))
+        elif method == "rgcn":
+            rgcn = rgcn_from_conv(conv)
+            x = graph.x.clone().requires_grad_()
+            dst = x.new_empty(size[1], 0)  # RGCNConv reads the target count from x_dst (root_weight=False)
+            cases[method] = Case(lambda x=x, r=rgcn, d=dst: r((x, d), graph.edge_index, graph.edge_type),
+                                 [x, *rgcn.parameters()], node_to_image)
+        elif method == "naive":
+            need = num_edges * c_out * (shape.in_channels // shape.groups) * 4
+            if need > naive_max_bytes:
+                skipped[method] = f"per-edge weights need {need / 2**30:.1f} GiB > --naive-max-gb"
+                continue
+            naive = NaiveEdgeConv(conv)
+            x = graph.x.clone().requires_grad_()
+            cases[method] = Case(lambda x=x, m=naive: m(x, graph.edge_index, graph.edge_type, size),
+                                 [x, *naive.parameters()], node_to_image)
+    return conv, image, cases, skipped
+
+
+def _fb(case: Case, grad: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def run():
+        for t in case.inputs:
+            t.grad = None
+        y = case.forward()
+        y.backward(grad)
+        return y
+    return run
+
+
+def _fwd(case: Case) -> Callable[[], torch.Tensor]:
+    def run():
+        with torch.no_grad():
+            return case.forward()
+    return run
+
+
+def check_case(name: str, case: Case, ref: torch.Tensor, ref_grad_x: Optional[torch.Tensor]) -> dict:
+    """Max abs error of the output (and input gradient) against F.conv2d, relative to its scale."""
+    with torch.no_grad():
+        out = case.to_image(case.forward())
+    if out.shape != ref.shape:
+        raise AssertionError(f"{name}: output shape {tuple(out.shape)} != conv2d's {tuple(ref.shape)}")
+    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+    err = float((out - ref).abs().max()) / scale if ref.numel() else 0.0
+    result = {"max_rel_error": err}
+    if case.grad_of_input is not None and ref_grad_x is not None:
+        y = case.forward()
+        _fb(case, torch.ones_like(y))()
+        gscale = max(1.0, float(ref_grad_x.abs().max()))
+        result["grad_rel_error"] = float((case.grad_of_input() - ref_grad_x).abs().max()) / gscale
+    bad = {k: v for k, v in result.items() if not v <= 1e-4}
+    if bad:
+        raise AssertionError(f"{name}: does not match F.conv2d: {bad}")
+    return result
+
+
+def measure(fns: dict[str, Callable[[], object]], rounds: int, repeats: int, warmup: int,
+            budget_s: float) -> dict[str, list[float]]:
+    """Interleaved timing: every round runs each function ``repeats`` times (fewer if slow)."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    per_call: dict[str, float] = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            fn()
+        per_call[name] = (time.perf_counter() - t0) / max(1, warmup)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n = max(1, min(repeats, int(budget_s / rounds / max(per_call[name], 1e-6))))
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+    return samples
+
+
+def graph_construction(size: int = 1024, channels: int = 3, repeats: int = 3) -> dict:
+    """Cold and cached ``image_to_graph`` on one ``size x size`` image, 3x3, padding 1 (medians, ms)."""
+    image = torch.randn(channels, size, size)
+    cold, cached = [], []
+    for _ in range(repeats):
+        clear_cache()
+        t0 = time.perf_counter()
+        g = image_to_graph(image, kernel_size=3, padding=1)
+        cold.append(time.perf_counter() - t0)
+        del g
+        t0 = time.perf_counter()
+        g = image_to_graph(image, kernel_size=3, padding=1)
+        cached.append(time.perf_counter() - t0)
+        num_edges = g.edge_index.size(1)
+        del g
+    clear_cache()
+    return {"size": size, "channels": channels, "num_edges": num_edges,
+            "cold_ms": statistics.median(cold) * 1e3, "cached_ms": statistics.median(cached) * 1e3,
+            "cold_samples_ms": [t * 1e3 for t in cold], "cached_samples_ms": [t * 1e3 for t in cached]}
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import torch_geometric
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_geometric": torch_geometric.__version__,
+            "gridgraph": gridgraph.__version__, "threads": torch.get_num_threads(),
+            "platform": platform.platform()}
+
+
+def geomean(values) -> float:
+    values = [v for v in values if v and v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def summarise(results: list[dict]) -> dict:
+    def ratios(method, key):
+        return [r["methods"][method][key] for r in results if method in r["methods"]
+                and r["methods"][method].get(key) is not None]
+
+    fwd = ratios("gridgraph", "fwd_ratio")
+    fb = ratios("gridgraph", "fb_ratio")
+    speedup = [r["methods"]["rgcn"]["fwd_ms"] / r["methods"]["gridgraph"]["fwd_ms"] for r in results
+               if "rgcn" in r["methods"] and "gridgraph" in r["methods"]]
+    mem = [r["methods"]["gridgraph"]["mem_ratio"] for r in results
+           if r["methods"].get("gridgraph", {}).get("mem_ratio") is not None]
+    mem_fb = [r["methods"]["gridgraph"]["fb_mem_ratio"] for r in results
+              if r["methods"].get("gridgraph", {}).get("fb_mem_ratio") is not None]
+    return {"fwd_geomean": geomean(fwd), "fwd_max": max(fwd, default=float("nan")),
+            "fb_geomean": geomean(fb), "rgcn_speedup_geomean": geomean(speedup),
+            "mem_ratio_max": max(mem, default=float("nan")), "fb_mem_ratio_max": max(mem_fb, default=float("nan"))}
+
+
+def markdown(results: list[dict], summary: dict, construction: Optional[dict], info: dict) -> str:
+    def fmt(v, spec=".2f"):
+        return "-" if v is None else format(v, spec)
+
+    lines = [f"CPU: {info['cpu']}, {info['threads']} threads; torch {info['torch']}, "
+             f"torch_geometric {info['torch_geometric']}; float32; medians of repeated runs",
+             "",
+             "| shape | method | fwd ms | fwd x conv | fwd+bwd ms | f+b x conv | peak MB fwd | x conv | "
+             "peak MB f+b | x conv |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        for method, m in r["methods"].items():
+            lines.append(f"| {r['shape']} | {method} | {fmt(m.get('fwd_ms'))} | {fmt(m.get('fwd_ratio'))} | "
+                         f"{fmt(m.get('fb_ms'))} | {fmt(m.get('fb_ratio'))} | {fmt(m.get('mem_mb'), '.1f')} | "
+                         f"{fmt(m.get('mem_ratio'))} | {fmt(m.get('fb_mem_mb'), '.1f')} | {fmt(m.get('fb_mem_ratio'))} |")
+        for method, why in r.get("skipped", {}).items():
+            lines.append(f"| {r['shape']} | {method} | skipped: {why} | | | | | | | |")
+    lines += ["",
+              f"gridgraph vs F.conv2d: forward geometric mean {summary['fwd_geomean']:.2f}x "
+              f"(worst {summary['fwd_max']:.2f}x), forward+backward geometric mean {summary['fb_geomean']:.2f}x; "
+              f"vs RGCNConv: {summary['rgcn_speedup_geomean']:.1f}x faster (forward, geometric mean); "
+              f"peak memory at most {summary['mem_ratio_max']:.2f}x F.conv2d's (forward), "
+              f"{summary['fb_mem_ratio_max']:.2f}x (forward+backward)."]
+    if construction:
+        lines.append(f"Graph construction, {construction['size']}x{construction['size']} image, 3x3 "
+                     f"({construction['num_edges']} edges): {construction['cold_ms']:.0f} ms cold, "
+                     f"{construction['cached_ms']:.2f} ms cached.")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in METHODS if m != "conv2d" and any(m in r["methods"] for r in results)]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8), sharey=True)
+    width = 0.8 / max(1, len(methods))
+    for ax, key, title in ((axes[0], "fwd_ratio", "forward"), (axes[1], "fb_ratio", "forward + backward")):
+        for k, method in enumerate(methods):
+            xs, ys = [], []
+            for i, r in enumerate(results):
+                v = r["methods"].get(method, {}).get(key)
+                if v is not None:
+                    xs.append(i + (k - (len(methods) - 1) / 2) * width)
+                    ys.append(v)
+            ax.bar(xs, ys, width, label=method)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.axhline(2.0, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(results)))
+        ax.set_xticklabels([r["shape"] for r in results], rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{title}: time / F.conv2d time")
+    axes[0].set_ylabel("ratio to F.conv2d (log)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat: a correctness run")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per shape (default: 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per method and round (default: 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up runs per method (default: 2)")
+    parser.add_argument("--budget", type=float, default=6.0,
+                        help="seconds per method, mode and shape before repeats are cut (default: 6)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--shapes", default=None, help="comma-separated 1-based shape numbers (default: all)")
+    parser.add_argument("--naive-max-gb", type=float, default=4.0,
+                        help="skip the naive layer where its per-edge weights exceed this (default: 4)")
+    parser.add_argument("--no-backward", action="store_true", help="time the forward pass only")
+    parser.add_argument("--no-construction", action="store_true", help="skip the graph construction timing")
+    parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+
+    pinned = _pin_malloc()
+    torch.set_num_threads(args.threads)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {METHODS}")
+    if "conv2d" not in methods:
+        methods = ("conv2d",) + methods
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        shapes = tuple(shapes[int(k) - 1] for k in args.shapes.split(","))
+    rounds, repeats, warmup = (1, 1, 1) if args.quick else (args.rounds, args.repeats, args.warmup)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    info = machine()
+    info["load_average_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    info["memory_measure"] = "VmHWM rise, glibc mmap threshold pinned" if pinned else "unavailable"
+    results = []
+    for shape in shapes:
+        conv, image, cases, skipped = build_cases(shape, methods, args.naive_max_gb * 2**30)
+        x_ref = image.clone().requires_grad_()
+        ref = conv(x_ref)
+        ref.backward(torch.ones_like(ref))
+        ref, ref_gx = ref.detach(), x_ref.grad
+        errors = {name: check_case(name, case, ref, ref_gx) for name, case in cases.items()}
+        grads = {name: torch.ones_like(case.forward().detach()) for name, case in cases.items()}
+        fwd = measure({n: _fwd(c) for n, c in cases.items()}, rounds, repeats, warmup, args.budget)
+        fb = {} if args.no_backward else measure({n: _fb(c, grads[n]) for n, c in cases.items()},
+                                                 rounds, repeats, warmup, args.budget)
+        row = {"shape": shape.name, "config": asdict(shape), "describe": shape.describe(),
+               "methods": {}, "skipped": skipped}
+        for name, case in cases.items():
+            m = {"fwd_ms": statistics.median(fwd[name]) * 1e3, "fwd_samples": len(fwd[name]),
+                 "fwd_min_ms": min(fwd[name]) * 1e3, **errors[name]}
+            if fb:
+                m.update(fb_ms=statistics.median(fb[name]) * 1e3, fb_samples=len(fb[name]),
+                         fb_min_ms=min(fb[name]) * 1e3)
+            mem = peak_extra_bytes(_fwd(case)) if pinned else None
+            m["mem_mb"] = None if mem is None else mem / 2**20
+            if fb:
+                mem = peak_extra_bytes(_fb(case, grads[name])) if pinned else None
+                m["fb_mem_mb"] = None if mem is None else mem / 2**20
+            row["methods"][name] = m
+        base = row["methods"]["conv2d"]
+        for m in row["methods"].values():
+            m["fwd_ratio"] = m["fwd_ms"] / base["fwd_ms"]
+            if "fb_ms" in m:
+                m["fb_ratio"] = m["fb_ms"] / base["fb_ms"]
+            for key, ratio in (("mem_mb", "mem_ratio"), ("fb_mem_mb", "fb_mem_ratio")):
+                if m.get(key) is not None and base.get(key):
+                    m[ratio] = m[key] / base[key]
+        results.append(row)
+        print(f"  {shape.name}: " + ", ".join(f"{n} {m['fwd_ratio']:.2f}x" for n, m in row["methods"].items()),
+              file=sys.stderr, flush=True)
+        del cases
+
+    construction = None
+    if not args.no_construction:
+        construction = graph_construction(64 if args.quick else 1024, repeats=1 if args.quick else 3)
+    info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    summary = summarise(results)
+    table = markdown(results, summary, construction, info)
+    print(table)
+    payload = {"machine": info, "quick": args.quick, "rounds": rounds, "repeats": repeats, "warmup": warmup,
+               "results": results, "summary": summary, "graph_construction": construction}
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
+    plot(results, out_dir / "ratios.png")
+    print(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'ratios.png'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
