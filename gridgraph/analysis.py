@@ -24,7 +24,7 @@ iterable of modules. In a stack, modules with a geometry (gridgraph layers, ``nn
 ``nn.MaxPool*d`` / ``nn.AvgPool*d``) are the spatial steps, taken in registration order; modules
 without children and without a geometry (activations, norms, dropout) act pixel by pixel and are
 skipped; modules that break the grid (``nn.Linear``, ``nn.Flatten``, adaptive pooling, upsampling,
-transposed convolutions) are refused.
+transposed convolutions) or carry a spatial kernel without a geometry are refused.
 """
 from __future__ import annotations
 
@@ -59,8 +59,7 @@ __all__ = [
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _GRID_BREAKERS = (nn.Linear, nn.Flatten, nn.Unflatten, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                   nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-                  nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.Fold, nn.Unfold,
-                  nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+                  nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.Fold, nn.Unfold)
 
 
 # ================================================================================ stacks of layers
@@ -107,10 +106,17 @@ def _collect(layers: Any) -> list[nn.Module]:
     if isinstance(layers, nn.Module):
         if _has_geometry(layers) or isinstance(layers, _POOLS):
             return [layers]
+        if hasattr(layers, "transposed_geometry") or isinstance(layers, nn.modules.conv._ConvTransposeNd):
+            raise ValueError(f"{type(layers).__name__}: transposed convolutions are not supported here (yet); "
+                             "receptive fields, costs and operators cover convolution and pooling stacks")
         if isinstance(layers, _GRID_BREAKERS):
             raise ValueError(f"{type(layers).__name__} does not act on the pixel grid; receptive fields, "
                              "costs and operators are defined for convolution and pooling stacks only")
         children = list(layers.children())
+        weight = getattr(layers, "weight", None)
+        if not children and isinstance(weight, Tensor) and weight.dim() >= 3:
+            raise ValueError(f"{type(layers).__name__} has a spatial kernel but no convolution geometry; "
+                             "give it a `geometry` (a ConvGeometry) or use nn.Conv2d / gridgraph layers")
     elif isinstance(layers, Iterable) and not isinstance(layers, (str, bytes, Tensor)):
         children = list(layers)
         for m in children:

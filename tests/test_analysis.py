@@ -165,9 +165,35 @@ def test_stacks_read_sequentials_models_and_pooling():
     torch.testing.assert_close(mask, _autograd_field(reference, (12, 12), (3, 3)), rtol=0, atol=0)
 
 
+def test_converted_models_read_like_the_originals():
+    from gridgraph.convert import convert
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                          nn.MaxPool2d(2), nn.Conv2d(8, 4, 1))
+    converted = convert(model)
+    assert all(type(m).__name__ != "Conv2d" for m in spatial_layers(converted))
+    assert receptive_field_size(converted) == receptive_field_size(model) == (7, 7)
+    for target in [(0, 0), (2, 3)]:
+        assert torch.equal(receptive_field(converted, (16, 16), target), receptive_field(model, (16, 16), target))
+    assert layer_cost(converted, (16, 16)) == layer_cost(model, (16, 16))
+    linear = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 2, 3, stride=2))
+    torch.testing.assert_close(linear_operator(convert(linear), (6, 6)), linear_operator(linear, (6, 6)),
+                               rtol=0, atol=0)
+
+
 def test_bad_stacks_and_targets_are_refused():
     with pytest.raises(ValueError, match="Flatten does not act on the pixel grid"):
         receptive_field(nn.Sequential(nn.Conv2d(1, 1, 3), nn.Flatten(), nn.Linear(4, 2)), (4, 4))
+    with pytest.raises(ValueError, match="ConvTranspose2d: transposed convolutions are not supported"):
+        receptive_field(nn.Sequential(nn.ConvTranspose2d(1, 1, 3)), (4, 4))
+
+    class Mystery(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(1, 1, 3, 3))
+
+    with pytest.raises(ValueError, match="Mystery has a spatial kernel but no convolution geometry"):
+        receptive_field([GridConv2d(1, 1, 3), Mystery()], (6, 6))
     with pytest.raises(ValueError, match="no convolution or pooling layer"):
         receptive_field(nn.Sequential(nn.ReLU()), (4, 4))
     with pytest.raises(TypeError, match="layers must be modules"):
