@@ -22,9 +22,11 @@ from torch import Tensor, nn
 
 from .graph import neighbour_table
 from .nn.functional import table_conv
-from .nn.grid_conv import GridConv2d, GridConvNd
+from .nn.grid_conv import GridConv1d, GridConv2d, GridConv3d, GridConvNd
+from .nn.transposed_conv import ImageGridConvTranspose2d
 
-__all__ = ["ImageGridConv2d", "CONVERSIONS", "convert", "unconvert", "converted_layers"]
+__all__ = ["ImageGridConv2d", "ImageGridConv1d", "ImageGridConv3d", "CONVERSIONS", "convert", "unconvert",
+           "converted_layers"]
 
 
 @torch.compiler.disable
@@ -148,10 +150,23 @@ class ImageGridConv2d(_ImageGridConv, GridConv2d):
     """
 
 
+class ImageGridConv1d(_ImageGridConv, GridConv1d):
+    """A drop-in ``nn.Conv1d`` computing by message passing on the graph of its input sequence
+    (:class:`ImageGridConv2d` with one spatial dimension; :func:`convert` puts it in place of ``nn.Conv1d``)."""
+
+
+class ImageGridConv3d(_ImageGridConv, GridConv3d):
+    """A drop-in ``nn.Conv3d`` computing by message passing on the graph of its input volume
+    (:class:`ImageGridConv2d` with three spatial dimensions; :func:`convert` puts it in place of ``nn.Conv3d``)."""
+
+
 #: torch convolution class -> its image-facing message-passing twin. ``convert`` replaces modules whose
 #: type is exactly a key; ``unconvert`` turns instances of the values back into the keys.
 CONVERSIONS: dict[type[nn.Module], type[GridConvNd]] = {
     nn.Conv2d: ImageGridConv2d,
+    nn.Conv1d: ImageGridConv1d,
+    nn.Conv3d: ImageGridConv3d,
+    nn.ConvTranspose2d: ImageGridConvTranspose2d,  # type: ignore[dict-item]
 }
 
 

@@ -222,3 +222,26 @@ def test_wrong_dimensionality_of_conv_is_refused():
         GridConv1d.from_conv1d(nn.ConvTranspose1d(3, 4, 3))
     with pytest.raises(ValueError, match="image too small for the kernel"):
         volume_to_graph(torch.zeros(1, 2, 2, 2), kernel_size=3, padding=0)
+
+
+def test_convert_handles_conv1d_and_conv3d():
+    from gridgraph.convert import ImageGridConv1d, ImageGridConv3d, convert, unconvert
+
+    torch.manual_seed(0)
+    net1 = nn.Sequential(nn.Conv1d(2, 4, 5, stride=2, padding=2, padding_mode="reflect"), nn.ReLU(),
+                         nn.Conv1d(4, 3, 3, groups=1)).double()
+    net3 = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1, padding_mode="circular"), nn.ReLU(),
+                         nn.Conv3d(4, 4, 3, stride=2, groups=2)).double()
+    for net, cls, x in ((net1, ImageGridConv1d, torch.randn(2, 2, 17, dtype=torch.float64)),
+                        (net3, ImageGridConv3d, torch.randn(2, 2, 5, 6, 7, dtype=torch.float64))):
+        twin = convert(net)
+        assert isinstance(twin[0], cls) and isinstance(twin[2], cls)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out, ref = twin(xa), net(xb)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        out.square().sum().backward()
+        ref.square().sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(twin[2].weight.grad, net[2].weight.grad, rtol=1e-10, atol=1e-10)
+        back = unconvert(twin)
+        assert [type(m) for m in back] == [type(m) for m in net]

@@ -209,3 +209,42 @@ def test_conv2d_on_the_transposed_graph_is_message_passing_on_reversed_edges():
     fast = conv(g.x, g.edge_index, g.edge_type, size=g.size())
     slow = conv(g.x, g.edge_index.clone(), g.edge_type, size=g.size())
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------- convert
+def test_convert_handles_conv_transpose2d():
+    from gridgraph.convert import convert, unconvert
+    from gridgraph.nn.transposed_conv import ImageGridConvTranspose2d
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1, groups=2)).double()
+    twin = convert(net)
+    assert isinstance(twin[2], ImageGridConvTranspose2d) and twin[2].weight is not net[2].weight
+    x = torch.randn(2, 3, 8, 10, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    out, ref = twin(x), net(x2)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(twin[2].weight.grad, net[2].weight.grad, rtol=1e-10, atol=1e-10)
+    twin.load_state_dict(net.state_dict())
+    net.load_state_dict(twin.state_dict())
+    back = unconvert(twin)
+    assert type(back[2]) is nn.ConvTranspose2d and repr(back[2]) == repr(net[2])
+
+
+def test_image_twin_takes_output_size_like_torch():
+    from gridgraph.nn.transposed_conv import ImageGridConvTranspose2d
+
+    up = make(dict(kernel_size=3, stride=2, padding=1), 4, 2, torch.float64, torch.device("cpu"))
+    twin = ImageGridConvTranspose2d.from_conv_transpose2d(up)
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    for size in (None, (9, 11), (10, 12), torch.Size([2, 2, 10, 11])):
+        torch.testing.assert_close(twin(x, output_size=size), up(x, output_size=size), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(twin(x[0]), up(x[0]), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match=r"valid sizes range from \[9, 11\] to \[10, 12\]"):
+        twin(x, output_size=(12, 12))
+    g = image_to_graph(x, twin)  # and it is still the graph layer on node features
+    torch.testing.assert_close(graph_to_image(twin(g.x, g.edge_index, g.edge_type), g), up(x), rtol=1e-10, atol=1e-10)

@@ -9,13 +9,13 @@ from torch import Tensor
 from torch.nn import Parameter, init
 from torch_geometric.nn import MessagePassing
 
-from ..domains import TransposedGeometry
+from ..domains import TransposedGeometry, transposed_table
 from ..geometry import _ntuple, check_conv_arguments
 from ..graph import grid_edges
 from .functional import table_conv, tap_messages
 from .grid_conv import GridConvNd, _is_compiling
 
-__all__ = ["GridConvTransposeNd", "GridConvTranspose2d"]
+__all__ = ["GridConvTransposeNd", "GridConvTranspose2d", "ImageGridConvTranspose2d"]
 
 
 class GridConvTransposeNd(MessagePassing):
@@ -214,3 +214,92 @@ class GridConvTranspose2d(GridConvTransposeNd):
     def to_conv_transpose2d(self) -> torch.nn.ConvTranspose2d:
         """The ``nn.ConvTranspose2d`` twin of this layer (an independent copy)."""
         return self._to_torch()
+
+
+@torch.compiler.disable
+def _table(geometry: TransposedGeometry, grid: tuple[int, ...], device: torch.device):
+    """The cached table; under ``torch.compile`` a plain call outside the traced graph (the cache is Python)."""
+    return transposed_table(geometry, grid, device)
+
+
+class ImageGridConvTranspose2d(GridConvTranspose2d):
+    r"""A drop-in ``nn.ConvTranspose2d`` that computes by message passing on the reversed pixel graph of
+    its input: ``image -> node features -> message passing on the (cached) graph -> output image``.
+
+    Called with an image ``(B, C_in, H, W)`` or ``(C_in, H, W)`` (and optionally ``output_size``, as
+    ``nn.ConvTranspose2d`` takes it) it behaves like the torch layer; called with node features,
+    ``edge_index`` and ``edge_type`` it is the plain :class:`GridConvTranspose2d`. :func:`~gridgraph.convert`
+    puts it in place of every ``nn.ConvTranspose2d``; its parameters and state dict keys are torch's.
+
+    Example:
+        >>> from gridgraph.nn.transposed_conv import ImageGridConvTranspose2d
+        >>> up = torch.nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1)
+        >>> twin = ImageGridConvTranspose2d.from_conv_transpose2d(up)
+        >>> image = torch.randn(1, 4, 5, 6)
+        >>> twin(image, output_size=(10, 12)).shape, torch.allclose(twin(image), up(image), atol=1e-6)
+        (torch.Size([1, 2, 10, 12]), True)
+    """
+
+    def forward(self, input: Tensor, edge_index: Any = None, edge_type: Optional[Tensor] = None,
+                size: Optional[tuple[int, int]] = None, output_size: Any = None) -> Tensor:
+        if edge_type is not None:
+            return super().forward(input, edge_index, edge_type, size)
+        if edge_index is not None:  # nn.ConvTranspose2d's positional output_size
+            output_size = edge_index
+        n = self._ndim
+        name = type(self).__name__
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{name} expects an image tensor (got {type(input).__name__})")
+        if input.dim() not in (n + 1, n + 2):
+            raise ValueError(f"{name}: expected input of shape (C, H, W) or (B, C, H, W): {n + 1} or {n + 2} dims "
+                             f"(got a {input.dim()}-dim tensor of shape {tuple(input.shape)})")
+        GridConvNd._check_x(self, input.new_empty(0, input.size(-n - 1)))  # channels, dtype, device
+        batched = input.dim() == n + 2
+        images = input if batched else input.unsqueeze(0)
+        num_images, channels, *grid = images.shape
+        geometry = self._geometry_for(tuple(grid), output_size)
+        table = _table(geometry, tuple(grid), images.device)
+        x = images.permute(0, *range(2, n + 2), 1).reshape(num_images * table.num_src, channels)
+        out = table_conv(x, table, num_images, self.conv_weight(), self.bias, self.groups)
+        out = out.view(num_images, *table.out_size, out.size(1)).permute(0, n + 1, *range(1, n + 1)).contiguous()
+        return out if batched else out[0]
+
+    def _geometry_for(self, grid: tuple[int, ...], output_size: Any) -> TransposedGeometry:
+        """The layer's geometry, with the output padding that ``output_size`` asks for (as torch picks it)."""
+        geometry = self.transposed_geometry
+        if output_size is None:
+            return geometry
+        output_size = tuple(int(s) for s in output_size)[-self._ndim:]
+        if len(output_size) != self._ndim:
+            raise ValueError(f"output_size must give {self._ndim} spatial sizes (got {output_size})")
+        base = TransposedGeometry(geometry.conv, (0,) * self._ndim).output_size(grid)
+        extra = tuple(o - b for o, b in zip(output_size, base))
+        if any(e < 0 or e >= s for e, s in zip(extra, geometry.conv.stride)):
+            high = tuple(b + s - 1 for b, s in zip(base, geometry.conv.stride))
+            raise ValueError(f"requested an output size of {list(output_size)}, but valid sizes range from "
+                             f"{list(base)} to {list(high)} (for an input of {list(grid)})")
+        return TransposedGeometry(geometry.conv, extra)
+
+    @classmethod
+    def _share_from_torch(cls, conv: torch.nn.Module) -> "ImageGridConvTranspose2d":
+        """The twin of ``conv`` holding ``conv``'s own ``weight`` and ``bias`` Parameter objects (no copy)."""
+        cls._check_torch_conv(conv)
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.output_padding, conv.groups, conv.bias is not None, conv.dilation, conv.padding_mode,
+                    device="meta", dtype=conv.weight.dtype)
+        layer.weight = conv.weight
+        if conv.bias is not None:
+            layer.bias = conv.bias
+        layer.train(conv.training)
+        return layer
+
+    def _share_to_torch(self) -> torch.nn.Module:
+        """The ``nn.ConvTranspose2d`` holding this layer's own ``weight`` and ``bias`` Parameter objects."""
+        conv = torch.nn.ConvTranspose2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                        self.padding, self.output_padding, self.groups, self.bias is not None,
+                                        self.dilation, self.padding_mode, device="meta", dtype=self.weight.dtype)
+        conv.weight = self.weight
+        if self.bias is not None:
+            conv.bias = self.bias
+        conv.train(self.training)
+        return conv
