@@ -390,9 +390,10 @@ def _abs_error(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 def _describe_conv(module: torch.nn.Module) -> str:
-    from .geometry import ConvGeometry
-
-    s = f"{module.in_channels}->{module.out_channels} {ConvGeometry.from_module(module).describe()}"
+    """``'C_in->C_out <geometry> [gG] [nobias]'`` of a converted layer."""
+    geometry = getattr(module, "geometry", None)
+    described = geometry.describe() if hasattr(geometry, "describe") else ""
+    s = f"{module.in_channels}->{module.out_channels} {described}".rstrip()
     if module.groups != 1:
         s += f" g{module.groups}"
     if module.bias is None:
@@ -537,8 +538,9 @@ def verify_model(original: torch.nn.Module, converted: torch.nn.Module, example_
                 label = layer_name or "(root)"
                 if len(rec["out"]) > 1:
                     label += f" (call {call + 1})"
-                grid = ("x".join(map(str, x_ref.shape[-2:])) + " -> " + "x".join(map(str, y_ref.shape[-2:])))
-                report.layers.append(ModelLayerResult(label, _describe_conv(ref), grid, alone, in_network,
+                n = getattr(twin, "_ndim", 2)
+                grid = "x".join(map(str, x_ref.shape[-n:])) + " -> " + "x".join(map(str, y_ref.shape[-n:]))
+                report.layers.append(ModelLayerResult(label, _describe_conv(twin), grid, alone, in_network,
                                                       tol * scale))
         if grads:
             _compare_gradients(report, original, converted, ref_xs, ref_out, xs, out, tol, seed, pairs)

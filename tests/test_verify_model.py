@@ -1,0 +1,209 @@
+"""verify_model / ModelReport and the model mode of ``gridgraph verify``.
+
+The report must pass exact twins, and must fail (pointing at the right layer) when a converted layer's
+forward or gradient is wrong; it must leave both models as it found them.
+"""
+from __future__ import annotations
+
+import textwrap
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from gridgraph import verify as verify_module
+from gridgraph.cli import main
+from gridgraph.convert import convert
+from gridgraph.models import REFERENCE_MODELS
+from gridgraph.verify import ModelReport, check_model, load_model, verify_model, verify_reference_models
+
+
+@pytest.fixture(autouse=True)
+def _quiet_torch_same_padding_warning():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using padding='same'", category=UserWarning)
+        yield
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, stride=2, groups=4), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+
+def test_report_passes_exact_twins_with_a_row_per_layer():
+    net = small_net().double()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    report = verify_model(net, convert(net), x, grads=True, name="small")
+    assert isinstance(report, ModelReport) and report.passed
+    assert [r.name for r in report.layers] == ["0", "3", "5"]
+    assert report.layers[1].configuration == "8->8 k3x3 s2x2 p0x0 d1x1 zeros g4"
+    assert report.layers[1].grid == "9x9 -> 4x4"
+    assert all(r.alone < 1e-12 and r.in_network < 1e-12 and r.weight_grad < 1e-12 for r in report.layers)
+    names = [c.name for c in report.gradients]
+    assert names == [n for n, _ in net.named_parameters()] + ["input"]  # every parameter, then the input
+    assert report.max_gradient_error < 1e-12 and report.max_output_error < 1e-12
+    text = str(report)
+    assert text.splitlines()[0] == ("| layer | configuration | grid | err alone | err in network | "
+                                    "grad err (w, b) | tol | result |")
+    assert text.count("| pass |") == 3 and text.splitlines()[-1].startswith("PASS small [float64, cpu]")
+
+
+def test_a_wrong_layer_fails_and_is_pinpointed():
+    net = small_net()
+    twin = convert(net)
+    with torch.no_grad():
+        twin[3].weight[0, 0, 1, 1] += 1e-3  # a bug in one converted layer
+    report = verify_model(net, twin, torch.randn(2, 3, 9, 9))
+    assert not report.passed
+    rows = {r.name: r for r in report.layers}
+    assert rows["0"].passed
+    assert not rows["3"].passed and rows["3"].alone > 1e-4  # wrong by itself
+    assert rows["5"].alone < 1e-5 < rows["5"].in_network  # only wrong because its input is
+    assert "| 3 |" in report.table() and "FAIL" in report.table() and report.summary().startswith("FAIL")
+
+
+def test_a_wrong_gradient_fails_although_the_forward_is_exact():
+    net = small_net()
+    twin = convert(net)
+    twin[3].weight.register_hook(lambda g: g * 1.001)  # gradient bug only
+    report = verify_model(net, twin, torch.randn(2, 3, 9, 9), grads=True)
+    assert all(r.alone <= r.tolerance and r.in_network <= r.tolerance for r in report.layers)
+    assert not report.passed
+    failed = [c.name for c in report.gradients if not c.passed]
+    assert failed == ["3.weight"]
+    assert not next(r for r in report.layers if r.name == "3").passed
+    assert "FAILED: 3.weight" in report.details()
+
+
+def test_models_are_left_as_found_and_dropout_masks_agree():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Dropout(0.5), nn.Conv2d(8, 2, 1))
+    twin = convert(net)
+    before = [b.clone() for b in net.buffers()] + [b.clone() for b in twin.buffers()]
+    report = verify_model(net, twin, torch.randn(2, 3, 8, 8), grads=True)
+    assert report.passed, str(report)  # training mode: same dropout mask in both runs
+    after = list(net.buffers()) + list(twin.buffers())
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # running statistics restored
+    assert all(p.grad is None for p in list(net.parameters()) + list(twin.parameters()))
+
+
+def test_shared_layer_called_twice_and_structured_outputs():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular")
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.shared(self.shared(x))
+            return {"logits": self.head(y).mean((2, 3)), "aux": (y, y.sum())}
+
+    torch.manual_seed(0)
+    net = TwoHeads().double()
+    report = verify_model(net, convert(net), torch.randn(3, 4, 5, 6, dtype=torch.float64), grads=True)
+    assert report.passed
+    assert [r.name for r in report.layers] == ["shared (call 1)", "shared (call 2)", "head"]
+    assert [c.name for c in report.outputs] == ["output['aux'][0]", "output['aux'][1]", "output['logits']"]
+
+
+def test_verify_model_rejects_bad_arguments():
+    net = small_net()
+    x = torch.randn(2, 3, 9, 9)
+    with pytest.raises(ValueError, match=r"contains no converted layer; did you pass gridgraph.convert\(original\)"):
+        verify_model(net, net, x)
+    with pytest.raises(TypeError, match=r"converted must be an nn.Module \(got str\)"):
+        verify_model(net, "twin", x)
+    with pytest.raises(TypeError, match="example_input must be a Tensor or a tuple of Tensors"):
+        verify_model(net, convert(net), [[1.0]])
+    other = convert(nn.Sequential(nn.Linear(2, 2), nn.Conv2d(3, 8, 3)))
+    with pytest.raises(ValueError, match=r"converted layer '1' has no nn.Conv2d of the same name in original"):
+        verify_model(net, other, x)
+    with pytest.raises(ValueError, match="no default tolerance for inputs of dtype torch.float16; pass tol"):
+        verify_model(net.half(), convert(net), x.half())
+
+
+def test_verify_reference_models_and_check_model():
+    reports = verify_reference_models(["squeeze_excite"], dtypes=[torch.float32], devices=["cpu"], modes=["eval"])
+    assert [r.name for r in reports] == ["squeeze_excite (eval)"] and reports[0].passed
+    assert any(r.grid == "1x1 -> 1x1" for r in reports[0].layers)  # SE convolutions on a 1x1 grid
+    net = small_net()
+    report = check_model(net, (2, 3, 9, 9), name="small", dtype=torch.float64)
+    assert report.passed and report.dtype == torch.float64
+    assert next(net.parameters()).dtype == torch.float32  # the user's model is not modified
+    with pytest.raises(ValueError, match=r"unknown reference model\(s\) \['vgg'\]"):
+        verify_reference_models(["vgg"])
+
+
+def _user_module(tmp_path) -> str:
+    path = tmp_path / "user_nets.py"
+    path.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def build():
+            return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, stride=2))
+
+        class Zoo:
+            small = staticmethod(build)
+
+        instance = build()
+        not_a_model = 3
+        """))
+    return str(path)
+
+
+def test_load_model_from_module_or_file(tmp_path):
+    path = _user_module(tmp_path)
+    assert isinstance(load_model(f"{path}:build"), nn.Sequential)
+    assert isinstance(load_model(f"{path}:Zoo.small"), nn.Sequential)
+    assert isinstance(load_model(f"{path}:instance"), nn.Sequential)
+    assert isinstance(load_model("gridgraph.models:ResNeXtish"), nn.Module)
+    with pytest.raises(TypeError, match="is a int, not an nn.Module or a factory of one"):
+        load_model(f"{path}:not_a_model")
+    with pytest.raises(ValueError, match="has no attribute 'missing'"):
+        load_model(f"{path}:missing")
+    with pytest.raises(ValueError, match="expected a model as 'module:attribute'"):
+        load_model("gridgraph.models")
+
+
+def test_cli_model_mode_with_a_user_model(tmp_path, capsys):
+    path = _user_module(tmp_path)
+    assert main(["verify", "--model", f"{path}:build", "--input-shape", "2,3,8,8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"### {path}:build (train) [float32, cpu]" in out and f"### {path}:build (train) [float64, cpu]" in out
+    assert "| 0 | 3->4 k3x3 s1x1 p1x1 d1x1 zeros | 8x8 -> 8x8 |" in out
+    assert out.strip().splitlines()[-1].startswith("PASS: 2 model checks, 4 converted layer calls")
+
+
+def test_cli_reference_subset_and_exit_code_on_failure(capsys, monkeypatch):
+    args = ["verify", "--only", "models", "--reference", "resnext", "--dtype", "float32", "--device", "cpu", "--quick"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "### resnext (train) [float32, cpu]" in out and "mobilenet" not in out
+    monkeypatch.setitem(verify_module.TOLERANCES, torch.float32, 0.0)  # every rounding difference now fails
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and out.strip().splitlines()[-1].startswith("FAIL (1: resnext (train) [float32])")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "x:y"], "--model needs --input-shape"),
+    (["--model", "no_such_module_xyz:net", "--input-shape", "1,3,8,8"], "--model no_such_module_xyz:net: ModuleNotFoundError"),
+    (["--model", "gridgraph.models:ResNetish", "--input-shape", "a,b"], "--input-shape: expected comma-separated integers"),
+    (["--reference", "vgg"], "--reference: unknown network(s) vgg"),
+    (["--only", "layers", "--reference", "resnet"], "--only layers cannot be combined with --model or --reference"),
+    (["--model", "gridgraph.models:ResNetish", "--input-shape", "1,4,8,8"], "on input (1, 4, 8, 8): RuntimeError"),
+])
+def test_cli_model_mode_errors(argv, message, capsys):
+    assert main(["verify", "--device", "cpu", "--dtype", "float64"] + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_reference_registry_is_what_the_cli_verifies(capsys):
+    assert main(["verify", "--only", "models", "--dtype", "float64", "--device", "cpu", "--quick", "--no-grads"]) == 0
+    out = capsys.readouterr().out
+    for name in REFERENCE_MODELS:
+        assert f"### {name} (train) [float64, cpu]" in out
+    assert "gradients of" not in out
