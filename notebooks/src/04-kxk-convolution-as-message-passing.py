@@ -67,7 +67,8 @@ for kw in configs:
 # ## One output pixel, recomputed from its messages
 #
 # Take a strided, dilated, reflect-padded convolution and an output pixel on the border. Walk its
-# incoming edges (some come from reflected pixels, and one input pixel can send two messages), multiply each source pixel's channel vector by the weight slice of the edge's tap, and
+# incoming edges (some come from reflected pixels, and one input pixel can send two messages),
+# multiply each source pixel's channel vector by the weight slice of the edge's tap, and
 # add: that is `nn.Conv2d`'s output at that pixel.
 
 # %%
