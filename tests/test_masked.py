@@ -335,3 +335,25 @@ def test_bad_sparse_conv_and_channels():
         sparse_to_graph(torch.tensor([[0, 0, 0]]), torch.zeros(1, 3), (4, 4, 4), nn.Conv2d(3, 1, 3))
     with pytest.raises(ValueError, match="num_images=1 is smaller than the largest image index"):
         sparse_to_graph(torch.tensor([[1, 0, 0]]), torch.zeros(1, 3), (4, 4), num_images=1)
+
+
+@pytest.mark.parametrize("frozen", ["weight", "input", "bias"])
+def test_sparse_kernel_partial_gradients(frozen):
+    """The per-tap kernel's backward computes only what is asked, and what it computes is right."""
+    conv = make(dict(kernel_size=3, stride=2, padding=1, groups=2), 4, 6, torch.float64, "cpu")
+    layer = GridConv2d.from_conv2d(conv)
+    images = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    mask = random_mask((2, 7, 6), 0.4, 9, "cpu")
+    g = image_to_graph(images, layer, mask=mask)
+    x = g.x.detach().clone().requires_grad_(frozen != "input")
+    getattr(layer, frozen if frozen != "input" else "weight").requires_grad_(frozen == "input")
+    if frozen == "input":
+        layer.bias.requires_grad_(True)
+    fast = layer(x, g.edge_index, g.edge_type)
+    wanted = [t for t in (x, layer.weight, layer.bias) if t.requires_grad]
+    grads_fast = torch.autograd.grad(fast.square().sum(), wanted)
+    slow = layer(x, g.edge_index.clone(), g.edge_type, size=g.size())
+    grads_slow = torch.autograd.grad(slow.square().sum(), wanted)
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads_fast, grads_slow):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -10,8 +10,10 @@ from torch.nn import Parameter, init
 from torch_geometric.nn import MessagePassing
 
 from ..geometry import ConvGeometry, _ntuple, check_conv_arguments
+from ..domains import SparseTable
 from ..graph import grid_edges
 from .functional import table_conv, tap_messages
+from .sparse_conv import sparse_table_conv
 
 __all__ = ["GridConvNd", "GridConv2d", "GridConv1d", "GridConv3d"]
 
@@ -101,6 +103,8 @@ class GridConvNd(MessagePassing):
                 raise ValueError(f"size {tuple(size)} does not match the pixel graph's (N_in, N_out) = {expected}")
             if table.device != x.device:
                 raise ValueError(f"x is on {x.device} but edge_index is on {table.device}")
+            if isinstance(table, SparseTable):  # a masked / sparse domain: per-tap edge lists
+                return sparse_table_conv(x, table, self.weight, self.bias, self.groups)
             return table_conv(x, table, b, self.weight, self.bias, self.groups)
         size = self._check_edges(x, edge_index, edge_type, size)
         out = self.propagate(edge_index, x=x, edge_type=edge_type, size=size)

@@ -11,7 +11,7 @@ from torch_geometric.nn import MessagePassing
 
 from ..domains import TransposedGeometry, transposed_table
 from ..geometry import _ntuple, check_conv_arguments
-from ..graph import grid_edges
+from ..graph import NeighbourTable, grid_edges
 from .functional import table_conv, tap_messages
 from .grid_conv import GridConvNd, _is_compiling
 
@@ -97,6 +97,8 @@ class GridConvTransposeNd(MessagePassing):
         """
         GridConvNd._check_x(self, x)
         info = None if _is_compiling() else grid_edges(edge_index, edge_type)
+        if info is not None and (info.table.num_taps != self.num_taps or not isinstance(info.table, NeighbourTable)):
+            info = None  # another kernel's graph, or a sparse one: the general path checks and computes it
         if info is not None:
             table, b = info.table, info.num_images
             expected = (b * table.num_src, b * table.num_dst)
