@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--reference", action="append", metavar="NAME", default=[],
                         help="verify only these reference networks (repeatable; default: all of them)")
     verify.add_argument("--no-grads", action="store_true", help="models: compare outputs only, not gradients")
+    verify.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="CPU threads for torch (default: 1; the checks use small tensors, for which "
+                             "more threads mostly add contention, e.g. 7x slower on a busy 2-core machine)")
     return parser
 
 
@@ -51,6 +54,9 @@ def _verify(args: argparse.Namespace) -> int:
                          models_summary, verify_layers, verify_reference_models)
 
     start = time.perf_counter()
+    if args.threads < 1:
+        return _error(f"--threads must be at least 1 (got {args.threads})")
+    torch.set_num_threads(args.threads)
     if args.device == "all":
         devices = available_devices()
     else:
