@@ -1,9 +1,15 @@
-"""Equivalence checks: every gridgraph layer against the torch module it mirrors.
+"""Equivalence checks: every gridgraph layer against the torch module it mirrors, and whole converted models.
 
 :func:`verify_layers` runs a table of ``nn.Conv2d`` configurations through :class:`~gridgraph.GridConv2d`
 (weights moved with ``from_conv2d``) on both computation paths (the neighbour-table fast path and the
 general edge-list path), forward and backward, and reports the largest errors. Errors are measured
 relative to the data: ``max|out - ref| / max(1, max|ref|)``.
+
+:func:`verify_model` runs a model and its :func:`~gridgraph.convert`-ed twin side by side and reports,
+per converted layer (through forward hooks), the error of the layer alone and inside the network, then
+the outputs and the gradients of every parameter (:class:`ModelReport`). :func:`verify_reference_models`
+does it for the networks of :mod:`gridgraph.models`; :func:`check_model` and :func:`load_model` serve
+``gridgraph verify --model module:attribute``.
 """
 from __future__ import annotations
 
@@ -475,7 +481,7 @@ def verify_model(original: torch.nn.Module, converted: torch.nn.Module, example_
     pairs: list[tuple[str, torch.nn.Module, torch.nn.Module]] = []
     for layer_name, twin in twins.items():
         ref = originals.get(layer_name)
-        torch_cls = twin._torch_conv_class()
+        torch_cls = next(k for k, v in CONVERSIONS.items() if isinstance(twin, v))
         if not isinstance(ref, torch_cls):
             raise ValueError(f"converted layer {layer_name or '(root)'!r} has no nn.{torch_cls.__name__} of the "
                              f"same name in original (found {type(ref).__name__ if ref is not None else 'nothing'})")
@@ -699,3 +705,144 @@ def models_summary(reports: Sequence[ModelReport]) -> str:
     verdict = "PASS" if not failed else f"FAIL ({len(failed)}: {', '.join(failed)})"
     layers = sum(len(r.layers) for r in reports)
     return (f"{verdict}: {len(reports)} model checks, {layers} converted layer calls; largest abs errors: {errors}")
+
+
+# ================================================================================ beyond the grid
+@dataclass(frozen=True)
+class BeyondCase:
+    """One case beyond the dense 2-D grid: a 1-D or 3-D convolution, a transposed convolution, or a
+    2-D convolution on a masked or sparse domain, with the input it is checked on.
+
+    ``kind`` is ``'conv1d'``, ``'conv3d'``, ``'transposed2d'``, ``'masked2d'`` or ``'sparse2d'``; ``kwargs``
+    are the torch module's keyword arguments (as a tuple of pairs, so the case is hashable);
+    ``occupancy`` is the fraction of active pixels of the masked and sparse kinds.
+    """
+
+    kind: str
+    in_channels: int
+    out_channels: int
+    kwargs: tuple
+    grid: tuple
+    batch: int = 2
+    occupancy: float = 1.0
+
+    def describe(self) -> str:
+        kw = " ".join(f"{k}={v}" for k, v in self.kwargs)
+        extra = f" occ {self.occupancy:.0%}" if self.kind in ("masked2d", "sparse2d") else ""
+        return (f"{self.kind} {self.in_channels}->{self.out_channels} {kw}{extra} | B{self.batch} "
+                f"{'x'.join(map(str, self.grid))}")
+
+
+def _bc(kind, c_in, c_out, grid, batch=2, occupancy=1.0, **kwargs) -> BeyondCase:
+    return BeyondCase(kind, c_in, c_out, tuple(sorted(kwargs.items())), tuple(grid), batch, occupancy)
+
+
+#: 1-D, 3-D, transposed, masked and sparse configurations checked by :func:`verify_beyond`.
+BEYOND_CASES: tuple[BeyondCase, ...] = (
+    _bc("conv1d", 3, 4, (17,), kernel_size=5, stride=2, padding=2),
+    _bc("conv1d", 4, 4, (12,), kernel_size=3, padding=2, dilation=2, groups=2, padding_mode="reflect"),
+    _bc("conv3d", 2, 3, (5, 6, 4), kernel_size=3, padding=1),
+    _bc("conv3d", 2, 4, (5, 4, 6), kernel_size=(3, 1, 2), stride=(2, 1, 2), padding=(1, 0, 1), groups=2,
+        padding_mode="circular"),
+    _bc("transposed2d", 4, 3, (5, 6), kernel_size=3, stride=2, padding=1, output_padding=1),
+    _bc("transposed2d", 4, 6, (4, 5), kernel_size=(4, 3), stride=(2, 3), padding=(1, 0), dilation=(1, 2),
+        groups=2, bias=False),
+    _bc("masked2d", 3, 4, (11, 9), occupancy=0.3, kernel_size=3, padding=1),
+    _bc("masked2d", 4, 6, (11, 10), occupancy=0.2, kernel_size=3, stride=2, padding=1, groups=2),
+    _bc("masked2d", 3, 3, (9, 9), occupancy=0.5, kernel_size=5, padding=2, groups=3),
+    _bc("sparse2d", 3, 4, (16, 16), occupancy=0.05, kernel_size=3, padding=1),
+    _bc("sparse2d", 3, 4, (16, 15), occupancy=0.1, kernel_size=3, stride=2, padding=1),
+)
+QUICK_BEYOND_CASES: tuple[BeyondCase, ...] = tuple(BEYOND_CASES[i] for i in (0, 3, 4, 7, 10))
+
+
+def _beyond_window(mask: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
+    """The active outputs of a zero-padded masked domain, computed densely from the mask (the reference)."""
+    if conv.stride == (1, 1) and conv.kernel_size[0] == 2 * conv.padding[0] + 1 and \
+            conv.kernel_size[1] == 2 * conv.padding[1] + 1 and conv.dilation == (1, 1):
+        return mask  # submanifold: outputs on the active inputs
+    ones = torch.ones(1, 1, *conv.kernel_size, dtype=torch.float64, device=mask.device)
+    window = torch.nn.functional.conv2d(mask[:, None].double(), ones, stride=conv.stride, padding=conv.padding,
+                                        dilation=conv.dilation)
+    return window[:, 0] > 0
+
+
+def check_beyond_case(case: BeyondCase, dtype: torch.dtype = torch.float64, device: Any = "cpu", seed: int = 0,
+                      paths: Iterable[str] = ("table", "edges")) -> list[CaseResult]:
+    """Check one :class:`BeyondCase` against its torch reference, forward and gradients, per path.
+
+    The reference of a masked or sparse case is ``nn.Conv2d`` on the image with inactive pixels zeroed,
+    read at the active output pixels (zeros elsewhere on both sides).
+    """
+    from .domains import sparse_to_graph, transposed_image_to_graph
+    from .graph import grid_to_graph
+    from .nn import GridConv1d, GridConv3d, GridConvTranspose2d
+
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    kwargs = dict(case.kwargs)
+    torch_cls, twin = {"conv1d": (torch.nn.Conv1d, GridConv1d.from_conv1d),
+                       "conv3d": (torch.nn.Conv3d, GridConv3d.from_conv3d),
+                       "transposed2d": (torch.nn.ConvTranspose2d, GridConvTranspose2d.from_conv_transpose2d),
+                       "masked2d": (torch.nn.Conv2d, GridConv2d.from_conv2d),
+                       "sparse2d": (torch.nn.Conv2d, GridConv2d.from_conv2d)}[case.kind]
+    with no_tf32():
+        torch.manual_seed(seed)
+        conv = torch_cls(case.in_channels, case.out_channels, **kwargs).to(device, dtype)
+        layer = twin(conv)
+        image = torch.randn(case.batch, case.in_channels, *case.grid, generator=gen, dtype=dtype).to(device)
+        image.requires_grad_(True)
+        masked = case.kind in ("masked2d", "sparse2d")
+        if masked:
+            mask = (torch.rand(case.batch, *case.grid, generator=gen) < case.occupancy).to(device)
+            ref = conv(image * mask[:, None])
+            out_mask = _beyond_window(mask, conv)[:, None].to(dtype)
+            ref = ref * out_mask
+        else:
+            ref = conv(image)
+        upstream = torch.randn(ref.shape, generator=gen, dtype=dtype).to(device)
+        if masked:
+            upstream = upstream * out_mask
+        ref_params = [conv.weight] + ([conv.bias] if conv.bias is not None else [])
+        ref_grads = torch.autograd.grad(ref, [image, *ref_params], upstream, allow_unused=True)
+        results = []
+        for path in paths:
+            if case.kind == "transposed2d":
+                g = transposed_image_to_graph(image, layer)
+            elif case.kind == "masked2d":
+                g = image_to_graph(image, layer, mask=mask)
+            elif case.kind == "sparse2d":
+                b, r, c = mask.nonzero(as_tuple=True)
+                g = sparse_to_graph(torch.stack([b, r, c], 1), image[b, :, r, c], case.grid, layer,
+                                    num_images=case.batch)
+            else:
+                g = grid_to_graph(image, layer.geometry)
+            edge_index = g.edge_index if path == "table" else g.edge_index.clone()
+            out = graph_to_image(layer(g.x, edge_index, g.edge_type, size=g.size()), g, side="output")
+            params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+            grads = torch.autograd.grad(out, [image, *params], upstream, allow_unused=True)
+            grad_error = max(_relative_error(_zero_if_none(a, b), _zero_if_none(b, a))
+                             for a, b in zip(grads, ref_grads))
+            results.append(CaseResult(case, str(device), dtype, path, _relative_error(out, ref), grad_error,
+                                      TOLERANCES[dtype]))  # type: ignore[arg-type]
+    return results
+
+
+def verify_beyond(cases: Sequence[BeyondCase] = BEYOND_CASES,
+                  dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64),
+                  devices: Optional[Sequence[Any]] = None, seed: int = 0) -> LayerReport:
+    """Run :func:`check_beyond_case` over ``cases`` x ``dtypes`` x ``devices`` (default: every available one).
+
+    Example:
+        >>> report = verify_beyond(QUICK_BEYOND_CASES, dtypes=[torch.float64], devices=['cpu'])
+        >>> report.passed, len(report.results)
+        (True, 10)
+    """
+    start = time.perf_counter()
+    report = LayerReport()
+    for device in devices or available_devices():
+        for dtype in dtypes:
+            for i, case in enumerate(cases):
+                report.results.extend(check_beyond_case(case, dtype, device, seed=seed + i))
+    report.seconds = time.perf_counter() - start
+    return report

@@ -194,6 +194,7 @@ def test_cli_reference_subset_and_exit_code_on_failure(capsys, monkeypatch):
     (["--model", "gridgraph.models:ResNetish", "--input-shape", "a,b"], "--input-shape: expected comma-separated integers"),
     (["--reference", "vgg"], "--reference: unknown network(s) vgg"),
     (["--only", "layers", "--reference", "resnet"], "--only layers cannot be combined with --model or --reference"),
+    (["--threads", "0"], "--threads must be at least 1 (got 0)"),
     (["--model", "gridgraph.models:ResNetish", "--input-shape", "1,4,8,8"], "on input (1, 4, 8, 8): RuntimeError"),
 ])
 def test_cli_model_mode_errors(argv, message, capsys):
