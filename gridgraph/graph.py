@@ -88,37 +88,72 @@ def _axis_sources(n_in: int, n_out: int, k: int, s: int, d: int, pad: int, mode:
     return src, torch.ones_like(inside)
 
 
-def _build_table(geometry: ConvGeometry, in_size: tuple[int, ...], device: torch.device) -> NeighbourTable:
-    out_size = geometry.output_size(in_size)
+def _row_runs(geometry: ConvGeometry, in_size: tuple[int, ...], out_size: tuple[int, ...],
+              device: torch.device) -> tuple[list[tuple[int, int, Tensor]], int, bool]:
+    """The table as runs of output rows (along the first axis) that are shifted copies of each other.
+
+    Returns ``(runs, shift, complete)``: each run ``(start, stop, row)`` holds the table entries of its
+    first output row (``row``: ``[prod(out_size[1:]) * num_taps]`` long, ``-1`` for absent edges); the
+    row ``start + k`` of the run reads the sources of ``row`` shifted by ``k * shift`` (absent edges
+    in the same places). Away from the borders a whole image is one run, so the table and the edge
+    list are written as a handful of broadcast additions of one row, never through an ``[N, T]`` mask.
+    """
     n = geometry.ndim
-    # Row-major strides of the input grid.
     strides = [math.prod(in_size[a + 1:]) for a in range(n)]
-    # Broadcast shape: [o_0, ..., o_{n-1}, k_0, ..., k_{n-1}].
-    index = torch.zeros((), dtype=torch.long, device=device)
-    valid = torch.ones((), dtype=torch.bool, device=device)
+    parts, oks, complete = [], [], True
     for a in range(n):
         src, ok = _axis_sources(in_size[a], out_size[a], geometry.kernel_size[a], geometry.stride[a],
                                 geometry.dilation[a], geometry.padding[a][0], geometry.padding_mode, device)
+        complete = complete and bool(ok.all())
         shape = [1] * (2 * n)
         shape[a], shape[n + a] = out_size[a], geometry.kernel_size[a]
-        index = index + (src * strides[a]).view(shape)
-        valid = valid & ok.view(shape)
+        parts.append(torch.where(ok, src * strides[a], -(1 << 40)).view(shape))
+        oks.append((src, ok))
+    # Row r continues the run of row r-1 when its present taps are the same and each reads one
+    # stride further along the first axis.
+    src0, ok0 = oks[0]
+    s0 = geometry.stride[0]
+    same = (ok0[1:] == ok0[:-1]).all(1) & ((src0[1:] - src0[:-1] == s0) | ~ok0[1:]).all(1)
+    starts = [0] + (torch.nonzero(~same).view(-1) + 1).tolist()
+    bounds = starts + [out_size[0]]
+    rest = parts[1:]
+    runs = []
+    for r0, r1 in zip(bounds[:-1], bounds[1:]):
+        row = parts[0][r0:r0 + 1]
+        for part in rest:
+            row = row + part
+        row = row.expand(1, *out_size[1:], *geometry.kernel_size).reshape(-1).clamp(min=-1)
+        runs.append((r0, r1, row))
+    return runs, s0 * strides[0], complete
+
+
+def _build_table(geometry: ConvGeometry, in_size: tuple[int, ...], device: torch.device) -> NeighbourTable:
+    out_size = geometry.output_size(in_size)
     num_dst, num_taps = math.prod(out_size), geometry.num_taps
-    index = index.expand(*out_size, *geometry.kernel_size).reshape(num_dst, num_taps)
-    valid = valid.expand(*out_size, *geometry.kernel_size).reshape(num_dst, num_taps)
-    complete = bool(valid.all())
-    if not complete:
-        index = index.masked_fill(~valid, -1)
-    return NeighbourTable(index.contiguous(), geometry, tuple(in_size), tuple(out_size), complete)
+    runs, shift, complete = _row_runs(geometry, in_size, out_size, device)
+    index = torch.empty(out_size[0], num_dst // out_size[0] * num_taps, dtype=torch.long, device=device)
+    for r0, r1, row in runs:
+        block = index[r0:r1]
+        torch.add(row[None, :], torch.arange(r1 - r0, device=device)[:, None] * shift, out=block)
+        holes = (row < 0).nonzero().view(-1)
+        if holes.numel():
+            block.index_fill_(1, holes, -1)
+    return NeighbourTable(index.view(num_dst, num_taps), geometry, tuple(in_size), tuple(out_size), complete)
 
 
 # ----------------------------------------------------------------------------------------- cache
 class _Cache:
-    """A small LRU cache of graph structure, invalidated if a cached tensor was modified in place."""
+    """A small LRU cache of graph structure, invalidated if a cached tensor was modified in place.
 
-    def __init__(self, maxsize: int) -> None:
+    At most ``maxsize`` entries, and (when ``max_bytes`` is given) at most that many bytes of cached
+    tensors, the newest entry always kept: a 1024x1024 pixel graph alone holds ~300 MB of edges.
+    """
+
+    def __init__(self, maxsize: int, max_bytes: Optional[int] = None) -> None:
         self.maxsize = maxsize
-        self._items: OrderedDict[Any, tuple[Any, tuple[tuple[Tensor, int], ...]]] = OrderedDict()
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[Any, tuple[Any, tuple[tuple[Tensor, int], ...], int]] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def get(self, key: Any, build) -> Any:
@@ -128,19 +163,27 @@ class _Cache:
                 self._items.move_to_end(key)
                 return item[0]
         value, tensors = build()
+        size = sum(t.numel() * t.element_size() for t in tensors)
         with self._lock:
-            self._items[key] = (value, tuple((t, t._version) for t in tensors))
-            while len(self._items) > self.maxsize:
-                self._items.popitem(last=False)
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[2]
+            self._items[key] = (value, tuple((t, t._version) for t in tensors), size)
+            self._bytes += size
+            while len(self._items) > 1 and (len(self._items) > self.maxsize or
+                                            (self.max_bytes is not None and self._bytes > self.max_bytes)):
+                _, evicted = self._items.popitem(last=False)
+                self._bytes -= evicted[2]
         return value
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._bytes = 0
 
 
-_TABLES = _Cache(maxsize=128)
-_EDGES = _Cache(maxsize=16)
+_TABLES = _Cache(maxsize=128, max_bytes=1 << 30)
+_EDGES = _Cache(maxsize=16, max_bytes=2 << 30)
 
 
 def clear_cache() -> None:
@@ -204,28 +247,64 @@ def grid_edges(edge_index: Tensor, edge_type: Optional[Tensor]) -> Optional[Grid
 
 
 def _edges(table: NeighbourTable, num_images: int, dtype: torch.dtype):
+    """``(edge_index, edge_type, edge_attr, pos, batch)`` of a batch of ``num_images`` images (cached).
+
+    Written straight into the final tensors: per image, edges are the table's present entries in
+    target-major order (taps ascending), a batch repeats them with node-id offsets. ``batch`` is
+    None for a single image.
+    """
     key = (table.geometry, table.in_size, table.device, num_images, dtype)
 
     def build():
         device = table.device
-        valid = table.index >= 0
-        dst, tap = valid.nonzero(as_tuple=True)  # target-major, taps ascending
-        src = table.index[dst, tap]
-        e = src.numel()
-        b = torch.arange(num_images, device=device)[:, None]
-        edge_index = torch.empty(2, num_images * e, dtype=torch.long, device=device)
-        edge_index[0].view(num_images, e).copy_(src[None, :] + b * table.num_src)
-        edge_index[1].view(num_images, e).copy_(dst[None, :] + b * table.num_dst)
-        edge_type = tap.repeat(num_images)
+        ndim = table.geometry.ndim
+        n_dst, n_taps = table.num_dst, table.num_taps
+        index = table.index
         offsets = table.geometry.offsets().to(device=device, dtype=dtype)
-        edge_attr = offsets[tap].repeat(num_images, 1)
+        runs, shift, _ = _row_runs(table.geometry, table.in_size, table.out_size, device)
+        row_dst = n_dst // table.out_size[0]
+        patterns = []
+        for r0, r1, row in runs:
+            cols = (row >= 0).nonzero().view(-1)  # present entries of the run's first row, in edge order
+            patterns.append((r0, r1, row[cols], cols // n_taps + r0 * row_dst, cols % n_taps))
+        e = sum((r1 - r0) * src.numel() for r0, r1, src, _, _ in patterns)
+        edge_index = torch.empty(2, num_images * e, dtype=torch.long, device=device)
+        edge_type = torch.empty(num_images * e, dtype=torch.long, device=device)
+        edge_attr = torch.empty(num_images * e, ndim, dtype=dtype, device=device)
+        # The first image is written run by run straight into the outputs; further images repeat it.
+        start = 0
+        for r0, r1, src, dst, tap in (patterns if num_images else ()):
+            rows, per_row = r1 - r0, src.numel()
+            seg = slice(start, start + rows * per_row)
+            k = torch.arange(rows, device=device)[:, None]
+            torch.add(src[None, :], k * shift, out=edge_index[0, seg].view(rows, per_row))
+            torch.add(dst[None, :], k * row_dst, out=edge_index[1, seg].view(rows, per_row))
+            edge_type[seg].view(rows, per_row).copy_(tap[None, :].expand(rows, per_row))
+            edge_attr[seg].view(rows, per_row, ndim).copy_(offsets[tap][None].expand(rows, per_row, ndim))
+            start = seg.stop
+        if num_images > 1:
+            for out, stride in ((edge_index[0], table.num_src), (edge_index[1], n_dst), (edge_type, 0),
+                                (edge_attr, 0)):
+                first = out[:e]
+                rest = out[e:].view(num_images - 1, *first.shape)
+                if stride:
+                    offs = torch.arange(1, num_images, device=device)[:, None] * stride
+                    torch.add(first[None], offs, out=rest)
+                else:
+                    rest.copy_(first[None].expand_as(rest))
         edge_index._gridgraph = GridEdges(table, num_images, edge_index._version, edge_type, edge_type._version)
-        coords = torch.stack(torch.meshgrid(*[torch.arange(n, device=device) for n in table.in_size],
-                                            indexing="ij"), dim=-1).reshape(-1, table.geometry.ndim)
-        pos = coords.repeat(num_images, 1)
-        batch = torch.arange(num_images, device=device).repeat_interleave(table.num_src)
+        n_src = table.num_src
+        pos = torch.empty(num_images, *table.in_size, ndim, dtype=torch.long, device=device)
+        for a, size in enumerate(table.in_size):
+            shape = [1] * (ndim + 1)
+            shape[a + 1] = size
+            pos[..., a].copy_(torch.arange(size, device=device).view(shape).expand(pos.shape[:-1]))
+        pos = pos.view(num_images * n_src, ndim)
+        batch = None
+        if num_images > 1:
+            batch = torch.arange(num_images, device=device).repeat_interleave(n_src)
         value = (edge_index, edge_type, edge_attr, pos, batch)
-        return value, value
+        return value, tuple(t for t in value if t is not None)
 
     return _EDGES.get(key, build)
 

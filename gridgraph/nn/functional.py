@@ -220,7 +220,7 @@ class TablePlan:
         return gathers
 
 
-_PLANS = _Cache(maxsize=64)
+_PLANS = _Cache(maxsize=64, max_bytes=1 << 30)
 
 
 def table_plan(table: NeighbourTable, num_images: int) -> TablePlan:
