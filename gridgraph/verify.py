@@ -398,7 +398,15 @@ def _abs_error(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 def _describe_conv(module: torch.nn.Module) -> str:
     """``'C_in->C_out <geometry> [gG] [nobias]'`` of a converted layer."""
     geometry = getattr(module, "geometry", None)
-    described = geometry.describe() if hasattr(geometry, "describe") else ""
+    if hasattr(geometry, "describe"):
+        described = geometry.describe()
+    else:  # e.g. a transposed convolution: read the Conv-style attributes
+        x = "x".join
+        parts = [("k", "kernel_size"), ("s", "stride"), ("p", "padding"), ("d", "dilation")]
+        described = " ".join(f"{p}{x(map(str, getattr(module, a)))}" for p, a in parts
+                             if isinstance(getattr(module, a, None), tuple))
+        if getattr(module, "transposed", False) or "Transpose" in type(module).__name__:
+            described = ("transposed " + described).strip()
     s = f"{module.in_channels}->{module.out_channels} {described}".rstrip()
     if module.groups != 1:
         s += f" g{module.groups}"

@@ -208,3 +208,14 @@ def test_reference_registry_is_what_the_cli_verifies(capsys):
     for name in REFERENCE_MODELS:
         assert f"### {name} (train) [float64, cpu]" in out
     assert "gradients of" not in out
+
+
+def test_other_converted_kinds_are_verified_too():
+    """Whatever ``CONVERSIONS`` converts is paired and checked: here a transposed convolution (decoder)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1)).double()
+    report = verify_model(net, convert(net), torch.randn(2, 3, 8, 8, dtype=torch.float64), grads=True)
+    assert report.passed and [r.name for r in report.layers] == ["0", "2"]
+    assert report.layers[1].configuration.startswith("8->4 transposed k4x4 s2x2")
+    assert report.layers[1].grid == "4x4 -> 8x8"
