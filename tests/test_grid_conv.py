@@ -13,7 +13,7 @@ from torch import nn
 
 import gridgraph
 from gridgraph import GridConv2d, graph_to_image, image_to_graph
-from _conv_reference import DTYPES, PATHS, check_conv, randomise_
+from _conv_reference import DTYPES, PATHS, check_conv, graph_edges, randomise_
 
 # (id, Conv2d keyword arguments, in_channels, out_channels, batch, height, width)
 CONFIGS = [
@@ -182,6 +182,45 @@ def test_non_contiguous_features_and_no_grad(path, device):
     with torch.no_grad():
         out = graph_to_image(layer(x, edge_index, g.edge_type, size=g.size()), g)
         torch.testing.assert_close(out, conv(images), rtol=1e-10, atol=1e-10)
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Record the name of every ATen operator that runs (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+FORBIDDEN = ("conv", "im2col", "col2im", "unfold", "fold", "sliding_window")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, stride=2, padding=1, groups=2),
+                                    dict(kernel_size=(3, 2), padding="same", padding_mode="reflect"),
+                                    dict(kernel_size=3, padding=1, groups=4, padding_mode="circular"),
+                                    dict(kernel_size=1)], ids=["groups", "reflect", "depthwise", "pointwise"])
+def test_computes_from_the_graph_only(kwargs, path):
+    """No convolution, im2col/unfold or fold operator runs in the layer, forward or backward: only
+    gathers, GEMMs and scatters over the graph's edges."""
+    conv = make_conv(kwargs, 4, 4, torch.float64, torch.device("cpu"))
+    layer = GridConv2d.from_conv2d(conv)
+    g = image_to_graph(torch.randn(2, 4, 5, 6, dtype=torch.float64), conv)
+    x = g.x.detach().clone().requires_grad_(True)
+    edge_index, edge_type = graph_edges(g, path)
+    with _RecordOps() as ops:
+        layer(x, edge_index, edge_type, size=g.size()).square().sum().backward()
+    assert ops.names, "the recorder saw nothing"
+    assert any("mm" in n or "mul" in n for n in ops.names)
+    bad = sorted(n for n in ops.names if any(f in n.split("::")[-1] for f in FORBIDDEN))
+    assert not bad, f"convolution-like operators inside the layer: {bad}"
+    with _RecordOps() as ref_ops:  # the recorder does see a convolution when there is one
+        conv(torch.randn(1, 4, 5, 6, dtype=torch.float64))
+    assert any("conv" in n for n in ref_ops.names)
 
 
 # ------------------------------------------------------------------------------- orientation
