@@ -270,16 +270,24 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     def make(module: nn.Module) -> Optional[nn.Module]:
         target = CONVERSIONS.get(type(module))
         if target is not None:
+            if not all(isinstance(p, nn.Parameter) for p in (module.weight, module.bias) if p is not None):
+                computed.append(type(module).__name__)  # e.g. torch.nn.utils.weight_norm: weight is computed
+                return None
             return target._share_from_torch(module)  # type: ignore[attr-defined]
         if (isinstance(module, tuple(CONVERSIONS)) and not isinstance(module, tuple(CONVERSIONS.values()))):
             skipped.append(type(module).__name__)
         return None
 
+    computed: list[str] = []
     root, names = _replace(model, make, "convert")
     if skipped:
         warnings.warn(f"convert left {len(skipped)} subclass(es) of a torch convolution alone "
                       f"({', '.join(sorted(set(skipped)))}): their forward may differ from the base class's",
                       UserWarning, stacklevel=2)
+    if computed:
+        warnings.warn(f"convert left {len(computed)} convolution(s) alone whose weight or bias is computed rather "
+                      "than a Parameter (e.g. torch.nn.utils.weight_norm); use torch.nn.utils.parametrizations "
+                      "or remove the reparametrization first", UserWarning, stacklevel=2)
     if not names:
         kinds = ", ".join(f"nn.{k.__name__}" for k in CONVERSIONS)
         warnings.warn(f"convert found nothing to convert in {type(model).__name__}: it contains no {kinds}; "

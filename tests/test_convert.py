@@ -304,3 +304,17 @@ def test_converted_model_on_every_device(device):
     assert all(p.device == net[0].weight.device for p in twin.parameters())
     x = torch.randn(2, 3, 9, 9, device=device)
     torch.testing.assert_close(twin(x), net(x), atol=1e-5, rtol=0)
+
+
+def test_convolutions_with_computed_weights_are_left_alone_with_a_warning():
+    net = nn.Sequential(nn.Conv2d(2, 2, 3), nn.Conv2d(2, 2, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # weight_norm is deprecated in favour of parametrizations
+        torch.nn.utils.weight_norm(net[0])
+    with pytest.raises(RuntimeError, match=r"convert could not copy the model .* convert it in place with inplace=True"):
+        convert(net)  # torch cannot deepcopy weight_norm's computed weight
+    with pytest.warns(UserWarning, match=r"left 1 convolution\(s\) alone whose weight or bias is computed"):
+        twin = convert(net, inplace=True)
+    assert type(twin[0]) is nn.Conv2d and type(twin[1]) is ImageGridConv2d
+    x = torch.randn(1, 2, 6, 6)
+    torch.testing.assert_close(twin(x), net(x), atol=1e-6, rtol=0)
