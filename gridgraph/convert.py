@@ -286,8 +286,8 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
                       UserWarning, stacklevel=2)
     if computed:
         warnings.warn(f"convert left {len(computed)} convolution(s) alone whose weight or bias is computed rather "
-                      "than a Parameter (e.g. torch.nn.utils.weight_norm); use torch.nn.utils.parametrizations "
-                      "or remove the reparametrization first", UserWarning, stacklevel=2)
+                      "than a Parameter (e.g. torch.nn.utils.weight_norm); fold the reparametrization into the "
+                      "weights first (torch.nn.utils.remove_weight_norm)", UserWarning, stacklevel=2)
     if not names:
         kinds = ", ".join(f"nn.{k.__name__}" for k in CONVERSIONS)
         warnings.warn(f"convert found nothing to convert in {type(model).__name__}: it contains no {kinds}; "
