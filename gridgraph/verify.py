@@ -619,6 +619,10 @@ def load_model(spec: str) -> torch.nn.Module:
 
     The attribute (dots allowed: ``'pkg.nets:Zoo.small'``) is an ``nn.Module`` or a callable that
     builds one with no arguments (a class or a factory function).
+
+    Example:
+        >>> type(load_model('gridgraph.models:ResNeXtish')).__name__
+        'ResNeXtish'
     """
     import importlib
     import importlib.util
@@ -652,7 +656,23 @@ def load_model(spec: str) -> torch.nn.Module:
 def check_model(model: torch.nn.Module, input_shape: Sequence[int], *, name: str, dtype: torch.dtype = torch.float64,
                 device: Any = "cpu", seed: int = 0, grads: bool = True, training: Optional[bool] = None) -> ModelReport:
     """Copy ``model`` to ``dtype`` and ``device``, convert it, and :func:`verify_model` it on a seeded
-    standard-normal input of ``input_shape`` (``model`` itself is not modified)."""
+    standard-normal input of ``input_shape`` (``model`` itself is not modified).
+
+    Args:
+        model (nn.Module): the torch model.
+        input_shape (sequence of int): its input's shape, e.g. ``(2, 3, 32, 32)``.
+        name (str): the name in the report (with the mode appended).
+        dtype, device: where to run both copies (default: float64 on the CPU).
+        seed (int): seed of the input and of the upstream gradient.
+        grads (bool): compare gradients too (default: ``True``).
+        training (bool, optional): set the mode of the copy (default: keep the model's).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode='reflect'), torch.nn.Tanh())
+        >>> report = check_model(net, (2, 3, 8, 8), name='tiny')
+        >>> report.name, report.passed, report.max_layer_error < 1e-12
+        ('tiny (train)', True, True)
+    """
     import copy
 
     original = copy.deepcopy(model).to(device=device, dtype=dtype)
