@@ -370,3 +370,23 @@ def test_cache_is_per_device(device):
     here = neighbour_table(geometry, (3, 3), device)
     assert torch.equal(cpu.index, here.index.cpu())
     assert (cpu is here) == (device.type == "cpu")
+
+
+def test_pyg_batching_of_pixel_graphs():
+    """Two pixel graphs collated by PyG are one bigger graph: the layer (general path) gives Conv2d's output."""
+    from torch_geometric.data import Batch
+
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1, padding_mode="reflect").double()
+    layer = GridConv2d.from_conv2d(conv)
+    a, b = torch.randn(1, 2, 5, 4, dtype=torch.float64), torch.randn(2, 2, 5, 4, dtype=torch.float64)
+    ga, gb = image_to_graph(a, conv), image_to_graph(b, conv)
+    batch = Batch.from_data_list([ga, gb])
+    assert grid_edges(batch.edge_index, batch.edge_type) is None
+    n_dst = ga.num_dst + gb.num_dst
+    # PyG offsets targets by the number of *source* nodes; a strided graph needs them mapped back per image.
+    src, dst = batch.edge_index
+    image_of_edge = batch.batch[src]
+    dst = dst - batch.ptr[image_of_edge] + torch.tensor([0, ga.num_dst])[image_of_edge]
+    out = layer(batch.x, torch.stack([src, dst]), batch.edge_type, size=(batch.num_nodes, n_dst))
+    want = conv(torch.cat([a, b])).permute(0, 2, 3, 1).reshape(-1, 3)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
