@@ -500,18 +500,19 @@ def verify_model(original: torch.nn.Module, converted: torch.nn.Module, example_
     handles = []
 
     def recorder(layer_name: str, side: str):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             rec = records[layer_name]
-            if side == "ref":
-                rec["ref_in"].append(args[0].detach())
+            if side == "ref":  # the call's arguments (e.g. a transposed convolution's output_size) too
+                detach = (lambda v: v.detach() if isinstance(v, torch.Tensor) else v)
+                rec["ref_in"].append(([detach(a) for a in args], {k: detach(v) for k, v in kwargs.items()}))
                 rec["ref_out"].append(output.detach())
             else:
                 rec["out"].append(output.detach())
         return hook
 
     for layer_name, ref, twin in pairs:
-        handles.append(ref.register_forward_hook(recorder(layer_name, "ref")))
-        handles.append(twin.register_forward_hook(recorder(layer_name, "twin")))
+        handles.append(ref.register_forward_hook(recorder(layer_name, "ref"), with_kwargs=True))
+        handles.append(twin.register_forward_hook(recorder(layer_name, "twin"), with_kwargs=True))
 
     def run(model: torch.nn.Module):
         xs = [t.detach().clone().requires_grad_(grads and t.is_floating_point()) for t in inputs]
@@ -545,9 +546,10 @@ def verify_model(original: torch.nn.Module, converted: torch.nn.Module, example_
             if len(rec["out"]) != len(rec["ref_out"]):
                 raise ValueError(f"layer {layer_name!r} ran {len(rec['ref_out'])} times in original but "
                                  f"{len(rec['out'])} times in converted")
-            for call, (x_ref, y_ref, y) in enumerate(zip(rec["ref_in"], rec["ref_out"], rec["out"])):
+            for call, ((args, kwargs), y_ref, y) in enumerate(zip(rec["ref_in"], rec["ref_out"], rec["out"])):
+                x_ref = args[0]
                 with torch.no_grad():
-                    alone, scale = _abs_error(twin(x_ref), y_ref)
+                    alone, scale = _abs_error(twin(*args, **kwargs), y_ref)
                 in_network, _ = _abs_error(y, y_ref)
                 label = layer_name or "(root)"
                 if len(rec["out"]) > 1:

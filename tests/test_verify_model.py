@@ -212,10 +212,19 @@ def test_reference_registry_is_what_the_cli_verifies(capsys):
 
 def test_other_converted_kinds_are_verified_too():
     """Whatever ``CONVERSIONS`` converts is paired and checked: here a transposed convolution (decoder)."""
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.up = nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1)
+
+        def forward(self, x):  # output_size picks the output size a stride leaves ambiguous
+            return self.up(torch.relu(self.down(x)), output_size=x.shape[-2:])
+
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
-                        nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1)).double()
+    net = Decoder().double()
     report = verify_model(net, convert(net), torch.randn(2, 3, 8, 8, dtype=torch.float64), grads=True)
-    assert report.passed and [r.name for r in report.layers] == ["0", "2"]
-    assert report.layers[1].configuration.startswith("8->4 transposed k4x4 s2x2")
+    assert report.passed, str(report)
+    assert [r.name for r in report.layers] == ["down", "up"]
+    assert report.layers[1].configuration.startswith("8->4 transposed k3x3 s2x2")
     assert report.layers[1].grid == "4x4 -> 8x8"
