@@ -445,6 +445,8 @@ class _TableConv(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             reverse = plan.reverse() if plan.num_dst else []
+            if reverse is not None and len(reverse) > 1 and kind == "dense":
+                reverse = None  # strided dense graph: one scatter-add beats a gather per stride phase
             if reverse is None:
                 grad_x = _input_grad_scatter(plan.forward, g, m_fwd, kind, plan.num_src)
             else:

@@ -1,0 +1,191 @@
+"""gridgraph.nn.functional: the neighbour-table fast path against nn.Conv2d, path by path.
+
+Each configuration below is chosen to take one branch of ``table_conv``: the centre tap without a
+gather, gather-then-GEMM, the reverse-table input gradient (zero and circular padding), the
+scatter-add input gradient (reflect/replicate padding, strided dense graphs), depthwise multiply-adds,
+grouped batched GEMMs, 1x1 graphs, batch 0; with tiny blocks so that block edges cut through the
+absent edges. The reference is always ``torch.nn.Conv2d``.
+"""
+import math
+
+import pytest
+import torch
+
+import gridgraph.nn.functional as functional
+from gridgraph import GridConv2d, image_to_graph, neighbour_table
+from gridgraph.geometry import ConvGeometry
+from gridgraph.graph import _build_table, _edges, grid_edges
+from gridgraph.nn.functional import table_conv, table_plan
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# (in, out, kernel, stride, padding, dilation, groups, padding_mode, batch, (H, W)): what it exercises
+CONFIGS = [
+    (3, 5, 3, 1, 1, 1, 1, "zeros", 2, (7, 6)),  # centre tap + gather-GEMM, reverse-table gradient
+    (4, 6, 3, 2, 1, 1, 1, "zeros", 2, (9, 8)),  # strided: scatter-add gradient
+    (3, 4, (7, 7), 2, 3, 1, 1, "zeros", 1, (15, 13)),  # stem-like, C_in < C_out
+    (5, 3, (3, 2), 1, "same", 1, 1, "zeros", 2, (6, 7)),  # even kernel, asymmetric padding
+    (4, 4, 3, 1, 2, 2, 1, "zeros", 2, (9, 9)),  # dilation
+    (4, 6, 3, 1, 1, 1, 1, "reflect", 2, (6, 7)),  # non-injective reverse: scatter-add
+    (4, 6, 3, 1, 2, 1, 1, "replicate", 1, (5, 6)),
+    (4, 6, 3, 2, 1, 1, 1, "circular", 2, (7, 8)),  # circular: reverse table, strided phases
+    (4, 6, 3, 1, 1, 1, 1, "circular", 2, (6, 6)),
+    (6, 6, 3, 1, 1, 1, 6, "zeros", 2, (7, 7)),  # depthwise: multiply-add per tap
+    (4, 8, 3, 2, 1, 1, 4, "zeros", 2, (8, 9)),  # depthwise with multiplier 2, strided
+    (6, 4, 3, 1, 1, 1, 2, "reflect", 2, (6, 6)),  # grouped: batched GEMM, scatter gradient
+    (6, 9, (1, 3), 1, (0, 1), 1, 3, "zeros", 1, (5, 6)),  # grouped, rectangular
+    (8, 5, 1, 1, 0, 1, 1, "zeros", 3, (4, 5)),  # 1x1: the centre tap alone (a plain GEMM)
+    (8, 5, 1, 2, 0, 1, 1, "zeros", 2, (5, 5)),  # 1x1 strided: no centre tap, unread sources
+    (4, 6, 3, 1, 1, 1, 1, "zeros", 0, (5, 5)),  # batch 0
+    (4, 6, 3, 3, 0, 1, 2, "zeros", 0, (7, 7)),  # batch 0, grouped, strided
+]
+
+
+def _run_graph_layer(conv, images, dtype, device):
+    layer = GridConv2d.from_conv2d(conv)
+    g = image_to_graph(images, layer)
+    assert grid_edges(g.edge_index, g.edge_type) is not None, "the pixel graph lost its neighbour table"
+    x = g.x.detach().clone().requires_grad_()
+    out = layer(x, g.edge_index, g.edge_type)
+    return layer, g, x, out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c[0]}-{c[1]}-k{c[2]}-s{c[3]}-p{c[4]}-d{c[5]}-g{c[6]}-{c[7]}-b{c[8]}")
+@pytest.mark.parametrize("block_bytes", [None, 256], ids=["one-block", "tiny-blocks"])
+def test_table_path_matches_conv2d(config, dtype, device, block_bytes, monkeypatch):
+    if block_bytes is not None:
+        monkeypatch.setattr(functional, "CPU_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(functional, "DEVICE_BLOCK_BYTES", block_bytes)
+    c_in, c_out, k, s, p, d, groups, mode, batch, size = config
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(c_in, c_out, k, s, p, d, groups, bias=True, padding_mode=mode,
+                           device=device, dtype=dtype)
+    images = torch.randn(batch, c_in, *size, device=device, dtype=dtype, requires_grad=True)
+    ref = conv(images)
+    layer, g, x, out = _run_graph_layer(conv, images.detach(), dtype, device)
+    h_out, w_out = g.out_size
+    got = out.view(batch, h_out, w_out, c_out).permute(0, 3, 1, 2)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ref, **tol)
+
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    out.backward(grad.permute(0, 2, 3, 1).reshape(-1, c_out))
+    grad_x = x.grad.view(batch, *size, c_in).permute(0, 3, 1, 2)
+    torch.testing.assert_close(grad_x, images.grad, **tol)
+    torch.testing.assert_close(layer.weight.grad, conv.weight.grad, **tol)
+    torch.testing.assert_close(layer.bias.grad, conv.bias.grad, **tol)
+
+
+def test_table_path_equals_edge_list_path():
+    """The fast path and the general edge-list path compute the same thing (same layer, same graph)."""
+    torch.manual_seed(1)
+    layer = GridConv2d(5, 7, 3, stride=2, padding=1, dtype=torch.float64)
+    g = image_to_graph(torch.randn(2, 5, 9, 10, dtype=torch.float64), layer)
+    fast = layer(g.x, g.edge_index, g.edge_type)
+    plain_edges = g.edge_index.clone()  # a copy carries no table: the edge-list path
+    assert grid_edges(plain_edges, g.edge_type) is None
+    slow = layer(g.x, plain_edges, g.edge_type, size=g.size())
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+
+
+def test_table_conv_direct_and_plan_cached():
+    geometry = ConvGeometry.from_keywords(2, kernel_size=3, padding=1)
+    table = neighbour_table(geometry, (4, 5))
+    plan = table_plan(table, 3)
+    assert table_plan(table, 3) is plan, "the index plan is built once per (graph, batch size)"
+    assert plan.forward.index.dtype == torch.int32, "indices that fit are stored as int32"
+    assert plan.forward.centre == 4 and 4 not in plan.forward.taps, "the centre tap is not gathered"
+    x = torch.randn(3 * 20, 2, dtype=torch.float64)
+    weight = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    out = table_conv(x, table, 3, weight, None, 1)
+    images = x.view(3, 4, 5, 2).permute(0, 3, 1, 2)
+    ref = torch.nn.functional.conv2d(images, weight, padding=1)
+    torch.testing.assert_close(out.view(3, 4, 5, 4).permute(0, 3, 1, 2), ref)
+
+
+def test_autograd_keeps_no_per_edge_tensors():
+    """The custom Function saves x and the weight, nothing of size E x C."""
+    layer = GridConv2d(4, 6, 3, padding=1)
+    g = image_to_graph(torch.randn(2, 4, 8, 8), layer)
+    x = g.x.clone().requires_grad_()
+    out = layer(x, g.edge_index, g.edge_type)
+    saved = out.grad_fn.saved_tensors
+    assert sum(t.numel() for t in saved) == x.numel() + layer.weight.numel()
+
+
+def test_double_backward_raises():
+    layer = GridConv2d(2, 3, 3, padding=1, dtype=torch.float64)
+    g = image_to_graph(torch.randn(1, 2, 5, 5, dtype=torch.float64), layer)
+    x = g.x.clone().requires_grad_()
+    out = layer(x, g.edge_index, g.edge_type)
+    (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_x.sum().backward()
+
+
+def _reference_table(geometry, in_size):
+    """The table by brute force: every (target, tap), its source by Conv2d's formula, then the mode."""
+    out_size = geometry.output_size(in_size)
+    targets = torch.cartesian_prod(*[torch.arange(n) for n in out_size]).view(-1, geometry.ndim)
+    taps = torch.cartesian_prod(*[torch.arange(k) for k in geometry.kernel_size]).view(-1, geometry.ndim)
+    stride = torch.tensor(geometry.stride)
+    dil = torch.tensor(geometry.dilation)
+    pad = torch.tensor([a for a, _ in geometry.padding])
+    size = torch.tensor(in_size)
+    pos = targets[:, None, :] * stride + taps[None, :, :] * dil - pad  # [N, T, ndim]
+    inside = ((pos >= 0) & (pos < size)).all(-1)
+    mode = geometry.padding_mode
+    if mode == "replicate":
+        pos = torch.minimum(pos.clamp(min=0), size - 1)
+    elif mode == "circular":
+        pos = torch.remainder(pos, size)
+    elif mode == "reflect":
+        pos = pos.abs()
+        pos = torch.where(pos >= size, 2 * (size - 1) - pos, pos)
+    strides = torch.tensor([math.prod(in_size[a + 1:]) for a in range(geometry.ndim)])
+    index = (pos * strides).sum(-1)
+    if mode == "zeros":
+        index = torch.where(inside, index, -1)
+    return index
+
+
+GEOMETRIES = [
+    (2, 3, 1, 1, 1, "zeros", (9, 11)),
+    (2, 3, 2, 1, 1, "zeros", (8, 7)),
+    (2, (5, 3), (2, 1), (2, 0), (1, 2), "reflect", (7, 9)),
+    (2, 3, 1, 4, 1, "replicate", (4, 5)),
+    (2, 4, 3, (3, 1), 2, "circular", (6, 6)),
+    (2, 7, 2, 3, 1, "zeros", (24, 23)),
+    (2, 1, 2, 0, 1, "zeros", (5, 4)),
+    (2, 2, 1, "same", 3, "zeros", (6, 5)),
+    (1, 5, 2, 2, 1, "reflect", (11,)),
+    (3, 3, (1, 2, 1), 1, 1, "zeros", (3, 5, 4)),
+    (3, (2, 3, 1), 1, (1, 1, 0), (2, 1, 1), "circular", (4, 3, 5)),
+]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_table_and_edges_against_brute_force(geometry):
+    ndim, k, s, p, d, mode, in_size = geometry
+    geo = ConvGeometry.from_keywords(ndim, k, s, p, d, mode)
+    table = _build_table(geo, in_size, torch.device("cpu"))
+    ref = _reference_table(geo, in_size)
+    assert torch.equal(table.index, ref)
+    assert table.complete == bool((ref >= 0).all())
+    for batch in (1, 3):
+        edge_index, edge_type, edge_attr, pos, batch_vec = _edges(table, batch, torch.float32)
+        dst, tap = (ref >= 0).nonzero(as_tuple=True)  # target-major, taps ascending
+        src = ref[dst, tap]
+        e = src.numel()
+        for b in range(batch):
+            seg = slice(b * e, (b + 1) * e)
+            assert torch.equal(edge_index[0, seg], src + b * table.num_src)
+            assert torch.equal(edge_index[1, seg], dst + b * table.num_dst)
+            assert torch.equal(edge_type[seg], tap)
+            assert torch.equal(edge_attr[seg], geo.offsets()[tap].float())
+        coords = torch.cartesian_prod(*[torch.arange(n) for n in in_size]).view(-1, ndim)
+        assert torch.equal(pos, coords.repeat(batch, 1))
+        assert (batch_vec is None) == (batch == 1)
