@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .graph import neighbour_table
 from .nn.functional import table_conv
 from .nn.grid_conv import GridConv1d, GridConv2d, GridConv3d, GridConvNd
-from .nn.transposed_conv import ImageGridConvTranspose2d
+from .nn.transposed_conv import ImageGridConvTranspose1d, ImageGridConvTranspose2d, ImageGridConvTranspose3d
 
 __all__ = ["ImageGridConv2d", "ImageGridConv1d", "ImageGridConv3d", "CONVERSIONS", "convert", "unconvert",
            "converted_layers"]
@@ -166,7 +166,9 @@ CONVERSIONS: dict[type[nn.Module], type[GridConvNd]] = {
     nn.Conv2d: ImageGridConv2d,
     nn.Conv1d: ImageGridConv1d,
     nn.Conv3d: ImageGridConv3d,
+    nn.ConvTranspose1d: ImageGridConvTranspose1d,  # type: ignore[dict-item]
     nn.ConvTranspose2d: ImageGridConvTranspose2d,  # type: ignore[dict-item]
+    nn.ConvTranspose3d: ImageGridConvTranspose3d,  # type: ignore[dict-item]
 }
 
 

@@ -511,6 +511,17 @@ def to_networkx(graph: PixelGraph):
 def _grid_graph_from(data: Tensor, ndim: int, conv: Any, kernel_size: Any, stride: Any, padding: Any,
                      dilation: Any, padding_mode: str, name: str) -> PixelGraph:
     """:func:`image_to_graph` for ``ndim`` spatial dimensions: geometry from ``conv`` or the keywords."""
+    if conv is not None and getattr(conv, "transposed", False) is True:  # nn.ConvTransposeNd and twins
+        from .domains import TransposedGeometry, transposed_grid_to_graph
+        transposed = TransposedGeometry.from_module(conv)
+        if transposed.ndim != ndim:
+            raise ValueError(f"conv is a {transposed.ndim}-d transposed convolution; expected a {ndim}-d one")
+        _check_image(data, ndim, name)
+        expected = getattr(conv, "in_channels", None)
+        if expected is not None and data.shape[-ndim - 1] != expected:
+            raise ValueError(f"expected {name} with {expected} channels for {type(conv).__name__} "
+                             f"(got {data.shape[-ndim - 1]} channels, {name} of shape {tuple(data.shape)})")
+        return transposed_grid_to_graph(data, transposed)
     geometry = _geometry(conv, ndim, kernel_size, stride, padding, dilation, padding_mode)
     if conv is not None:
         _check_image(data, ndim, name)

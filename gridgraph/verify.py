@@ -743,7 +743,7 @@ class BeyondCase:
     """One case beyond the dense 2-D grid: a 1-D or 3-D convolution, a transposed convolution, or a
     2-D convolution on a masked or sparse domain, with the input it is checked on.
 
-    ``kind`` is ``'conv1d'``, ``'conv3d'``, ``'transposed2d'``, ``'masked2d'`` or ``'sparse2d'``; ``kwargs``
+    ``kind`` is ``'conv1d'``, ``'conv3d'``, ``'transposed1d/2d/3d'``, ``'masked2d'`` or ``'sparse2d'``; ``kwargs``
     are the torch module's keyword arguments (as a tuple of pairs, so the case is hashable);
     ``occupancy`` is the fraction of active pixels of the masked and sparse kinds.
     """
@@ -777,13 +777,15 @@ BEYOND_CASES: tuple[BeyondCase, ...] = (
     _bc("transposed2d", 4, 3, (5, 6), kernel_size=3, stride=2, padding=1, output_padding=1),
     _bc("transposed2d", 4, 6, (4, 5), kernel_size=(4, 3), stride=(2, 3), padding=(1, 0), dilation=(1, 2),
         groups=2, bias=False),
+    _bc("transposed1d", 3, 2, (7,), kernel_size=4, stride=3, padding=1, output_padding=2),
+    _bc("transposed3d", 2, 4, (3, 2, 3), kernel_size=(2, 3, 2), stride=2, padding=(0, 1, 0), groups=2),
     _bc("masked2d", 3, 4, (11, 9), occupancy=0.3, kernel_size=3, padding=1),
     _bc("masked2d", 4, 6, (11, 10), occupancy=0.2, kernel_size=3, stride=2, padding=1, groups=2),
     _bc("masked2d", 3, 3, (9, 9), occupancy=0.5, kernel_size=5, padding=2, groups=3),
     _bc("sparse2d", 3, 4, (16, 16), occupancy=0.05, kernel_size=3, padding=1),
     _bc("sparse2d", 3, 4, (16, 15), occupancy=0.1, kernel_size=3, stride=2, padding=1),
 )
-QUICK_BEYOND_CASES: tuple[BeyondCase, ...] = tuple(BEYOND_CASES[i] for i in (0, 3, 4, 7, 10))
+QUICK_BEYOND_CASES: tuple[BeyondCase, ...] = tuple(BEYOND_CASES[i] for i in (0, 3, 4, 7, 9, 12))
 
 
 def _beyond_window(mask: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
@@ -804,16 +806,18 @@ def check_beyond_case(case: BeyondCase, dtype: torch.dtype = torch.float64, devi
     The reference of a masked or sparse case is ``nn.Conv2d`` on the image with inactive pixels zeroed,
     read at the active output pixels (zeros elsewhere on both sides).
     """
-    from .domains import sparse_to_graph, transposed_image_to_graph
+    from .domains import TransposedGeometry, sparse_to_graph, transposed_grid_to_graph
     from .graph import grid_to_graph
-    from .nn import GridConv1d, GridConv3d, GridConvTranspose2d
+    from .nn import GridConv1d, GridConv3d, GridConvTranspose1d, GridConvTranspose2d, GridConvTranspose3d
 
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     kwargs = dict(case.kwargs)
     torch_cls, twin = {"conv1d": (torch.nn.Conv1d, GridConv1d.from_conv1d),
                        "conv3d": (torch.nn.Conv3d, GridConv3d.from_conv3d),
+                       "transposed1d": (torch.nn.ConvTranspose1d, GridConvTranspose1d.from_conv_transpose1d),
                        "transposed2d": (torch.nn.ConvTranspose2d, GridConvTranspose2d.from_conv_transpose2d),
+                       "transposed3d": (torch.nn.ConvTranspose3d, GridConvTranspose3d.from_conv_transpose3d),
                        "masked2d": (torch.nn.Conv2d, GridConv2d.from_conv2d),
                        "sparse2d": (torch.nn.Conv2d, GridConv2d.from_conv2d)}[case.kind]
     with no_tf32():
@@ -837,8 +841,8 @@ def check_beyond_case(case: BeyondCase, dtype: torch.dtype = torch.float64, devi
         ref_grads = torch.autograd.grad(ref, [image, *ref_params], upstream, allow_unused=True)
         results = []
         for path in paths:
-            if case.kind == "transposed2d":
-                g = transposed_image_to_graph(image, layer)
+            if case.kind.startswith("transposed"):
+                g = transposed_grid_to_graph(image, TransposedGeometry.from_module(layer))
             elif case.kind == "masked2d":
                 g = image_to_graph(image, layer, mask=mask)
             elif case.kind == "sparse2d":
@@ -866,7 +870,7 @@ def verify_beyond(cases: Sequence[BeyondCase] = BEYOND_CASES,
     Example:
         >>> report = verify_beyond(QUICK_BEYOND_CASES, dtypes=[torch.float64], devices=['cpu'])
         >>> report.passed, len(report.results)
-        (True, 10)
+        (True, 12)
     """
     start = time.perf_counter()
     report = LayerReport()

@@ -248,3 +248,66 @@ def test_image_twin_takes_output_size_like_torch():
         twin(x, output_size=(12, 12))
     g = image_to_graph(x, twin)  # and it is still the graph layer on node features
     torch.testing.assert_close(graph_to_image(twin(g.x, g.edge_index, g.edge_type), g), up(x), rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------- 1-D and 3-D
+from gridgraph.graph import grid_edges, sequence_to_graph, volume_to_graph  # noqa: E402
+from gridgraph.nn import GridConvTranspose1d, GridConvTranspose3d  # noqa: E402
+from _conv_reference import compare, count_propagate, reference  # noqa: E402
+from _conv_reference import Result  # noqa: E402
+
+ND = {1: (nn.ConvTranspose1d, GridConvTranspose1d.from_conv_transpose1d, sequence_to_graph),
+      3: (nn.ConvTranspose3d, GridConvTranspose3d.from_conv_transpose3d, volume_to_graph)}
+CONFIGS_ND = [
+    ("1d-k3-s2-p1-op1", 1, dict(kernel_size=3, stride=2, padding=1, output_padding=1), 3, 2, 2, (6,)),
+    ("1d-k4-s3-d2-g2", 1, dict(kernel_size=4, stride=3, dilation=2, groups=2, output_padding=1), 4, 6, 2, (5,)),
+    ("1d-k1-nobias", 1, dict(kernel_size=1, bias=False), 2, 3, 1, (4,)),
+    ("3d-k2-s2", 3, dict(kernel_size=2, stride=2), 2, 3, 2, (2, 3, 2)),
+    ("3d-k3-s(2,1,2)-p1-op(1,0,1)", 3, dict(kernel_size=3, stride=(2, 1, 2), padding=1, output_padding=(1, 0, 1)),
+     2, 2, 1, (3, 2, 3)),
+    ("3d-k(1,3,2)-g2-d(1,2,1)", 3, dict(kernel_size=(1, 3, 2), groups=2, dilation=(1, 2, 1)), 2, 4, 2, (2, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("path", ["table", "edges"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+@pytest.mark.parametrize("name, ndim, kwargs, c_in, c_out, batch, grid", CONFIGS_ND, ids=[c[0] for c in CONFIGS_ND])
+def test_equals_conv_transpose1d_3d(name, ndim, kwargs, c_in, c_out, batch, grid, dtype, path, device):
+    torch_cls, from_torch, to_graph = ND[ndim]
+    up = randomise_(torch_cls(c_in, c_out, **kwargs).to(device=device, dtype=dtype), torch.Generator().manual_seed(1))
+    layer = from_torch(up)
+    gen = torch.Generator().manual_seed(2)
+    data = torch.randn(batch, c_in, *grid, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    want_out = up(data)
+    grad_out = torch.randn(want_out.shape, generator=gen, dtype=torch.float64).to(want_out)
+    want = reference(up, data, grad_out)
+    x = data.detach().clone().requires_grad_(True)
+    g = to_graph(x, layer)  # dispatches to the reversed graph for a transposed convolution
+    edge_index = g.edge_index if path == "table" else g.edge_index.clone()
+    assert (grid_edges(edge_index, g.edge_type) is not None) == (path == "table")
+    calls = count_propagate(layer)
+    out = graph_to_image(layer(g.x, edge_index, g.edge_type, size=g.size()), g, side="output")
+    assert (calls() == 0) if path == "table" else (calls() >= 1)
+    out.backward(grad_out)
+    compare(Result(out.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters()}), want)
+
+
+def test_convert_handles_conv_transpose1d_and_3d():
+    from gridgraph.convert import convert, unconvert
+    from gridgraph.nn.transposed_conv import ImageGridConvTranspose1d, ImageGridConvTranspose3d
+
+    torch.manual_seed(0)
+    for net, cls, x in (
+            (nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, padding=1), nn.ConvTranspose1d(4, 2, 4, stride=2, padding=1)),
+             ImageGridConvTranspose1d, torch.randn(2, 2, 9)),
+            (nn.Sequential(nn.Conv3d(2, 4, 3, stride=2, padding=1), nn.ConvTranspose3d(4, 2, 2, stride=2)),
+             ImageGridConvTranspose3d, torch.randn(1, 2, 4, 6, 5))):
+        net = net.double()
+        x = x.double()
+        twin = convert(net)
+        assert isinstance(twin[1], cls)
+        torch.testing.assert_close(twin(x), net(x), rtol=1e-10, atol=1e-10)
+        hidden = net[0](x).detach()
+        torch.testing.assert_close(twin[1](hidden), net[1](hidden), rtol=1e-10, atol=1e-10)  # the layer alone
+        torch.testing.assert_close(twin[1](hidden[0]), net[1](hidden[0]), rtol=1e-10, atol=1e-10)  # unbatched
+        assert type(unconvert(twin)[1]) is type(net[1])

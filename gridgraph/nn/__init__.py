@@ -3,7 +3,7 @@ from .depthwise_conv import DepthwiseConv2d
 from .grid_conv import GridConv1d, GridConv2d, GridConv3d, GridConvNd
 from .pointwise_conv import PointwiseConv2d
 from .separable_conv import SeparableConv2d
-from .transposed_conv import GridConvTranspose2d, GridConvTransposeNd
+from .transposed_conv import GridConvTranspose1d, GridConvTranspose2d, GridConvTranspose3d, GridConvTransposeNd
 
 __all__ = ["GridConvNd", "GridConv1d", "GridConv2d", "GridConv3d", "PointwiseConv2d", "DepthwiseConv2d", "SeparableConv2d",
-           "GridConvTransposeNd", "GridConvTranspose2d"]
+           "GridConvTransposeNd", "GridConvTranspose1d", "GridConvTranspose2d", "GridConvTranspose3d"]

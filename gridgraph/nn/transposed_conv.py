@@ -15,7 +15,8 @@ from ..graph import NeighbourTable, grid_edges
 from .functional import table_conv, tap_messages
 from .grid_conv import GridConvNd, _is_compiling
 
-__all__ = ["GridConvTransposeNd", "GridConvTranspose2d", "ImageGridConvTranspose2d"]
+__all__ = ["GridConvTransposeNd", "GridConvTranspose1d", "GridConvTranspose2d", "GridConvTranspose3d",
+           "ImageGridConvTranspose1d", "ImageGridConvTranspose2d", "ImageGridConvTranspose3d"]
 
 
 class GridConvTransposeNd(MessagePassing):
@@ -218,42 +219,107 @@ class GridConvTranspose2d(GridConvTransposeNd):
         return self._to_torch()
 
 
+class GridConvTranspose1d(GridConvTransposeNd):
+    r"""A 1-D transposed convolution by message passing on the reversed sequence graph; equal to
+    ``nn.ConvTranspose1d`` (the n-d layer of :class:`GridConvTranspose2d` with one spatial dimension).
+
+    .. math::
+        \mathbf{x}'_q = \mathbf{b} + \sum_{(i \to q) \in \mathcal{E}} \mathbf{W}_{:, :, u}^{\top} \mathbf{x}_i,
+        \qquad q = i s + u d - p .
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias, dilation,
+        padding_mode, device, dtype: as in ``nn.ConvTranspose1d``.
+
+    Shapes:
+        - **input:** :math:`(B \cdot L, C_{in})`, ``edge_index``, ``edge_type``
+        - **output:** :math:`(B \cdot L_{out}, C_{out})`, :math:`L_{out} = (L - 1) s - 2p + d (k - 1) + op + 1`
+
+    Example:
+        >>> from gridgraph.nn import GridConvTranspose1d
+        >>> from gridgraph.domains import transposed_grid_to_graph, TransposedGeometry
+        >>> up = torch.nn.ConvTranspose1d(2, 3, 4, stride=2, padding=1)
+        >>> layer = GridConvTranspose1d.from_conv_transpose1d(up)
+        >>> seq = torch.randn(2, 2, 7)
+        >>> g = transposed_grid_to_graph(seq, TransposedGeometry.from_module(layer))
+        >>> out = graph_to_image(layer(g.x, g.edge_index, g.edge_type), g)
+        >>> out.shape, torch.allclose(out, up(seq), atol=1e-6)
+        (torch.Size([2, 3, 14]), True)
+    """
+
+    _ndim = 1
+    _torch_name = "ConvTranspose1d"
+
+    @classmethod
+    def from_conv_transpose1d(cls, conv: torch.nn.ConvTranspose1d) -> "GridConvTranspose1d":
+        """An independent twin of ``conv`` (weights copied; device, dtype, mode and requires_grad kept)."""
+        return cls._from_torch(conv)
+
+    def to_conv_transpose1d(self) -> torch.nn.ConvTranspose1d:
+        """The ``nn.ConvTranspose1d`` twin of this layer (an independent copy)."""
+        return self._to_torch()
+
+
+class GridConvTranspose3d(GridConvTransposeNd):
+    r"""A 3-D transposed convolution by message passing on the reversed voxel graph; equal to
+    ``nn.ConvTranspose3d`` (the n-d layer of :class:`GridConvTranspose2d` with three spatial dimensions).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias, dilation,
+        padding_mode, device, dtype: as in ``nn.ConvTranspose3d``.
+
+    Shapes:
+        - **input:** :math:`(B \cdot D H W, C_{in})`, ``edge_index``, ``edge_type``
+        - **output:** :math:`(B \cdot D_{out} H_{out} W_{out}, C_{out})`
+
+    Example:
+        >>> from gridgraph.nn import GridConvTranspose3d
+        >>> GridConvTranspose3d(4, 2, 2, stride=2)
+        GridConvTranspose3d(4, 2, kernel_size=(2, 2, 2), stride=(2, 2, 2))
+    """
+
+    _ndim = 3
+    _torch_name = "ConvTranspose3d"
+
+    @classmethod
+    def from_conv_transpose3d(cls, conv: torch.nn.ConvTranspose3d) -> "GridConvTranspose3d":
+        """An independent twin of ``conv`` (weights copied; device, dtype, mode and requires_grad kept)."""
+        return cls._from_torch(conv)
+
+    def to_conv_transpose3d(self) -> torch.nn.ConvTranspose3d:
+        """The ``nn.ConvTranspose3d`` twin of this layer (an independent copy)."""
+        return self._to_torch()
+
+
 @torch.compiler.disable
 def _table(geometry: TransposedGeometry, grid: tuple[int, ...], device: torch.device):
     """The cached table; under ``torch.compile`` a plain call outside the traced graph (the cache is Python)."""
     return transposed_table(geometry, grid, device)
 
 
-class ImageGridConvTranspose2d(GridConvTranspose2d):
-    r"""A drop-in ``nn.ConvTranspose2d`` that computes by message passing on the reversed pixel graph of
-    its input: ``image -> node features -> message passing on the (cached) graph -> output image``.
+class _ImageGridConvTranspose:
+    """Mixin: the image-in, image-out ``forward`` of an ``nn.ConvTransposeNd`` twin (any number of dimensions).
 
-    Called with an image ``(B, C_in, H, W)`` or ``(C_in, H, W)`` (and optionally ``output_size``, as
-    ``nn.ConvTranspose2d`` takes it) it behaves like the torch layer; called with node features,
-    ``edge_index`` and ``edge_type`` it is the plain :class:`GridConvTranspose2d`. :func:`~gridgraph.convert`
-    puts it in place of every ``nn.ConvTranspose2d``; its parameters and state dict keys are torch's.
-
-    Example:
-        >>> from gridgraph.nn.transposed_conv import ImageGridConvTranspose2d
-        >>> up = torch.nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1)
-        >>> twin = ImageGridConvTranspose2d.from_conv_transpose2d(up)
-        >>> image = torch.randn(1, 4, 5, 6)
-        >>> twin(image, output_size=(10, 12)).shape, torch.allclose(twin(image), up(image), atol=1e-6)
-        (torch.Size([1, 2, 10, 12]), True)
+    Called with an image (and optionally ``output_size``, as torch takes it) it behaves like the torch
+    layer; called with node features, ``edge_index`` and ``edge_type`` it is the plain graph layer.
     """
+
+    _ndim: int
+    _torch_name: str
 
     def forward(self, input: Tensor, edge_index: Any = None, edge_type: Optional[Tensor] = None,
                 size: Optional[tuple[int, int]] = None, output_size: Any = None) -> Tensor:
         if edge_type is not None:
-            return super().forward(input, edge_index, edge_type, size)
-        if edge_index is not None:  # nn.ConvTranspose2d's positional output_size
+            return super().forward(input, edge_index, edge_type, size)  # type: ignore[misc]
+        if edge_index is not None:  # nn.ConvTransposeNd's positional output_size
             output_size = edge_index
         n = self._ndim
         name = type(self).__name__
         if not isinstance(input, Tensor):
             raise TypeError(f"{name} expects an image tensor (got {type(input).__name__})")
         if input.dim() not in (n + 1, n + 2):
-            raise ValueError(f"{name}: expected input of shape (C, H, W) or (B, C, H, W): {n + 1} or {n + 2} dims "
+            dims = {1: "L", 2: "H, W", 3: "D, H, W"}[n]
+            raise ValueError(f"{name}: expected input of shape (C, {dims}) or (B, C, {dims}): {n + 1} or {n + 2} dims "
                              f"(got a {input.dim()}-dim tensor of shape {tuple(input.shape)})")
         GridConvNd._check_x(self, input.new_empty(0, input.size(-n - 1)))  # channels, dtype, device
         batched = input.dim() == n + 2
@@ -283,7 +349,7 @@ class ImageGridConvTranspose2d(GridConvTranspose2d):
         return TransposedGeometry(geometry.conv, extra)
 
     @classmethod
-    def _share_from_torch(cls, conv: torch.nn.Module) -> "ImageGridConvTranspose2d":
+    def _share_from_torch(cls, conv: torch.nn.Module):
         """The twin of ``conv`` holding ``conv``'s own ``weight`` and ``bias`` Parameter objects (no copy)."""
         cls._check_torch_conv(conv)
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
@@ -296,8 +362,8 @@ class ImageGridConvTranspose2d(GridConvTranspose2d):
         return layer
 
     def _share_to_torch(self) -> torch.nn.Module:
-        """The ``nn.ConvTranspose2d`` holding this layer's own ``weight`` and ``bias`` Parameter objects."""
-        conv = torch.nn.ConvTranspose2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+        """The torch layer holding this layer's own ``weight`` and ``bias`` Parameter objects."""
+        conv = getattr(torch.nn, self._torch_name)(self.in_channels, self.out_channels, self.kernel_size, self.stride,
                                         self.padding, self.output_padding, self.groups, self.bias is not None,
                                         self.dilation, self.padding_mode, device="meta", dtype=self.weight.dtype)
         conv.weight = self.weight
@@ -305,3 +371,32 @@ class ImageGridConvTranspose2d(GridConvTranspose2d):
             conv.bias = self.bias
         conv.train(self.training)
         return conv
+
+
+class ImageGridConvTranspose2d(_ImageGridConvTranspose, GridConvTranspose2d):
+    r"""A drop-in ``nn.ConvTranspose2d`` that computes by message passing on the reversed pixel graph of
+    its input: ``image -> node features -> message passing on the (cached) graph -> output image``.
+
+    Called with an image ``(B, C_in, H, W)`` or ``(C_in, H, W)`` (and optionally ``output_size``, as
+    ``nn.ConvTranspose2d`` takes it) it behaves like the torch layer; called with node features,
+    ``edge_index`` and ``edge_type`` it is the plain :class:`GridConvTranspose2d`. :func:`~gridgraph.convert`
+    puts it in place of every ``nn.ConvTranspose2d``; its parameters and state dict keys are torch's.
+
+    Example:
+        >>> from gridgraph.nn.transposed_conv import ImageGridConvTranspose2d
+        >>> up = torch.nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1)
+        >>> twin = ImageGridConvTranspose2d.from_conv_transpose2d(up)
+        >>> image = torch.randn(1, 4, 5, 6)
+        >>> twin(image, output_size=(10, 12)).shape, torch.allclose(twin(image), up(image), atol=1e-6)
+        (torch.Size([1, 2, 10, 12]), True)
+    """
+
+
+class ImageGridConvTranspose1d(_ImageGridConvTranspose, GridConvTranspose1d):
+    """A drop-in ``nn.ConvTranspose1d`` computing by message passing on the reversed graph of its input
+    sequence (:class:`ImageGridConvTranspose2d` with one spatial dimension)."""
+
+
+class ImageGridConvTranspose3d(_ImageGridConvTranspose, GridConvTranspose3d):
+    """A drop-in ``nn.ConvTranspose3d`` computing by message passing on the reversed graph of its input
+    volume (:class:`ImageGridConvTranspose2d` with three spatial dimensions)."""
