@@ -25,9 +25,11 @@ from .functional import apply_tap, tap_weights
 __all__ = ["sparse_table_conv", "tap_pairs"]
 
 
-def tap_pairs(table) -> list[tuple[int, Optional[Tensor], Optional[Tensor]]]:
-    """``[(tap, src, dst), ...]`` of a sparse table's present edges, per tap (cached on the table);
-    ``src = dst = None`` marks a tap that joins every node to itself."""
+def tap_pairs(table) -> list[tuple[int, Optional[Tensor], Optional[Tensor], bool]]:
+    """``[(tap, src, dst, src_unique), ...]`` of a sparse table's present edges, per tap (cached on the
+    table); ``src = dst = None`` marks a tap that joins every node to itself. Within a tap ``dst`` is
+    always unique (one slot per target and tap) and ``src`` is unique except where reflect or replicate
+    padding lets one border pixel reach two targets through the same tap."""
     pairs = getattr(table, "_tap_pairs", None)
     if pairs is not None:
         return pairs
@@ -37,13 +39,23 @@ def tap_pairs(table) -> list[tuple[int, Optional[Tensor], Optional[Tensor]]]:
     for t in range(index.size(1)):
         column = index[:, t]
         if table.num_src == table.num_dst and bool((column == ids).all()):
-            pairs.append((t, None, None))
+            pairs.append((t, None, None, True))
             continue
         dst = (column >= 0).nonzero().squeeze(1)
         if dst.numel():
-            pairs.append((t, column[dst].contiguous(), dst))
+            src = column[dst].contiguous()
+            pairs.append((t, src, dst, bool(torch.unique(src).numel() == src.numel())))
     object.__setattr__(table, "_tap_pairs", pairs)
     return pairs
+
+
+def _add_rows(out: Tensor, rows: Tensor, values: Tensor, unique: bool) -> None:
+    """``out[rows] += values``: with unique rows a gather, an add and a copy (parallel on CPU, about
+    twice as fast as ``index_add_``); otherwise ``index_add_``, which sums repeated rows."""
+    if unique:
+        out.index_copy_(0, rows, out.index_select(0, rows).add_(values))
+    else:
+        out.index_add_(0, rows, values)
 
 
 class _SparseConv(torch.autograd.Function):
@@ -52,11 +64,11 @@ class _SparseConv(torch.autograd.Function):
         taps = tap_weights(weight, groups)
         pairs = tap_pairs(table)
         out = x.new_zeros(table.num_dst, weight.size(0))
-        for t, src, dst in pairs:
+        for t, src, dst, _ in pairs:
             if src is None:
                 out += apply_tap(x, taps[t])
             else:
-                out.index_add_(0, dst, apply_tap(x.index_select(0, src), taps[t]))
+                _add_rows(out, dst, apply_tap(x.index_select(0, src), taps[t]), unique=True)
         if bias is not None:
             out += bias
         ctx.save_for_backward(x, weight)
@@ -73,16 +85,16 @@ class _SparseConv(torch.autograd.Function):
         g_out = grad_out.contiguous()
         if ctx.needs_input_grad[0]:
             grad_x = torch.zeros_like(x)
-            for t, src, dst in tap_pairs(ctx.table):
+            for t, src, dst, src_unique in tap_pairs(ctx.table):
                 w_t = taps[t].transpose(1, 2)  # the tap's weight transposed: C_out -> C_in
                 if src is None:
                     grad_x += apply_tap(g_out, w_t)
                 else:
-                    grad_x.index_add_(0, src, apply_tap(g_out.index_select(0, dst), w_t))
+                    _add_rows(grad_x, src, apply_tap(g_out.index_select(0, dst), w_t), unique=src_unique)
         if ctx.needs_input_grad[1]:
             k, g, c_out_g, c_in_g = taps.shape
             grad_taps = x.new_zeros(k, g, c_out_g, c_in_g)
-            for t, src, dst in tap_pairs(ctx.table):
+            for t, src, dst, _ in tap_pairs(ctx.table):
                 go = g_out if dst is None else g_out.index_select(0, dst)
                 xs = x if src is None else x.index_select(0, src)
                 # sum over edges of g_e x_e^T, block-diagonal per group
