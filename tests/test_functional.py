@@ -96,8 +96,10 @@ def test_table_conv_direct_and_plan_cached():
     table = neighbour_table(geometry, (4, 5))
     plan = table_plan(table, 3)
     assert table_plan(table, 3) is plan, "the index plan is built once per (graph, batch size)"
-    assert plan.forward.index.dtype == torch.int32, "indices that fit are stored as int32"
-    assert plan.forward.centre == 4 and 4 not in plan.forward.taps, "the centre tap is not gathered"
+    gather = plan.forward(split_centre=True)
+    assert gather.index.dtype == torch.int32, "indices that fit are stored as int32"
+    assert gather.centre == 4 and 4 not in gather.taps, "the centre tap is not gathered"
+    assert plan.split_centre("elementwise") and not plan.split_centre("dense")
     x = torch.randn(3 * 20, 2, dtype=torch.float64)
     weight = torch.randn(4, 2, 3, 3, dtype=torch.float64)
     out = table_conv(x, table, 3, weight, None, 1)

@@ -15,10 +15,11 @@ allocated or kept for backward):
 
 * **forward**: gather the block's ``S`` source rows per target into one buffer ``[n, S*C_in]``
   (absent edges zeroed), then one GEMM with the taps' weights stacked ``[S*C_in, C_out]``
-  (gather-then-GEMM). In a stride-1 graph whose input and output grids coincide, the centre tap
-  reads the target's own row, so it is a plain GEMM on a slice of ``x`` with no gather. Depthwise
-  weights (one input channel per group) mix by a per-tap multiply-add instead of a GEMM; other
-  groupings by a batched GEMM.
+  (gather-then-GEMM, bias included). Depthwise weights (one input channel per group) mix by a per-tap
+  multiply-add instead of a GEMM; other groupings by a batched GEMM. In a stride-1 graph whose input
+  and output grids coincide, the centre tap reads the target's own row: depthwise and 1x1 layers take
+  it straight from ``x`` with no gather, while a GEMM gathers it with the others (one GEMM per block:
+  fewer, larger operations are faster on a busy CPU than saving a ninth of the gather).
 * **backward**: the weight gradient re-gathers the same blocks (``g^T @ cols``); the input gradient
   runs the same gather-then-GEMM on the *reverse* table (``rev[j, t]`` = the target that reads
   source ``j`` through tap ``t``) with the weights transposed, whenever that table has one slot per
@@ -43,7 +44,7 @@ from ..graph import NeighbourTable, _Cache
 __all__ = ["tap_weights", "apply_tap", "tap_messages", "table_conv", "table_plan", "TablePlan"]
 
 #: Bytes of gathered rows per block on CPU (fits the caches; one buffer reused across blocks).
-CPU_BLOCK_BYTES = 4 << 20
+CPU_BLOCK_BYTES = 8 << 20
 #: Bytes of gathered rows per block on an accelerator (few, large blocks: kernel launches cost more).
 DEVICE_BLOCK_BYTES = 512 << 20
 
@@ -151,31 +152,43 @@ def _batched(index: Tensor, num_images: int, src_stride: int, rows_stride: int) 
 class TablePlan:
     """The index tensors :func:`table_conv` runs on, for one pixel graph and batch size.
 
-    ``forward``: a :class:`_Gather` over the targets (centre tap split off when there is one).
-    ``reverse()`` (built on first backward): the input gradient's gathers, one per stride phase of the
-    sources, or None when the reverse table would need two slots for one (source, tap) pair.
+    ``forward(split_centre)``: a :class:`_Gather` over the targets, with or without the centre tap.
+    ``reverse(split_centre)`` (built on first backward): the input gradient's gathers, one per stride
+    phase of the sources, or None when the reverse table would need two slots for one (source, tap)
+    pair. Both are built on first use and kept.
     """
 
     def __init__(self, table: NeighbourTable, num_images: int) -> None:
         self.table, self.num_images = table, num_images
-        index = table.index
-        same_grid = table.in_size == table.out_size and all(s == 1 for s in table.geometry.stride)
-        centre = _centre_tap(index) if same_grid else None
-        taps = [t for t in range(table.num_taps) if t != centre]
+        geometry = table.geometry
+        stride = getattr(geometry, "stride", None)
+        same_grid = table.in_size == table.out_size and stride is not None and all(s == 1 for s in stride)
+        self.centre = _centre_tap(table.index) if same_grid else None
         self.num_src = num_images * table.num_src
         self.num_dst = num_images * table.num_dst
-        self.forward = _Gather(_batched(index[:, taps], num_images, table.num_src, table.num_dst), taps,
-                               centre, None, self.num_src)
-        self._reverse: Optional[list[_Gather]] = None
-        self._reverse_built = False
+        self._forward: dict[bool, _Gather] = {}
+        self._reverse: dict[bool, Optional[list[_Gather]]] = {}
 
-    def reverse(self) -> Optional[list[_Gather]]:
-        if not self._reverse_built:
-            self._reverse = self._build_reverse()
-            self._reverse_built = True
-        return self._reverse
+    def split_centre(self, kind: str) -> bool:
+        """Whether to run the centre tap without a gather: always for per-tap multiply-adds and for a
+        1x1 graph; for a GEMM, gathering it too keeps one GEMM per block (fewer, larger operations)."""
+        return self.centre is not None and (kind != "dense" or self.table.num_taps == 1)
 
-    def _build_reverse(self) -> Optional[list[_Gather]]:
+    def forward(self, split_centre: bool) -> _Gather:
+        gather = self._forward.get(split_centre)
+        if gather is None:
+            centre = self.centre if split_centre else None
+            taps = [t for t in range(self.table.num_taps) if t != centre]
+            index = _batched(self.table.index[:, taps], self.num_images, self.table.num_src, self.table.num_dst)
+            gather = self._forward[split_centre] = _Gather(index, taps, centre, None, self.num_src)
+        return gather
+
+    def reverse(self, split_centre: bool) -> Optional[list[_Gather]]:
+        if split_centre not in self._reverse:
+            self._reverse[split_centre] = self._build_reverse(self.centre if split_centre else None)
+        return self._reverse[split_centre]
+
+    def _build_reverse(self, centre: Optional[int]) -> Optional[list[_Gather]]:
         table, geometry = self.table, self.table.geometry
         index, n_src, n_dst, num_taps = table.index, table.num_src, table.num_dst, table.num_taps
         device = index.device
@@ -192,12 +205,14 @@ class TablePlan:
         phase = torch.zeros(n_src, dtype=torch.long, device=device)
         ids = torch.arange(n_src, device=device)
         inner = 1
-        for size, s in zip(reversed(table.in_size), reversed(geometry.stride)):
+        stride = tuple(getattr(geometry, "stride", ()))
+        if len(stride) != len(table.in_size):
+            stride = (1,) * len(table.in_size)  # any partition of the sources is correct; this one is whole
+        for size, s in zip(reversed(table.in_size), reversed(stride)):
             coord = (ids // inner) % size
             phase = phase * s + coord % s
             inner *= size
-        num_phases = math.prod(geometry.stride)
-        centre = self.forward.centre
+        num_phases = math.prod(stride)
         gathers = []
         for p in range(num_phases):
             rows = None if num_phases == 1 else (phase == p).nonzero().squeeze(1)
@@ -273,14 +288,12 @@ def _mix(cols: Tensor, m: Tensor, kind: str, shape: tuple[int, int, int, int], o
             torch.mm(cols, m, out=out)
         return
     if kind == "elementwise":
-        if a == 1 and b == 1:  # depthwise: a multiply-add per tap, straight into ``out``
-            c3, m2 = cols.view(n, s, g), m.view(s, g)
-            first = 0
-            if not accumulate:
-                torch.mul(c3[:, 0], m2[0], out=out)
-                first = 1
-            for t in range(first, s):
-                out.addcmul_(c3[:, t], m2[t])
+        if a == 1 and b == 1:  # depthwise: multiply by each tap's scales, sum over the taps
+            products = cols.view(n, s, g) * m.view(s, g)
+            if accumulate:
+                out.add_(products.sum(1))
+            else:
+                torch.sum(products, 1, out=out)
             if bias is not None:
                 out.add_(bias)
             return
@@ -428,7 +441,7 @@ class _TableConv(torch.autograd.Function):
         kind = _kind(groups, m_fwd.size(2), m_fwd.size(3))
         out = x.new_empty(plan.num_dst, weight.size(0))
         if plan.num_dst:
-            _run(plan.forward, x, m_fwd, kind, out, bias)
+            _run(plan.forward(plan.split_centre(kind)), x, m_fwd, kind, out, bias)
         ctx.save_for_backward(x, weight)
         ctx.plan, ctx.groups, ctx.has_bias = plan, groups, bias is not None
         return out
@@ -443,12 +456,13 @@ class _TableConv(torch.autograd.Function):
         m_fwd = taps.transpose(2, 3)
         kind = _kind(groups, m_fwd.size(2), m_fwd.size(3))
         grad_x = grad_w = grad_b = None
+        split = plan.split_centre(kind)
         if ctx.needs_input_grad[0]:
-            reverse = plan.reverse() if plan.num_dst else []
+            reverse = plan.reverse(split) if plan.num_dst else []
             if reverse is not None and len(reverse) > 1 and kind == "dense":
                 reverse = None  # strided dense graph: one scatter-add beats a gather per stride phase
             if reverse is None:
-                grad_x = _input_grad_scatter(plan.forward, g, m_fwd, kind, plan.num_src)
+                grad_x = _input_grad_scatter(plan.forward(split), g, m_fwd, kind, plan.num_src)
             else:
                 covered = sum(r.num_rows for r in reverse) == plan.num_src
                 grad_x = (x.new_empty if covered else x.new_zeros)(plan.num_src, x.size(1))
@@ -458,7 +472,7 @@ class _TableConv(torch.autograd.Function):
                     _run(gather, g, m_rev, kind_rev, grad_x, None)
         if ctx.needs_input_grad[1]:
             if plan.num_dst:
-                grad_m = _weight_grad(plan.forward, x, g, tuple(m_fwd.shape), kind, x.dtype)
+                grad_m = _weight_grad(plan.forward(split), x, g, tuple(m_fwd.shape), kind, x.dtype)
                 # grad_m [T, G, C_in/G, C_out/G] -> weight (C_out, C_in/G, *kernel)
                 grad_w = grad_m.permute(1, 3, 2, 0).reshape(weight.shape)
             else:
