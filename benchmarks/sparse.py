@@ -16,6 +16,12 @@ Usage::
 
     python benchmarks/sparse.py                 # the full run (1024x1024), markdown table + JSON
     python benchmarks/sparse.py --quick         # a small image: checks correctness, times nothing of note
+    python benchmarks/sparse.py --threads 1 --json benchmarks/sparse-1thread.json
+    python benchmarks/sparse.py --show [--json ...]   # print the tables of a saved run
+
+On a machine whose cores are shared with other work, a two-thread run of many small parallel
+operations (the sparse path: a few per tap) can wait milliseconds at every OpenMP barrier, while the
+dense convolution's few large operations barely notice; a one-thread run measures both without that.
 """
 from __future__ import annotations
 
