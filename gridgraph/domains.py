@@ -16,10 +16,13 @@ join active pixels only. With stride 1 and an output grid equal to the input gri
 *submanifold*: the outputs live on the active input pixels (same nodes, same order). Otherwise an output
 pixel is active when any input pixel in its window is active. Either way a layer on the graph equals the
 dense convolution of the image with inactive pixels zeroed, read at the active output pixels.
-The table of such a graph is computed from the active sites' coordinates only (a sorted list of keys
-and a binary search), so memory and time scale with the number of active pixels, not with ``H x W``;
-the one exception is deciding which outputs of a *strided* graph with a padding mode other than
-``'zeros'`` are active, which scans the output grid once at construction.
+The layers on such a graph (:func:`~gridgraph.nn.sparse_conv.sparse_table_conv`) cost memory and time
+in proportion to its edges, never ``H x W``. Construction reads a mask once (``O(B*H*W)``, as the mask
+itself) and, while the grid is at most :data:`DENSE_MAP_LIMIT` pixels or 16 per active pixel, uses dense
+id / occupancy maps of the zero-padded grid (one shift and one gather per tap); beyond that (a huge,
+nearly empty grid from :func:`sparse_to_graph`) it works from the active sites' coordinates only
+(sorting and binary search), except that deciding which outputs of a *strided* graph with a padding
+mode other than ``'zeros'`` are active scans the output grid once.
 """
 from __future__ import annotations
 
@@ -250,6 +253,12 @@ def transposed_image_to_graph(image: Tensor, conv: Any = None, *, kernel_size: A
 
 
 # ------------------------------------------------------------------------------- masked and sparse
+#: Construction uses dense id / occupancy maps of the (padded) grid when the grid holds at most this many
+#: pixels, or at most 16 per active pixel; otherwise only the active sites' coordinates (sorting and
+#: binary search), so a huge, nearly empty grid never costs memory of its size.
+DENSE_MAP_LIMIT = 1 << 22
+_DENSE_PER_SITE = 16
+
 @dataclass(frozen=True, eq=False)
 class SparseTable:
     """The neighbour table of a masked or sparse pixel graph: one table for all images' active sites.
@@ -356,6 +365,23 @@ def _active_outputs(in_keys: Tensor, geometry: ConvGeometry, in_size: tuple[int,
                     num_images: int) -> Tensor:
     """Sorted flat keys of the output pixels whose window holds an active input pixel."""
     device = in_keys.device
+    padded = tuple(n + lo + hi for n, (lo, hi) in zip(in_size, geometry.padding))
+    num_out = num_images * math.prod(out_size)
+    if geometry.padding_mode == "zeros" and num_images * math.prod(padded) <= max(DENSE_MAP_LIMIT, _DENSE_PER_SITE * in_keys.numel()):
+        # The grid is not much larger than the active set: scan every output anchor of an occupancy map
+        # of the zero-padded grid, one shift per tap (O(B*H*W), cheaper than sorting N*K candidates).
+        occupied = torch.zeros(num_images * math.prod(padded), dtype=torch.bool, device=device)
+        b_in, c_in = _unravel(in_keys, in_size)
+        lo = torch.tensor([p for p, _ in geometry.padding], device=device)
+        occupied[_ravel(b_in, c_in + lo, padded)] = True
+        b_out, o = _unravel(torch.arange(num_out, device=device), out_size)
+        anchor = _ravel(b_out, o * torch.tensor(geometry.stride, device=device), padded)
+        shifts = _ravel(torch.zeros(geometry.num_taps, dtype=torch.long, device=device),
+                        geometry.offsets().to(device) + lo, padded).tolist()
+        active = torch.zeros(num_out, dtype=torch.bool, device=device)
+        for shift in shifts:
+            active |= occupied[anchor + shift]
+        return active.nonzero().squeeze(1)
     if geometry.padding_mode == "zeros":
         # Invert the taps: output o reads input o*s + offset_t, so input c is read by o = (c - offset_t)/s.
         b, coords = _unravel(in_keys, in_size)
@@ -390,6 +416,23 @@ def _sparse_table(in_keys: Tensor, out_keys: Tensor, geometry: ConvGeometry, in_
     sorted input keys): ``O(N_out * K * log N_in)`` time, ``O(N_out * K)`` memory."""
     device = in_keys.device
     b, coords = _unravel(out_keys, out_size)
+    num_src = in_keys.numel()
+    num_images = (int(b.max()) + 1 if b.numel() else 1)
+    padded = tuple(n + lo + hi for n, (lo, hi) in zip(in_size, geometry.padding))
+    total_padded = num_images * math.prod(padded)
+    if geometry.padding_mode == "zeros" and num_src and total_padded <= max(DENSE_MAP_LIMIT, _DENSE_PER_SITE * out_keys.numel()):
+        # An id map of the zero-padded grid (-1 = inactive or padding): every tap is one fixed shift of
+        # the flat padded index, so the table is one add and one gather (O(B*H*W) memory for the map).
+        ids = torch.full((total_padded,), -1, dtype=torch.long, device=device)
+        b_in, c_in = _unravel(in_keys, in_size)
+        keep = b_in < num_images
+        lo = torch.tensor([p for p, _ in geometry.padding], device=device)
+        ids[_ravel(b_in[keep], c_in[keep] + lo, padded)] = torch.arange(num_src, device=device)[keep]
+        anchor = _ravel(b, coords * torch.tensor(geometry.stride, device=device), padded)
+        shifts = _ravel(torch.zeros(geometry.num_taps, dtype=torch.long, device=device),
+                        geometry.offsets().to(device) + lo, padded)
+        index = ids[anchor[:, None] + shifts[None, :]]
+        return SparseTable(index, geometry, num_src, out_keys.numel(), bool((index >= 0).all()))
     offsets = geometry.offsets().to(device)
     nominal = coords[:, None, :] * torch.tensor(geometry.stride, device=device) + offsets[None, :, :]
     src = torch.empty_like(nominal)
@@ -398,8 +441,14 @@ def _sparse_table(in_keys: Tensor, out_keys: Tensor, geometry: ConvGeometry, in_
         src[..., a], ok = _remap(nominal[..., a], n, geometry.padding_mode)
         valid &= ok
     keys = _ravel(b[:, None].expand_as(valid), src, in_size)
-    num_src = in_keys.numel()
-    if num_src:
+    total = num_images * math.prod(in_size)
+    if num_src and total <= max(DENSE_MAP_LIMIT, _DENSE_PER_SITE * keys.numel()):
+        # A dense id map is cheaper than a search when the grid is not much larger than the edge count.
+        ids = torch.full((total,), -1, dtype=torch.long, device=device)
+        ids[in_keys[in_keys < total]] = torch.arange(num_src, device=device)[in_keys < total]
+        index = torch.where(valid, ids[keys.clamp(0, total - 1)], -1)
+        valid = index >= 0
+    elif num_src:
         found = torch.searchsorted(in_keys, keys).clamp_(max=num_src - 1)
         valid &= in_keys[found] == keys
         index = torch.where(valid, found, -1)
@@ -466,7 +515,9 @@ def masked_grid_to_graph(image: Tensor, geometry: ConvGeometry, mask: Any) -> Ma
                          f"{tuple(image.shape)} (got {tuple(mask.shape)})")
     mask = mask.expand(num_images, *grid) if mask.dim() == len(grid) else mask
     in_keys = mask.reshape(-1).nonzero().squeeze(1)
-    x = images.permute(0, *range(2, geometry.ndim + 2), 1).reshape(-1, channels)[in_keys]
+    # Gather channel by channel from the (C, B*H*W) layout (a view for one image), then transpose:
+    # no copy of the whole image in channels-last order.
+    x = images.transpose(0, 1).reshape(channels, -1).index_select(1, in_keys).t().contiguous()
     return sparse_grid_to_graph(in_keys, x, geometry, grid, num_images, batched)
 
 

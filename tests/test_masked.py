@@ -125,6 +125,27 @@ def test_masked_equals_conv2d_on_zeroed_image(name, kwargs, c_in, c_out, batch, 
     run_masked(conv, GridConv2d.from_conv2d(conv), images, mask, path)
 
 
+@pytest.mark.parametrize("name", ["submanifold-k3", "strided-k3x2-s(2,1)-d(1,2)", "strided-reflect",
+                                  "submanifold-replicate", "valid-k3", "strided-depthwise"])
+def test_construction_without_dense_maps(name, monkeypatch):
+    """The coordinate-only construction (sort, unique, binary search: what a huge, nearly empty grid uses)
+    gives the same graph as the dense-map construction, and the same results."""
+    import gridgraph.domains as domains
+
+    _, kwargs, c_in, c_out, batch, h, w, occupancy, shared = next(c for c in CONFIGS if c[0] == name)
+    conv = make(kwargs, c_in, c_out, torch.float64, "cpu")
+    images = torch.randn(batch, c_in, h, w, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    mask = random_mask((h, w) if shared else (batch, h, w), occupancy, 3, "cpu")
+    dense = image_to_graph(images, conv, mask=mask)
+    monkeypatch.setattr(domains, "DENSE_MAP_LIMIT", 0)
+    monkeypatch.setattr(domains, "_DENSE_PER_SITE", 0)
+    sparse = image_to_graph(images, conv, mask=mask)
+    for attr in ("edge_index", "edge_type", "out_keys", "in_keys", "pos", "out_pos"):
+        assert torch.equal(getattr(sparse, attr), getattr(dense, attr)), attr
+    assert torch.equal(sparse.table.index, dense.table.index)
+    run_masked(conv, GridConv2d.from_conv2d(conv), images, mask, "table")
+
+
 @st.composite
 def masked_configs(draw):
     k = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
