@@ -31,6 +31,8 @@ CONFIGS = [
     (4, 6, 3, 2, 1, 1, 1, "circular", 2, (7, 8)),  # circular: reverse table, strided phases
     (4, 6, 3, 1, 1, 1, 1, "circular", 2, (6, 6)),
     (6, 6, 3, 1, 1, 1, 6, "zeros", 2, (7, 7)),  # depthwise: multiply-add per tap
+    (4, 4, (3, 5), 1, (1, 2), 1, 4, "circular", 2, (8, 9)),  # depthwise, wrapped borders
+    (4, 4, 3, 1, 1, 2, 4, "reflect", 1, (8, 7)),  # depthwise, scatter gradient
     (4, 8, 3, 2, 1, 1, 4, "zeros", 2, (8, 9)),  # depthwise with multiplier 2, strided
     (6, 4, 3, 1, 1, 1, 2, "reflect", 2, (6, 6)),  # grouped: batched GEMM, scatter gradient
     (6, 9, (1, 3), 1, (0, 1), 1, 3, "zeros", 1, (5, 6)),  # grouped, rectangular

@@ -288,12 +288,14 @@ def _mix(cols: Tensor, m: Tensor, kind: str, shape: tuple[int, int, int, int], o
             torch.mm(cols, m, out=out)
         return
     if kind == "elementwise":
-        if a == 1 and b == 1:  # depthwise: multiply by each tap's scales, sum over the taps
-            products = cols.view(n, s, g) * m.view(s, g)
-            if accumulate:
-                out.add_(products.sum(1))
-            else:
-                torch.sum(products, 1, out=out)
+        if a == 1 and b == 1:  # depthwise: a multiply-add per tap, straight into ``out``
+            c3, m2 = cols.view(n, s, g), m.view(s, g)
+            first = 0
+            if not accumulate:
+                torch.mul(c3[:, 0], m2[0], out=out)
+                first = 1
+            for t in range(first, s):
+                out.addcmul_(c3[:, t], m2[t])
             if bias is not None:
                 out.add_(bias)
             return
