@@ -42,10 +42,6 @@ def graph_run(layer, data, grad_out, path: str) -> Result:
 
 
 def check(ndim, kwargs, c_in, c_out, batch, grid, dtype, device, path, seed=0):
-    if batch == 0 and path == "edges":
-        # An empty edge list gives the input no gradient at all (None) where torch gives zeros: a
-        # core edge-path limitation shared with the 2-D layer, reported; the table path covers batch 0.
-        path = "table"
     torch_cls, _, from_torch, _ = TWINS[ndim]
     torch.manual_seed(seed)
     conv = randomise_(torch_cls(c_in, c_out, **kwargs).to(device=device, dtype=dtype),
