@@ -496,8 +496,10 @@ def to_networkx(graph: PixelGraph):
     if not same_grid:
         h_out, w_out = graph.out_size
         s_h, s_w = graph.geometry.stride
+        out_pos = getattr(graph, "out_pos", None)  # a masked graph's active outputs
+        out_pos = out_pos.tolist() if out_pos is not None else None
         for i in range(graph.num_dst):
-            r, c = (i % (h_out * w_out)) // w_out, i % w_out
+            r, c = out_pos[i] if out_pos is not None else ((i % (h_out * w_out)) // w_out, i % w_out)
             nxg.add_node(n_in + i, pixel=(r, c), side="output", pos=(c * s_w + 0.3, -(r * s_h) - 0.3))
     src, dst = graph.edge_index.tolist()
     taps = graph.edge_type.tolist()

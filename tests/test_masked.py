@@ -372,3 +372,14 @@ def test_sparse_kernel_partial_gradients(frozen):
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
     for a, b in zip(grads_fast, grads_slow):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_to_networkx_places_the_active_outputs():
+    from gridgraph import to_networkx
+
+    mask = torch.zeros(1, 6, 6, dtype=torch.bool)
+    mask[0, 0, 0] = mask[0, 5, 5] = True
+    g = image_to_graph(torch.zeros(1, 1, 6, 6), kernel_size=3, stride=2, padding=1, mask=mask)
+    nxg = to_networkx(g)
+    assert [nxg.nodes[k]["pixel"] for k in nxg.nodes] == [(0, 0), (5, 5), (0, 0), (2, 2)]
+    assert sorted(nxg.edges(keys=True)) == [(0, 2, 4), (1, 3, 8)]  # (5,5) = 2*(2,2) + tap (2,2) - 1
