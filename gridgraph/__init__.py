@@ -1,20 +1,41 @@
 """gridgraph: a CNN is a GNN on a pixel graph, exactly.
 
 Images become pixel graphs (:func:`image_to_graph`, :func:`graph_to_image`); convolutions become
-message passing on them (:class:`GridConv2d` and its pointwise, depthwise and separable forms), each
-numerically equal to ``torch.nn.Conv2d``.
+message passing on them (:class:`GridConv2d` and its pointwise, depthwise, separable, transposed, 1-D
+and 3-D forms), each numerically equal to its ``torch.nn`` twin. :func:`convert` swaps every
+convolution of a model for its graph twin and :func:`verify_model` proves, layer by layer, that
+nothing changed. :mod:`gridgraph.analysis` and :mod:`gridgraph.plot` make the analogy explorable.
 """
+from . import analysis, plot
+from .analysis import (conv_cost, linear_operator, mixing_matrix, receptive_field, receptive_field_size,
+                       separable_cost, separable_ratio)
+from .convert import CONVERSIONS, ImageGridConv1d, ImageGridConv2d, ImageGridConv3d, converted_layers
+from .convert import convert, unconvert  # binds gridgraph.convert to the function; the module stays importable
+from .domains import (MaskedPixelGraph, SparseTable, TransposedGeometry, TransposedPixelGraph, sparse_to_graph,
+                      transposed_image_to_graph)
 from .geometry import ConvGeometry
 from .graph import (NeighbourTable, PixelGraph, clear_cache, graph_to_image, grid_to_graph, image_to_graph,
-                    neighbour_table, to_networkx)
-from .nn import DepthwiseConv2d, GridConv2d, GridConvNd, PointwiseConv2d, SeparableConv2d
+                    neighbour_table, sequence_to_graph, to_networkx, volume_to_graph)
+from .models import REFERENCE_MODELS, reference_model
+from .nn import (DepthwiseConv2d, GridConv1d, GridConv2d, GridConv3d, GridConvNd, GridConvTranspose1d,
+                 GridConvTranspose2d, GridConvTranspose3d, GridConvTransposeNd, PointwiseConv2d, SeparableConv2d)
+from .verify import ModelReport, verify_layers, verify_model
 
 __version__ = "0.1.0"
 
 __all__ = [
-    # geometry and pixel graphs
-    "ConvGeometry", "PixelGraph", "NeighbourTable", "image_to_graph", "graph_to_image", "grid_to_graph",
-    "neighbour_table", "to_networkx", "clear_cache",
+    # geometry and pixel graphs (grids, masked and sparse domains, transposed graphs)
+    "ConvGeometry", "TransposedGeometry", "PixelGraph", "MaskedPixelGraph", "TransposedPixelGraph",
+    "NeighbourTable", "SparseTable", "image_to_graph", "graph_to_image", "grid_to_graph", "sequence_to_graph",
+    "volume_to_graph", "sparse_to_graph", "transposed_image_to_graph", "neighbour_table", "to_networkx",
+    "clear_cache",
     # layers
-    "GridConvNd", "GridConv2d", "PointwiseConv2d", "DepthwiseConv2d", "SeparableConv2d",
+    "GridConvNd", "GridConv1d", "GridConv2d", "GridConv3d", "PointwiseConv2d", "DepthwiseConv2d",
+    "SeparableConv2d", "GridConvTransposeNd", "GridConvTranspose1d", "GridConvTranspose2d", "GridConvTranspose3d",
+    # whole networks and verification
+    "convert", "unconvert", "converted_layers", "CONVERSIONS", "ImageGridConv1d", "ImageGridConv2d",
+    "ImageGridConv3d", "REFERENCE_MODELS", "reference_model", "verify_model", "ModelReport", "verify_layers",
+    # analysis (more in gridgraph.analysis; drawings in gridgraph.plot)
+    "analysis", "plot", "receptive_field", "receptive_field_size", "conv_cost", "separable_cost",
+    "separable_ratio", "linear_operator", "mixing_matrix",
 ]

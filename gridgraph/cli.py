@@ -50,8 +50,9 @@ def _error(message: str) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from .models import REFERENCE_MODELS
-    from .verify import (LAYER_CASES, QUICK_LAYER_CASES, available_devices, check_model, load_model,
-                         models_summary, verify_layers, verify_reference_models)
+    from .verify import (BEYOND_CASES, LAYER_CASES, QUICK_BEYOND_CASES, QUICK_LAYER_CASES, available_devices,
+                         check_model, load_model, models_summary, verify_beyond, verify_layers,
+                         verify_reference_models)
 
     start = time.perf_counter()
     if args.threads < 1:
@@ -101,6 +102,14 @@ def _verify(args: argparse.Namespace) -> int:
         print(report.summary(), flush=True)
         summaries.append("layers: " + report.summary().split(": ", 1)[1])
         passed &= report.passed
+        cases = QUICK_BEYOND_CASES if args.quick else BEYOND_CASES
+        print(f"\nBeyond the grid: {len(cases)} masked, sparse, transposed, 1-D and 3-D configurations\n", flush=True)
+        beyond = verify_beyond(cases, dtypes, devices, seed=args.seed)
+        print(beyond.table())
+        print()
+        print(beyond.summary(), flush=True)
+        summaries.append("beyond the grid: " + beyond.summary().split(": ", 1)[1])
+        passed &= beyond.passed
     if run_models:
         grads = not args.no_grads
         if user_models:
