@@ -25,13 +25,14 @@ Every method's output is checked against ``F.conv2d`` before it is timed (and th
 gradients too). Times are medians of repeated runs after warm-up, the repeats interleaved over
 ``--rounds`` rounds so that load from other processes hits all methods alike; ``conv2d``,
 ``gridgraph`` and ``gg-image`` are timed together first, the slow baselines (``gg-edges``, ``rgcn``,
-``naive``) afterwards, so that their large temporaries cannot disturb the first comparison. Peak extra memory is the
-rise of the process's resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``)
-during one call, measured after the timings with glibc's mmap threshold pinned to 64 KiB so that
-every large buffer is mapped and unmapped (and thus counted) on each call; it includes the output, the
-saved tensors, workspaces of MKL/oneDNN and every temporary, whoever allocates it. (Timings run with
-freed buffers up to 32 MiB recycled, as glibc settles to by itself after warm-up, so that no method
-pays page faults on every call.) Graph construction is timed on a
+``naive``) afterwards, so that their large temporaries cannot disturb the first comparison. Peak extra memory is
+the peak of the bytes held by torch's CPU allocator during one call, above what it held before (the
+running sum of ``torch.profiler``'s allocation and free events, ``profile_memory=True``): output,
+saved tensors, gradients, temporaries and oneDNN's workspaces (which PyTorch routes through the same
+allocator); only MKL's small internal GEMM buffers escape it, for every method alike. It is exact and
+immune to other processes, unlike resident-set deltas (tried first: glibc reuses freed pages and the
+kernel's RSS counters lag, so they under-read). Timings run with glibc recycling freed buffers up to
+32 MiB, as it settles to by itself after warm-up, so that no method pays page faults on every call. Graph construction is timed on a
 1024x1024 image (3 channels, 3x3, padding 1): cold (caches cleared) and cached.
 
 Outputs: a markdown table on stdout, ``results.json``, ``ratios.png`` (bar chart of ratios to
@@ -135,42 +136,21 @@ def _malloc_for_timing() -> bool:
     return _set_malloc(32 << 20)
 
 
-def _malloc_for_memory() -> bool:
-    """mmap (and unmap on free) every block >= 64 KiB, so that the resident set tracks live buffers;
-    the free memory the heap kept from the timings is handed back first."""
-    ok = _set_malloc(64 << 10)
-    if ok:
-        _libc.malloc_trim(0)
-    return ok
-
-
-def _rss() -> tuple[int, int]:
-    rss = hwm = 0
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) * 1024
-            elif line.startswith("VmHWM:"):
-                hwm = int(line.split()[1]) * 1024
-    return rss, hwm
-
-
-def peak_extra_bytes(fn: Callable[[], object], calls: int = 3) -> Optional[int]:
-    """Rise of the resident-set high-water mark during a call of ``fn`` (result kept alive); the
-    largest of ``calls`` calls, since a call that happens to reuse pages still mapped reads low."""
-    peaks = []
-    try:
-        for _ in range(calls):
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-            base, _ = _rss()
-            result = fn()
-            _, hwm = _rss()
-            del result
-            peaks.append(max(0, hwm - base))
-    except OSError:
-        return None
-    return max(peaks)
+def peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the bytes held by torch's CPU allocator during one call of ``fn`` (result kept alive
+    until the end), above what was held before: the running sum of the profiler's allocation and
+    free events. Outputs, saved tensors, gradients, temporaries and oneDNN workspaces all go
+    through that allocator; MKL's small internal GEMM buffers do not (for any method)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
 
 
 # --------------------------------------------------------------------------------------- methods
@@ -482,7 +462,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
 
-    pinned = _malloc_for_timing()
+    _malloc_for_timing()
     torch.set_num_threads(args.threads)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in METHODS]
@@ -499,7 +479,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     info = machine()
     info["load_average_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    info["memory_measure"] = "VmHWM rise, glibc mmap threshold pinned" if pinned else "unavailable"
+    info["memory_measure"] = "peak bytes held by torch's CPU allocator during one call (profiler events)"
     results = []
     for shape in shapes:
         conv, image, cases, skipped = build_cases(shape, methods, args.naive_max_gb * 2**30)
@@ -527,17 +507,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     m.update(fb_ms=statistics.median(fb[name]) * 1e3, fb_samples=len(fb[name]),
                              fb_min_ms=min(fb[name]) * 1e3)
                 row["methods"][name] = m
-            if pinned:
-                _malloc_for_memory()
             for name, case in group_cases.items():
                 m = row["methods"][name]
-                mem = peak_extra_bytes(_fwd(case)) if pinned else None
-                m["mem_mb"] = None if mem is None else mem / 2**20
+                m["mem_mb"] = peak_extra_bytes(_fwd(case)) / 2**20
                 if fb:
-                    mem = peak_extra_bytes(_fb(case, grads[name])) if pinned else None
-                    m["fb_mem_mb"] = None if mem is None else mem / 2**20
-            if pinned:
-                _malloc_for_timing()
+                    m["fb_mem_mb"] = peak_extra_bytes(_fb(case, grads[name])) / 2**20
             del group_cases, grads
         base = row["methods"]["conv2d"]
         for m in row["methods"].values():
