@@ -186,10 +186,15 @@ _TABLES = _Cache(maxsize=128, max_bytes=1 << 30)
 _EDGES = _Cache(maxsize=16, max_bytes=2 << 30)
 
 
+_CLEAR_HOOKS: list = []  # other caches keyed by graph structure (the layers' index plans) register here
+
+
 def clear_cache() -> None:
-    """Forget every cached neighbour table and edge list."""
+    """Forget every cached neighbour table and edge list (and the layers' index plans built on them)."""
     _TABLES.clear()
     _EDGES.clear()
+    for hook in _CLEAR_HOOKS:
+        hook()
 
 
 def _device(device: Any) -> torch.device:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import gridgraph.nn.functional as functional
-from gridgraph import GridConv2d, image_to_graph, neighbour_table
+from gridgraph import GridConv2d, clear_cache, image_to_graph, neighbour_table
 from gridgraph.geometry import ConvGeometry
 from gridgraph.graph import _build_table, _edges, grid_edges
 from gridgraph.nn.functional import table_conv, table_plan
@@ -98,6 +98,9 @@ def test_table_conv_direct_and_plan_cached():
     table = neighbour_table(geometry, (4, 5))
     plan = table_plan(table, 3)
     assert table_plan(table, 3) is plan, "the index plan is built once per (graph, batch size)"
+    clear_cache()
+    assert table_plan(table, 3) is not plan, "clear_cache forgets the plans too"
+    plan = table_plan(table, 3)
     gather = plan.forward(split_centre=True)
     assert gather.index.dtype == torch.int32, "indices that fit are stored as int32"
     assert gather.centre == 4 and 4 not in gather.taps, "the centre tap is not gathered"

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..graph import NeighbourTable, _Cache
+from ..graph import _CLEAR_HOOKS, NeighbourTable, _Cache
 
 __all__ = ["tap_weights", "apply_tap", "tap_messages", "table_conv", "table_plan", "TablePlan"]
 
@@ -236,6 +236,7 @@ class TablePlan:
 
 
 _PLANS = _Cache(maxsize=64, max_bytes=1 << 30)
+_CLEAR_HOOKS.append(_PLANS.clear)
 
 
 def table_plan(table: NeighbourTable, num_images: int) -> TablePlan:
