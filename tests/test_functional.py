@@ -36,6 +36,8 @@ CONFIGS = [
     (4, 8, 3, 2, 1, 1, 4, "zeros", 2, (8, 9)),  # depthwise with multiplier 2, strided
     (6, 4, 3, 1, 1, 1, 2, "reflect", 2, (6, 6)),  # grouped: batched GEMM, scatter gradient
     (6, 9, (1, 3), 1, (0, 1), 1, 3, "zeros", 1, (5, 6)),  # grouped, rectangular
+    (24, 1, 3, 1, 1, 1, 1, "zeros", 2, (6, 7)),  # C_out << C_in: transform-then-gather
+    (40, 2, 3, 2, 1, 2, 1, "replicate", 2, (9, 8)),  # transform-then-gather, strided, remapped borders
     (8, 5, 1, 1, 0, 1, 1, "zeros", 3, (4, 5)),  # 1x1: the centre tap alone (a plain GEMM)
     (8, 5, 1, 2, 0, 1, 1, "zeros", 2, (5, 5)),  # 1x1 strided: no centre tap, unread sources
     (4, 6, 3, 1, 1, 1, 1, "zeros", 0, (5, 5)),  # batch 0

@@ -15,7 +15,9 @@ allocated or kept for backward):
 
 * **forward**: gather the block's ``S`` source rows per target into one buffer ``[n, S*C_in]``
   (absent edges zeroed), then one GEMM with the taps' weights stacked ``[S*C_in, C_out]``
-  (gather-then-GEMM, bias included). Depthwise weights (one input channel per group) mix by a per-tap
+  (gather-then-GEMM, bias included); when ``C_out`` is much smaller than ``C_in``
+  (``2*T*C_out <= C_in``), transform-then-gather instead: one GEMM gives each source's message for
+  every tap, and targets gather and sum ``C_out``-wide messages. Depthwise weights (one input channel per group) mix by a per-tap
   multiply-add instead of a GEMM; other groupings by a batched GEMM. In a stride-1 graph whose input
   and output grids coincide, the centre tap reads the target's own row: depthwise and 1x1 layers take
   it straight from ``x`` with no gather, while a GEMM gathers it with the others (one GEMM per block:
@@ -166,7 +168,7 @@ class TablePlan:
         self.centre = _centre_tap(table.index) if same_grid else None
         self.num_src = num_images * table.num_src
         self.num_dst = num_images * table.num_dst
-        self._forward: dict[bool, _Gather] = {}
+        self._forward: dict = {}
         self._reverse: dict[bool, Optional[list[_Gather]]] = {}
 
     def split_centre(self, kind: str) -> bool:
@@ -181,6 +183,19 @@ class TablePlan:
             taps = [t for t in range(self.table.num_taps) if t != centre]
             index = _batched(self.table.index[:, taps], self.num_images, self.table.num_src, self.table.num_dst)
             gather = self._forward[split_centre] = _Gather(index, taps, centre, None, self.num_src)
+        return gather
+
+    def transformed(self) -> _Gather:
+        """The gather of transform-then-gather: entry ``(i, t)`` reads row ``index[i, t] * T + t`` of the
+        per-tap transformed features ``[N_src * T, C_out]``."""
+        gather = self._forward.get("transformed")
+        if gather is None:
+            index, num_taps = self.table.index, self.table.num_taps
+            taps = torch.arange(num_taps, device=index.device)
+            shifted = torch.where(index >= 0, index * num_taps + taps, -1)
+            batched = _batched(shifted, self.num_images, self.table.num_src * num_taps, self.table.num_dst)
+            gather = self._forward["transformed"] = _Gather(batched, list(range(num_taps)), None, None,
+                                                            self.num_src * num_taps)
         return gather
 
     def reverse(self, split_centre: bool) -> Optional[list[_Gather]]:
@@ -377,6 +392,22 @@ def _run(gather: _Gather, src: Tensor, m_taps: Tensor, kind: str, out: Tensor,
             out.index_copy_(0, rows_out[start:stop], target)
 
 
+def _transform_then_gather(gather: _Gather, x: Tensor, m_taps: Tensor, out: Tensor, bias: Optional[Tensor]) -> None:
+    """Dense forward when ``C_out`` is much smaller than ``C_in``: one GEMM gives every source's
+    message for every tap (``[N_src, T*C_out]``, no larger than half of ``x``), then each target
+    gathers and sums its ``T`` messages: the gather moves ``C_out`` channels instead of ``C_in``."""
+    num_taps, _, c_in, c_out = m_taps.shape
+    messages = x @ m_taps[:, 0].permute(1, 0, 2).reshape(c_in, num_taps * c_out)
+    messages = messages.view(-1, c_out)  # row j*T + t: tap t's message from source j
+    n_rows = _block_rows(num_taps, c_out, x.element_size(), x.device)
+    buf = x.new_empty(min(n_rows, gather.num_rows) * num_taps, c_out)
+    for start, stop, holes in gather.blocks(n_rows):
+        cols = gather.gather(messages, start, stop, holes, buf).view(stop - start, num_taps, c_out)
+        torch.sum(cols, 1, out=out[start:stop])
+        if bias is not None:
+            out[start:stop].add_(bias)
+
+
 def _weight_grad(gather: _Gather, x: Tensor, g: Tensor, m_shape: tuple[int, int, int, int], kind: str,
                  dtype: torch.dtype) -> Tensor:
     """``d loss / d M`` ``[T, G, a, b]`` (forward direction), re-gathering ``x`` block by block."""
@@ -443,7 +474,10 @@ class _TableConv(torch.autograd.Function):
         m_fwd = taps.transpose(2, 3)  # [T, G, a = C_in/G, b = C_out/G]
         kind = _kind(groups, m_fwd.size(2), m_fwd.size(3))
         out = x.new_empty(plan.num_dst, weight.size(0))
-        if plan.num_dst:
+        num_taps, c_out, c_in = m_fwd.size(0), weight.size(0), x.size(1)
+        if plan.num_dst and kind == "dense" and num_taps > 1 and 2 * num_taps * c_out <= c_in:
+            _transform_then_gather(plan.transformed(), x, m_fwd, out, bias)
+        elif plan.num_dst:
             _run(plan.forward(plan.split_centre(kind)), x, m_fwd, kind, out, bias)
         ctx.save_for_backward(x, weight)
         ctx.plan, ctx.groups, ctx.has_bias = plan, groups, bias is not None
