@@ -24,6 +24,8 @@ CONFIGS = [
     (3, 5, 3, 1, 1, 1, 1, "zeros", 2, (7, 6)),  # centre tap + gather-GEMM, reverse-table gradient
     (4, 6, 3, 2, 1, 1, 1, "zeros", 2, (9, 8)),  # strided: scatter-add gradient
     (3, 4, (7, 7), 2, 3, 1, 1, "zeros", 1, (15, 13)),  # stem-like, C_in < C_out
+    (1, 3, 3, 1, 1, 1, 1, "zeros", 2, (6, 5)),  # one input channel
+    (2, 3, 3, 2, 1, 1, 1, "reflect", 2, (7, 6)),  # two input channels, strided, reflected borders
     (5, 3, (3, 2), 1, "same", 1, 1, "zeros", 2, (6, 7)),  # even kernel, asymmetric padding
     (4, 4, 3, 1, 2, 2, 1, "zeros", 2, (9, 9)),  # dilation
     (4, 6, 3, 1, 1, 1, 1, "reflect", 2, (6, 7)),  # non-injective reverse: scatter-add
