@@ -16,7 +16,7 @@ Usage::
 
     python benchmarks/sparse.py                 # the full run (1024x1024), markdown table + JSON
     python benchmarks/sparse.py --quick         # a small image: checks correctness, times nothing of note
-    python benchmarks/sparse.py --threads 1 --json benchmarks/sparse-1thread.json
+    python benchmarks/sparse.py --threads 1 --json benchmarks/recorded/sparse-1thread.json
     python benchmarks/sparse.py --show [--json ...]   # print the tables of a saved run
 
 On a machine whose cores are shared with other work, a two-thread run of many small parallel
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=HERE / "sparse.json", help="where to write the results")
+    parser.add_argument("--json", type=Path, default=HERE / "results" / "sparse.json", help="where to write the results")
     parser.add_argument("--show", action="store_true", help="print the tables of the saved JSON and exit")
     args = parser.parse_args(argv)
     if args.show:
@@ -182,6 +182,7 @@ def main(argv=None) -> int:
         print()
         print(markdown(results))
     if not args.quick:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(all_results, indent=2))
         print(f"\nwrote {args.json}")
     return 0
