@@ -246,12 +246,18 @@ def verify_layers(cases: Sequence[LayerCase] = LAYER_CASES, dtypes: Sequence[tor
         >>> report.passed, len(report.results)
         (True, 4)
     """
+    return _run_cases(check_layer_case, cases, dtypes, devices, seed)
+
+
+def _run_cases(check, cases: Sequence[Any], dtypes: Sequence[torch.dtype], devices: Optional[Sequence[Any]],
+               seed: int) -> LayerReport:
+    """``check(case, dtype, device, seed=...)`` over every case, dtype and device, gathered in one report."""
     start = time.perf_counter()
     report = LayerReport()
     for device in devices or available_devices():
         for dtype in dtypes:
             for i, case in enumerate(cases):
-                report.results.extend(check_layer_case(case, dtype, device, seed=seed + i))
+                report.results.extend(check(case, dtype, device, seed=seed + i))
     report.seconds = time.perf_counter() - start
     return report
 
@@ -872,11 +878,4 @@ def verify_beyond(cases: Sequence[BeyondCase] = BEYOND_CASES,
         >>> report.passed, len(report.results)
         (True, 12)
     """
-    start = time.perf_counter()
-    report = LayerReport()
-    for device in devices or available_devices():
-        for dtype in dtypes:
-            for i, case in enumerate(cases):
-                report.results.extend(check_beyond_case(case, dtype, device, seed=seed + i))
-    report.seconds = time.perf_counter() - start
-    return report
+    return _run_cases(check_beyond_case, cases, dtypes, devices, seed)

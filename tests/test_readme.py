@@ -21,8 +21,9 @@ def test_readme_test_command_is_the_one_ci_runs():
     text = README.read_text()
     block = text.split("<!-- test-command -->", 1)[1]
     command = re.search(r"```bash\n(.*?)\n```", block, flags=re.S).group(1).strip()
-    ci = (README.parent / ".ci" / "run").read_text()
-    assert "test-command" in ci and "pytest" in command and command.startswith("python3 -m venv .venv")
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert f"TEST_COMMAND='{command}'" in ci and command in ci, "CI must run the README's test command verbatim"
+    assert "pytest" in command and command.startswith("python3 -m venv .venv")
 
 
 def test_readme_example_prints_the_facts(capsys):
