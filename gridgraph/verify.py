@@ -220,15 +220,21 @@ def check_layer_case(case: LayerCase, dtype: torch.dtype = torch.float64, device
         results = []
         for path in paths:
             g = image_to_graph(image, layer)
-            edge_index = g.edge_index if path == "table" else g.edge_index.clone()
-            out = graph_to_image(layer(g.x, edge_index, g.edge_type, size=g.size()), g, side="output")
-            params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
-            grads = torch.autograd.grad(out, [image, *params], upstream, allow_unused=True)
-            grad_error = max(_relative_error(_zero_if_none(a, b), _zero_if_none(b, a))
-                             for a, b in zip(grads, ref_grads))
-            results.append(CaseResult(case, str(device), dtype, path, _relative_error(out, ref), grad_error,
-                                      TOLERANCES[dtype]))
+            results.append(_compare_path(case, layer, g, path, image, upstream, ref, ref_grads, device, dtype))
     return results
+
+
+def _compare_path(case: Any, layer: torch.nn.Module, g: Any, path: str, image: torch.Tensor,
+                  upstream: torch.Tensor, ref: torch.Tensor, ref_grads: Sequence[Optional[torch.Tensor]],
+                  device: torch.device, dtype: torch.dtype) -> CaseResult:
+    """Run ``layer`` on graph ``g`` by one path ('table': the graph's own edges; 'edges': a copy without
+    its table, so the general edge-list path) and compare output and gradients with the reference's."""
+    edge_index = g.edge_index if path == "table" else g.edge_index.clone()
+    out = graph_to_image(layer(g.x, edge_index, g.edge_type, size=g.size()), g, side="output")
+    params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+    grads = torch.autograd.grad(out, [image, *params], upstream, allow_unused=True)
+    grad_error = max(_relative_error(_zero_if_none(a, b), _zero_if_none(b, a)) for a, b in zip(grads, ref_grads))
+    return CaseResult(case, str(device), dtype, path, _relative_error(out, ref), grad_error, TOLERANCES[dtype])
 
 
 def _zero_if_none(t: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> torch.Tensor:
@@ -857,14 +863,7 @@ def check_beyond_case(case: BeyondCase, dtype: torch.dtype = torch.float64, devi
                                     num_images=case.batch)
             else:
                 g = grid_to_graph(image, layer.geometry)
-            edge_index = g.edge_index if path == "table" else g.edge_index.clone()
-            out = graph_to_image(layer(g.x, edge_index, g.edge_type, size=g.size()), g, side="output")
-            params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
-            grads = torch.autograd.grad(out, [image, *params], upstream, allow_unused=True)
-            grad_error = max(_relative_error(_zero_if_none(a, b), _zero_if_none(b, a))
-                             for a, b in zip(grads, ref_grads))
-            results.append(CaseResult(case, str(device), dtype, path, _relative_error(out, ref), grad_error,
-                                      TOLERANCES[dtype]))  # type: ignore[arg-type]
+            results.append(_compare_path(case, layer, g, path, image, upstream, ref, ref_grads, device, dtype))
     return results
 
 
