@@ -9,13 +9,15 @@ nothing changed. :mod:`gridgraph.analysis` and :mod:`gridgraph.plot` make the an
 from . import analysis, plot
 from .analysis import (conv_cost, linear_operator, mixing_matrix, receptive_field, receptive_field_size,
                        separable_cost, separable_ratio)
-from .convert import CONVERSIONS, ImageGridConv1d, ImageGridConv2d, ImageGridConv3d, converted_layers
-from .convert import convert, unconvert  # binds gridgraph.convert to the function; the module stays importable
-from .domains import (MaskedPixelGraph, SparseTable, TransposedGeometry, TransposedPixelGraph, sparse_to_graph,
-                      transposed_image_to_graph)
-from .geometry import ConvGeometry
-from .graph import (NeighbourTable, PixelGraph, clear_cache, graph_to_image, grid_to_graph, image_to_graph,
-                    neighbour_table, sequence_to_graph, to_networkx, volume_to_graph)
+from .conversion import (CONVERSIONS, ImageGridConv1d, ImageGridConv2d, ImageGridConv3d, convert, converted_layers,
+                         unconvert)
+from .domains import sparse_to_graph, transposed_image_to_graph
+from .geometry import ConvGeometry, TransposedGeometry
+from .graph import graph_to_image, grid_to_graph, image_to_graph, sequence_to_graph, to_networkx, volume_to_graph
+from .pixel_graph import MaskedPixelGraph, PixelEdgeIndex, PixelGraph, TransposedPixelGraph
+from .structure import (GraphPart, NeighbourTable, PixelStructure, SparseTable, cache_info, clear_cache,
+                        neighbour_table)
+from .transforms import ToPixelGraph
 from .models import REFERENCE_MODELS, reference_model
 from .nn import (DepthwiseConv2d, GridConv1d, GridConv2d, GridConv3d, GridConvNd, GridConvTranspose1d,
                  GridConvTranspose2d, GridConvTranspose3d, GridConvTransposeNd, PointwiseConv2d, SeparableConv2d)
@@ -26,9 +28,9 @@ __version__ = "0.1.0"
 __all__ = [
     # geometry and pixel graphs (grids, masked and sparse domains, transposed graphs)
     "ConvGeometry", "TransposedGeometry", "PixelGraph", "MaskedPixelGraph", "TransposedPixelGraph",
-    "NeighbourTable", "SparseTable", "image_to_graph", "graph_to_image", "grid_to_graph", "sequence_to_graph",
-    "volume_to_graph", "sparse_to_graph", "transposed_image_to_graph", "neighbour_table", "to_networkx",
-    "clear_cache",
+    "PixelEdgeIndex", "PixelStructure", "GraphPart", "NeighbourTable", "SparseTable", "image_to_graph",
+    "graph_to_image", "grid_to_graph", "sequence_to_graph", "volume_to_graph", "sparse_to_graph",
+    "transposed_image_to_graph", "neighbour_table", "to_networkx", "ToPixelGraph", "clear_cache", "cache_info",
     # layers
     "GridConvNd", "GridConv1d", "GridConv2d", "GridConv3d", "PointwiseConv2d", "DepthwiseConv2d",
     "SeparableConv2d", "GridConvTransposeNd", "GridConvTranspose1d", "GridConvTranspose2d", "GridConvTranspose3d",

@@ -574,13 +574,31 @@ def graph_apply(layers: Any, image: Tensor, geometry: Optional[ConvGeometry] = N
         True
     """
     mods = _linear_layers(layers)
-    if geometry is not None and len(mods) != 1:
-        raise ValueError(f"geometry can replace the geometry of a single layer only (got {len(mods)} layers)")
+    if geometry is not None:
+        if len(mods) != 1:
+            raise ValueError(f"geometry can replace the geometry of a single layer only (got {len(mods)} layers)")
+        mods = [_with_geometry(mods[0], geometry)]
     out = image
     for m in mods:
-        g = grid_to_graph(out, geometry if geometry is not None else m.geometry)
+        g = grid_to_graph(out, m.geometry)
         out = graph_to_image(m(g.x, g.edge_index, g.edge_type, size=g.size()), g, side="output")
     return out
+
+
+def _with_geometry(module: nn.Module, geometry: ConvGeometry) -> nn.Module:
+    """A shallow copy of ``module`` (same parameters) whose kernel's geometry is ``geometry``."""
+    if hasattr(module, "depthwise") and hasattr(module, "pointwise"):  # a separable block: its depthwise step
+        twin = copy.copy(module)
+        twin._modules = dict(module._modules, depthwise=_with_geometry(module.depthwise, geometry))
+        return twin
+    if tuple(module.kernel_size) != geometry.kernel_size:
+        raise ValueError(f"geometry must keep the layer's kernel size {tuple(module.kernel_size)} "
+                         f"(got {geometry.kernel_size})")
+    twin = copy.copy(module)
+    pads = geometry.padding
+    twin.stride, twin.dilation, twin.padding_mode = geometry.stride, geometry.dilation, geometry.padding_mode
+    twin.padding = tuple(a for a, _ in pads) if all(a == b for a, b in pads) else geometry.torch_padding()
+    return twin
 
 
 def _float64_copy(layers: Any) -> list[nn.Module]:

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["ConvGeometry", "PADDING_MODES"]
+__all__ = ["ConvGeometry", "TransposedGeometry", "PADDING_MODES"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _VALID_PADDING_MODES = {"zeros", "reflect", "replicate", "circular"}
@@ -212,6 +212,31 @@ class ConvGeometry:
             return "same"
         raise ValueError(f"asymmetric padding {self.padding} has no nn.ConvNd equivalent")
 
+    def key(self) -> str:
+        """A canonical string of the geometry (what :meth:`from_key` reads back), e.g.
+        ``'k3,3;s1,1;p1,1,1,1;d1,1;zeros'``: the form in which the registered torch operators take it."""
+        j = ",".join
+        pads = j(str(v) for pair in self.padding for v in pair)
+        return (f"k{j(map(str, self.kernel_size))};s{j(map(str, self.stride))};p{pads};"
+                f"d{j(map(str, self.dilation))};{self.padding_mode}")
+
+    @classmethod
+    def from_key(cls, key: str) -> "ConvGeometry":
+        """The geometry whose :meth:`key` is ``key``.
+
+        Example:
+            >>> g = ConvGeometry.from_keywords(2, kernel_size=(3, 2), padding='same', padding_mode='reflect')
+            >>> ConvGeometry.from_key(g.key()) == g
+            True
+        """
+        try:
+            k, s, p, d, mode = key.split(";")
+            ints = lambda part: tuple(int(v) for v in part[1:].split(","))  # noqa: E731
+            pads = ints(p)
+            return cls(ints(k), ints(s), tuple(zip(pads[::2], pads[1::2])), ints(d), mode)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"not a ConvGeometry key: {key!r} ({error})") from None
+
     def describe(self) -> str:
         """A compact human-readable summary, e.g. ``k3x3 s1 p1 d1 zeros``."""
         x = "x".join
@@ -219,3 +244,106 @@ class ConvGeometry:
         p = x(str(a) for a, _ in pads) if all(a == b for a, b in pads) else x(f"{a}+{b}" for a, b in pads)
         return (f"k{x(map(str, self.kernel_size))} s{x(map(str, self.stride))} p{p} "
                 f"d{x(map(str, self.dilation))} {self.padding_mode}")
+
+
+@dataclass(frozen=True)
+class TransposedGeometry:
+    """The geometry of an ``n``-d transposed convolution: the strided convolution it reverses, plus
+    the output padding that picks one of the ``H_out`` grids that convolution maps to ``H``.
+
+    A transposed convolution with kernel ``k``, stride ``s``, padding ``p``, dilation ``d`` and output
+    padding ``op`` maps a grid of size ``H`` to ``H_out = (H - 1) s - 2p + d (k - 1) + op + 1``: exactly a
+    grid on which the strided convolution of the same ``(k, s, p, d)`` has ``H`` outputs. Its graph is
+    that convolution's graph with every edge reversed.
+
+    Example:
+        >>> t = TransposedGeometry.from_keywords(2, kernel_size=3, stride=2, padding=1, output_padding=1)
+        >>> t.output_size((4, 5))
+        (8, 10)
+    """
+
+    conv: ConvGeometry
+    output_padding: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.conv.padding_mode != "zeros":
+            raise ValueError('Only "zeros" padding mode is supported for a transposed convolution '
+                             f"(got padding_mode={self.conv.padding_mode!r})")
+        if any(a != b for a, b in self.conv.padding):
+            raise ValueError(f"a transposed convolution takes symmetric padding (got {self.conv.padding})")
+        if len(self.output_padding) != self.conv.ndim:
+            raise ValueError(f"output_padding must have {self.conv.ndim} entries (got {self.output_padding})")
+        for op, s, d in zip(self.output_padding, self.conv.stride, self.conv.dilation):
+            if op < 0 or (op >= s and op >= d):
+                raise ValueError("output padding must be smaller than either stride or dilation "
+                                 f"(got output_padding={self.output_padding}, stride={self.conv.stride}, "
+                                 f"dilation={self.conv.dilation})")
+
+    @classmethod
+    def from_keywords(cls, ndim: int, kernel_size: Any = 3, stride: Any = 1, padding: Any = 0,
+                      output_padding: Any = 0, dilation: Any = 1) -> "TransposedGeometry":
+        """From ``nn.ConvTransposeNd``-style keywords (integer padding only, as there)."""
+        if isinstance(padding, str):
+            raise TypeError(f"padding of a transposed convolution must be an int or a tuple of {ndim} ints "
+                            f"(got {padding!r})")
+        conv = ConvGeometry.from_keywords(ndim, kernel_size, stride, padding, dilation, "zeros")
+        return cls(conv, _ntuple(output_padding, ndim, "output_padding"))
+
+    @classmethod
+    def from_module(cls, module: Any) -> "TransposedGeometry":
+        """The geometry of an ``nn.ConvTranspose1d/2d/3d`` or a gridgraph transposed convolution layer."""
+        geometry = getattr(module, "transposed_geometry", None)
+        if isinstance(geometry, TransposedGeometry):
+            return geometry
+        if isinstance(module, torch.nn.modules.conv._ConvNd) and module.transposed:
+            if module.padding_mode != "zeros":
+                raise ValueError(f'Only "zeros" padding mode is supported for {type(module).__name__}')
+            n = len(module.kernel_size)
+            return cls.from_keywords(n, module.kernel_size, module.stride, module.padding, module.output_padding,
+                                     module.dilation)
+        raise TypeError("conv must be an nn.ConvTranspose1d/2d/3d or a gridgraph transposed convolution "
+                        f"(got {type(module).__name__})")
+
+    @property
+    def ndim(self) -> int:
+        return self.conv.ndim
+
+    @property
+    def num_taps(self) -> int:
+        return self.conv.num_taps
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return self.conv.kernel_size
+
+    def output_size(self, input_size: Sequence[int]) -> tuple[int, ...]:
+        """``H_out = (H - 1) s - 2p + d (k - 1) + op + 1`` per dimension; a ValueError where it is not positive."""
+        input_size = tuple(int(n) for n in input_size)
+        if len(input_size) != self.ndim:
+            raise ValueError(f"expected a grid of {self.ndim} dimensions (got size {input_size})")
+        if any(n < 1 for n in input_size):
+            raise ValueError(f"image size must be positive in every spatial dimension (got {input_size})")
+        c = self.conv
+        out = tuple((n - 1) * s - 2 * p + d * (k - 1) + op + 1 for n, s, (p, _), d, k, op in
+                    zip(input_size, c.stride, c.padding, c.dilation, c.kernel_size, self.output_padding))
+        if any(n < 1 for n in out):
+            raise ValueError(f"the transposed convolution's output size {out} is not positive for an input of "
+                             f"size {input_size}")
+        return out
+
+    def key(self) -> str:
+        """A canonical string (the convolution's :meth:`ConvGeometry.key` and the output padding)."""
+        return f"{self.conv.key()};o{','.join(map(str, self.output_padding))}"
+
+    @classmethod
+    def from_key(cls, key: str) -> "TransposedGeometry":
+        """The geometry whose :meth:`key` is ``key``."""
+        conv_key, _, op = key.rpartition(";")
+        if not op.startswith("o"):
+            raise ValueError(f"not a TransposedGeometry key: {key!r}")
+        return cls(ConvGeometry.from_key(conv_key), tuple(int(v) for v in op[1:].split(",")))
+
+    def describe(self) -> str:
+        """A compact summary, e.g. ``transposed k3x3 s2x2 p1 d1 op1x1``."""
+        return (f"transposed {self.conv.describe().rsplit(' ', 1)[0]} "
+                f"op{'x'.join(map(str, self.output_padding))}")

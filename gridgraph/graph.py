@@ -15,374 +15,54 @@ bipartite (sources on the input grid, targets on the output grid). Padding modes
 out edges from padded positions; ``'reflect'``, ``'replicate'`` and ``'circular'`` take the edge from the
 reflected, clamped or wrapped input pixel, so every target has exactly ``kH*kW`` incoming edges.
 
-Everything here is built vectorised from a :class:`~gridgraph.geometry.ConvGeometry` and cached per
-(geometry, grid size, batch size, device), and depends on nothing but those.
+A graph's ``edge_index`` is a :class:`~gridgraph.pixel_graph.PixelEdgeIndex`: it carries the edges' taps and
+the graph's structure through what PyG and torch do to graphs (copies, moves, saving, batching), so the
+layers recognise it wherever it goes. Every graph gets tensors of its own, written from a cached one-image
+template (:mod:`gridgraph.structure`): editing one graph never changes another.
 """
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
-from torch_geometric.data import Data
 
-from .geometry import ConvGeometry
+from .domains import masked_graph_to_image, masked_grid_to_graph, transposed_grid_to_graph
+from .geometry import ConvGeometry, TransposedGeometry
+from .pixel_graph import (MaskedPixelGraph, PixelGraph, TransposedPixelGraph, check_image, full_grid_graph)
+from .structure import GraphPart, NeighbourTable, clear_cache, neighbour_table
 
 __all__ = ["PixelGraph", "NeighbourTable", "image_to_graph", "graph_to_image", "grid_to_graph",
            "neighbour_table", "to_networkx", "clear_cache", "sequence_to_graph", "volume_to_graph"]
 
 
-# ---------------------------------------------------------------------------------------- tables
-@dataclass(frozen=True, eq=False)
-class NeighbourTable:
-    """The pixel graph of one image as a fixed-slot table: ``index[i, t]`` is the source pixel that
-    the tap ``t`` of target pixel ``i`` reads, or ``-1`` where that edge is absent (zero padding).
-
-    It is the edge list of a grid graph in another layout: at most one edge per (target, tap).
-    Node ids are per image; a batch of ``B`` images repeats the table with offsets.
-    """
-
-    index: Tensor  # [num_dst, num_taps] long, -1 = no edge
-    geometry: ConvGeometry
-    in_size: tuple[int, ...]
-    out_size: tuple[int, ...]
-    complete: bool  # True when no entry is -1 (every target receives num_taps messages)
-
-    @property
-    def num_src(self) -> int:
-        return math.prod(self.in_size)
-
-    @property
-    def num_dst(self) -> int:
-        return math.prod(self.out_size)
-
-    @property
-    def num_taps(self) -> int:
-        return self.index.size(1)
-
-    @property
-    def device(self) -> torch.device:
-        return self.index.device
-
-
-def _axis_sources(n_in: int, n_out: int, k: int, s: int, d: int, pad: int, mode: str,
-                  device: torch.device) -> tuple[Tensor, Tensor]:
-    """Source coordinate ``[n_out, k]`` along one axis, and whether the edge exists."""
-    pos = (torch.arange(n_out, device=device) * s)[:, None] + (torch.arange(k, device=device) * d - pad)[None, :]
-    inside = (pos >= 0) & (pos < n_in)
-    if mode == "zeros":
-        return pos.clamp(0, n_in - 1), inside
-    if mode == "replicate":
-        src = pos.clamp(0, n_in - 1)
-    elif mode == "circular":
-        src = torch.remainder(pos, n_in)
-    elif mode == "reflect":
-        src = torch.where(pos < 0, -pos, pos)
-        src = torch.where(src >= n_in, 2 * (n_in - 1) - src, src)
-    else:  # pragma: no cover - geometry validates the mode
-        raise ValueError(f"unknown padding_mode {mode!r}")
-    return src, torch.ones_like(inside)
-
-
-def _row_runs(geometry: ConvGeometry, in_size: tuple[int, ...], out_size: tuple[int, ...],
-              device: torch.device) -> tuple[list[tuple[int, int, Tensor]], int, bool]:
-    """The table as runs of output rows (along the first axis) that are shifted copies of each other.
-
-    Returns ``(runs, shift, complete)``: each run ``(start, stop, row)`` holds the table entries of its
-    first output row (``row``: ``[prod(out_size[1:]) * num_taps]`` long, ``-1`` for absent edges); the
-    row ``start + k`` of the run reads the sources of ``row`` shifted by ``k * shift`` (absent edges
-    in the same places). Away from the borders a whole image is one run, so the table and the edge
-    list are written as a handful of broadcast additions of one row, never through an ``[N, T]`` mask.
-    """
-    n = geometry.ndim
-    strides = [math.prod(in_size[a + 1:]) for a in range(n)]
-    parts, oks, complete = [], [], True
-    for a in range(n):
-        src, ok = _axis_sources(in_size[a], out_size[a], geometry.kernel_size[a], geometry.stride[a],
-                                geometry.dilation[a], geometry.padding[a][0], geometry.padding_mode, device)
-        complete = complete and bool(ok.all())
-        shape = [1] * (2 * n)
-        shape[a], shape[n + a] = out_size[a], geometry.kernel_size[a]
-        parts.append(torch.where(ok, src * strides[a], -(1 << 40)).view(shape))
-        oks.append((src, ok))
-    # Row r continues the run of row r-1 when its present taps are the same and each reads one
-    # stride further along the first axis.
-    src0, ok0 = oks[0]
-    s0 = geometry.stride[0]
-    same = (ok0[1:] == ok0[:-1]).all(1) & ((src0[1:] - src0[:-1] == s0) | ~ok0[1:]).all(1)
-    starts = [0] + (torch.nonzero(~same).view(-1) + 1).tolist()
-    bounds = starts + [out_size[0]]
-    rest = parts[1:]
-    runs = []
-    for r0, r1 in zip(bounds[:-1], bounds[1:]):
-        row = parts[0][r0:r0 + 1]
-        for part in rest:
-            row = row + part
-        row = row.expand(1, *out_size[1:], *geometry.kernel_size).reshape(-1).clamp(min=-1)
-        runs.append((r0, r1, row))
-    return runs, s0 * strides[0], complete
-
-
-def _build_table(geometry: ConvGeometry, in_size: tuple[int, ...], device: torch.device) -> NeighbourTable:
-    out_size = geometry.output_size(in_size)
-    num_dst, num_taps = math.prod(out_size), geometry.num_taps
-    runs, shift, complete = _row_runs(geometry, in_size, out_size, device)
-    index = torch.empty(out_size[0], num_dst // out_size[0] * num_taps, dtype=torch.long, device=device)
-    for r0, r1, row in runs:
-        block = index[r0:r1]
-        torch.add(row[None, :], torch.arange(r1 - r0, device=device)[:, None] * shift, out=block)
-        holes = (row < 0).nonzero().view(-1)
-        if holes.numel():
-            block.index_fill_(1, holes, -1)
-    return NeighbourTable(index.view(num_dst, num_taps), geometry, tuple(in_size), tuple(out_size), complete)
-
-
-# ----------------------------------------------------------------------------------------- cache
-class _Cache:
-    """A small LRU cache of graph structure, invalidated if a cached tensor was modified in place.
-
-    At most ``maxsize`` entries, and (when ``max_bytes`` is given) at most that many bytes of cached
-    tensors, the newest entry always kept: a 1024x1024 pixel graph alone holds ~300 MB of edges.
-    """
-
-    def __init__(self, maxsize: int, max_bytes: Optional[int] = None) -> None:
-        self.maxsize = maxsize
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[Any, tuple[Any, tuple[tuple[Tensor, int], ...], int]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: Any, build) -> Any:
-        with self._lock:
-            item = self._items.get(key)
-            if item is not None and all(t._version == v for t, v in item[1]):
-                self._items.move_to_end(key)
-                return item[0]
-        value, tensors = build()
-        size = sum(t.numel() * t.element_size() for t in tensors)
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= old[2]
-            self._items[key] = (value, tuple((t, t._version) for t in tensors), size)
-            self._bytes += size
-            while len(self._items) > 1 and (len(self._items) > self.maxsize or
-                                            (self.max_bytes is not None and self._bytes > self.max_bytes)):
-                _, evicted = self._items.popitem(last=False)
-                self._bytes -= evicted[2]
-        return value
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._bytes = 0
-
-
-_TABLES = _Cache(maxsize=128, max_bytes=1 << 30)
-_EDGES = _Cache(maxsize=16, max_bytes=2 << 30)
-
-
-_CLEAR_HOOKS: list = []  # other caches keyed by graph structure (the layers' index plans) register here
-
-
-def clear_cache() -> None:
-    """Forget every cached neighbour table and edge list (and the layers' index plans built on them)."""
-    _TABLES.clear()
-    _EDGES.clear()
-    for hook in _CLEAR_HOOKS:
-        hook()
-
-
-def _device(device: Any) -> torch.device:
-    device = torch.device(device if device is not None else "cpu")
-    if device.type != "cpu" and device.index is None:
-        device = torch.device(device.type, torch.empty(0, device=device).device.index)
-    return device
-
-
-def neighbour_table(geometry: ConvGeometry, in_size: Sequence[int], device: Any = None) -> NeighbourTable:
-    """The (cached) :class:`NeighbourTable` of one image of spatial size ``in_size``.
-
-    Example:
-        >>> g = ConvGeometry.from_keywords(2, kernel_size=3, padding=1)
-        >>> neighbour_table(g, (2, 2)).index.tolist()
-        [[-1, -1, -1, -1, 0, 1, -1, 2, 3], [-1, -1, -1, 0, 1, -1, 2, 3, -1], [-1, 0, 1, -1, 2, 3, -1, -1, -1], [0, 1, -1, 2, 3, -1, -1, -1, -1]]
-    """
-    in_size = tuple(int(n) for n in in_size)
-    device = _device(device)
-    geometry.output_size(in_size)  # validates before caching anything
-
-    def build():
-        table = _build_table(geometry, in_size, device)
-        return table, (table.index,)
-
-    return _TABLES.get((geometry, in_size, device), build)
-
-
-@dataclass(frozen=True, eq=False)
-class GridEdges:
-    """What a layer needs to recognise a pixel graph's own ``edge_index``: its table and batch size.
-
-    It is attached to the ``edge_index`` tensor that :func:`image_to_graph` returns (as the attribute
-    ``_gridgraph``), so the plain call ``layer(g.x, g.edge_index, g.edge_type)`` finds the fast path.
-    It is trusted only while neither tensor has been modified in place.
-    """
-
-    table: NeighbourTable
-    num_images: int
-    edge_index_version: int
-    edge_type: Tensor
-    edge_type_version: int
-
-    def matches(self, edge_index: Tensor, edge_type: Optional[Tensor]) -> bool:
-        return (edge_index._version == self.edge_index_version and edge_type is self.edge_type
-                and edge_type._version == self.edge_type_version)
-
-
-def grid_edges(edge_index: Tensor, edge_type: Optional[Tensor]) -> Optional[GridEdges]:
-    """The :class:`GridEdges` record of a pixel graph's ``edge_index``, or None for any other graph."""
-    info = getattr(edge_index, "_gridgraph", None)
-    if isinstance(info, GridEdges) and info.matches(edge_index, edge_type):
-        return info
-    return None
-
-
-def _edges(table: NeighbourTable, num_images: int, dtype: torch.dtype):
-    """``(edge_index, edge_type, edge_attr, pos, batch)`` of a batch of ``num_images`` images (cached).
-
-    Written straight into the final tensors: per image, edges are the table's present entries in
-    target-major order (taps ascending), a batch repeats them with node-id offsets. ``batch`` is
-    None for a single image.
-    """
-    key = (table.geometry, table.in_size, table.device, num_images, dtype)
-
-    def build():
-        device = table.device
-        ndim = table.geometry.ndim
-        n_dst, n_taps = table.num_dst, table.num_taps
-        index = table.index
-        offsets = table.geometry.offsets().to(device=device, dtype=dtype)
-        runs, shift, _ = _row_runs(table.geometry, table.in_size, table.out_size, device)
-        row_dst = n_dst // table.out_size[0]
-        patterns = []
-        for r0, r1, row in runs:
-            cols = (row >= 0).nonzero().view(-1)  # present entries of the run's first row, in edge order
-            patterns.append((r0, r1, row[cols], cols // n_taps + r0 * row_dst, cols % n_taps))
-        e = sum((r1 - r0) * src.numel() for r0, r1, src, _, _ in patterns)
-        edge_index = torch.empty(2, num_images * e, dtype=torch.long, device=device)
-        edge_type = torch.empty(num_images * e, dtype=torch.long, device=device)
-        edge_attr = torch.empty(num_images * e, ndim, dtype=dtype, device=device)
-        # The first image is written run by run straight into the outputs; further images repeat it.
-        start = 0
-        for r0, r1, src, dst, tap in (patterns if num_images else ()):
-            rows, per_row = r1 - r0, src.numel()
-            seg = slice(start, start + rows * per_row)
-            k = torch.arange(rows, device=device)[:, None]
-            torch.add(src[None, :], k * shift, out=edge_index[0, seg].view(rows, per_row))
-            torch.add(dst[None, :], k * row_dst, out=edge_index[1, seg].view(rows, per_row))
-            edge_type[seg].view(rows, per_row).copy_(tap[None, :].expand(rows, per_row))
-            edge_attr[seg].view(rows, per_row, ndim).copy_(offsets[tap][None].expand(rows, per_row, ndim))
-            start = seg.stop
-        if num_images > 1:
-            for out, stride in ((edge_index[0], table.num_src), (edge_index[1], n_dst), (edge_type, 0),
-                                (edge_attr, 0)):
-                first = out[:e]
-                rest = out[e:].view(num_images - 1, *first.shape)
-                if stride:
-                    offs = torch.arange(1, num_images, device=device)[:, None] * stride
-                    torch.add(first[None], offs, out=rest)
-                else:
-                    rest.copy_(first[None].expand_as(rest))
-        edge_index._gridgraph = GridEdges(table, num_images, edge_index._version, edge_type, edge_type._version)
-        n_src = table.num_src
-        pos = torch.empty(num_images, *table.in_size, ndim, dtype=torch.long, device=device)
-        for a, size in enumerate(table.in_size):
-            shape = [1] * (ndim + 1)
-            shape[a + 1] = size
-            pos[..., a].copy_(torch.arange(size, device=device).view(shape).expand(pos.shape[:-1]))
-        pos = pos.view(num_images * n_src, ndim)
-        batch = None
-        if num_images > 1:
-            batch = torch.arange(num_images, device=device).repeat_interleave(n_src)
-        value = (edge_index, edge_type, edge_attr, pos, batch)
-        return value, tuple(t for t in value if t is not None)
-
-    return _EDGES.get(key, build)
-
-
-# ----------------------------------------------------------------------------------------- graphs
-class PixelGraph(Data):
-    """A :class:`torch_geometric.data.Data` holding a pixel graph and what it takes to rebuild images.
-
-    Attributes: ``x`` ``[B*N_in, C]``, ``edge_index`` ``[2, E]``, ``edge_type`` ``[E]``, ``edge_attr``
-    ``[E, ndim]``, ``pos`` ``[B*N_in, ndim]`` (row, col) of each input pixel, ``batch`` (when B > 1),
-    and the plain attributes ``geometry``, ``in_size``, ``out_size``, ``num_images``, ``batched``.
-    ``size()`` returns ``(num_src, num_dst)``: the ``size`` argument a layer takes.
-    """
-
-    def size(self, dim: Optional[int] = None):  # type: ignore[override]
-        if getattr(self, "in_size", None) is None:
-            return super().size(dim)
-        size = (self.num_images * math.prod(self.in_size), self.num_images * math.prod(self.out_size))
-        return size if dim is None else size[dim]
-
-    @property
-    def num_src(self) -> int:
-        return self.size(0)
-
-    @property
-    def num_dst(self) -> int:
-        return self.size(1)
-
-    @property
-    def table(self) -> NeighbourTable:
-        """The per-image :class:`NeighbourTable` this graph was built from."""
-        return neighbour_table(self.geometry, self.in_size, self.edge_index.device)
-
-
-def _check_image(image: Any, ndim: int, name: str = "image") -> tuple[Tensor, bool]:
-    if not isinstance(image, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor (got {type(image).__name__})")
-    if image.dim() not in (ndim + 1, ndim + 2):
-        dims = "HW"[:ndim] if ndim <= 2 else "DHW"
-        dims = {1: "L", 2: "H, W", 3: "D, H, W"}[ndim]
-        raise ValueError(f"expected {name} of shape (C, {dims}) or (B, C, {dims}): {ndim + 1} or {ndim + 2} "
-                         f"dims (got a {image.dim()}-dim tensor of shape {tuple(image.shape)})")
-    batched = image.dim() == ndim + 2
-    return (image if batched else image.unsqueeze(0)), batched
-
-
 def grid_to_graph(image: Tensor, geometry: ConvGeometry) -> PixelGraph:
     """The pixel graph of ``image`` (``(C, *grid)`` or ``(B, C, *grid)``) under ``geometry`` (n-d)."""
-    images, batched = _check_image(image, geometry.ndim)
-    num_images, channels, *grid = images.shape
-    table = neighbour_table(geometry, grid, images.device)
-    edge_dtype = image.dtype if image.is_floating_point() else torch.get_default_dtype()
-    edge_index, edge_type, edge_attr, pos, batch = _edges(table, num_images, edge_dtype)
-    perm = (0, *range(2, geometry.ndim + 2), 1)
-    x = images.permute(perm).reshape(-1, channels)
-    graph = PixelGraph(x=x, edge_index=edge_index, edge_type=edge_type, edge_attr=edge_attr, pos=pos)
-    if num_images > 1:
-        graph.batch = batch
-    graph.geometry = geometry
-    graph.in_size = table.in_size
-    graph.out_size = table.out_size
-    graph.num_images = num_images
-    graph.batched = batched
-    return graph
+    if isinstance(geometry, TransposedGeometry):
+        return transposed_grid_to_graph(image, geometry)
+    if not isinstance(geometry, ConvGeometry):
+        raise TypeError(f"geometry must be a ConvGeometry (got {type(geometry).__name__})")
+    images, batched = check_image(image, geometry.ndim)
+    return full_grid_graph(PixelGraph, geometry, images, batched)
 
 
-def _geometry(conv: Any, ndim: int, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
-              padding_mode: str) -> ConvGeometry:
+def _geometry_of(conv: Any, ndim: int, name: str, data: Tensor, kernel_size: Any, stride: Any, padding: Any,
+                 dilation: Any, padding_mode: str, output_padding: Any = 0) -> Union[ConvGeometry, TransposedGeometry]:
+    """The geometry from ``conv`` (checked against ``data``'s channels) or from the keywords."""
     if conv is None:
         return ConvGeometry.from_keywords(ndim, kernel_size, stride, padding, dilation, padding_mode)
-    geometry = ConvGeometry.from_module(conv)
+    transposed = getattr(conv, "transposed", False) is True  # nn.ConvTransposeNd and gridgraph's twins
+    geometry = TransposedGeometry.from_module(conv) if transposed else ConvGeometry.from_module(conv)
     if geometry.ndim != ndim:
-        raise ValueError(f"conv is a {geometry.ndim}-d convolution; expected a {ndim}-d one")
+        what = "transposed convolution" if transposed else "convolution"
+        raise ValueError(f"conv is a {geometry.ndim}-d {what}; expected a {ndim}-d one")
+    check_image(data, ndim, name)
+    expected = getattr(conv, "in_channels", None)
+    channels = data.shape[-ndim - 1]
+    if expected is not None and channels != expected:
+        raise ValueError(f"expected {name} with {expected} channels for {type(conv).__name__} "
+                         f"(got {channels} channels, {name} of shape {tuple(data.shape)})")
     return geometry
 
 
@@ -414,21 +94,10 @@ def image_to_graph(image: Tensor, conv: Any = None, *, kernel_size: Any = 3, str
         >>> g.edge_index.tolist(), g.x.flatten().tolist()
         ([[0, 1, 2, 3], [0, 1, 2, 3]], [0.0, 1.0, 2.0, 3.0])
     """
-    if conv is not None and getattr(conv, "transposed", False) is True:  # nn.ConvTranspose2d, GridConvTranspose2d
-        if mask is not None:
-            raise ValueError("mask is not supported with a transposed convolution")
-        from .domains import transposed_image_to_graph
-        return transposed_image_to_graph(image, conv)
-    geometry = _geometry(conv, 2, kernel_size, stride, padding, dilation, padding_mode)
-    if conv is not None:
-        _check_image(image, 2)
-        expected = getattr(conv, "in_channels", None)
-        channels = image.shape[-3]
-        if expected is not None and channels != expected:
-            raise ValueError(f"expected image with {expected} channels for {type(conv).__name__} "
-                             f"(got {channels} channels, image of shape {tuple(image.shape)})")
+    geometry = _geometry_of(conv, 2, "image", image, kernel_size, stride, padding, dilation, padding_mode)
     if mask is not None:
-        from .domains import masked_grid_to_graph
+        if isinstance(geometry, TransposedGeometry):
+            raise ValueError("mask is not supported with a transposed convolution")
         return masked_grid_to_graph(image, geometry, mask)
     return grid_to_graph(image, geometry)
 
@@ -447,15 +116,20 @@ def graph_to_image(x: Tensor, graph: PixelGraph, side: Optional[str] = None) -> 
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor (got {type(x).__name__})")
-    if not isinstance(graph, PixelGraph) or getattr(graph, "in_size", None) is None:
+    if not isinstance(graph, PixelGraph):
         raise TypeError(f"graph must be a PixelGraph from image_to_graph (got {type(graph).__name__})")
     if x.dim() != 2:
         raise ValueError(f"expected x of shape [num_nodes, channels]: 2 dims (got shape {tuple(x.shape)})")
-    if getattr(graph, "in_keys", None) is not None:  # a masked / sparse graph: scatter into zero images
-        from .domains import masked_graph_to_image
+    if side not in (None, "input", "output"):
+        raise ValueError(f"side must be 'input', 'output' or None (got {side!r})")
+    structure = graph.structure
+    part = structure.uniform()
+    if part is None:  # a batch of different grids: one image (batch) per graph
+        return _per_graph_images(x, graph, side)
+    if isinstance(graph, MaskedPixelGraph):  # a masked / sparse graph: scatter into zero images
         return masked_graph_to_image(x, graph, side)
-    b = graph.num_images
-    grids = {"input": tuple(graph.in_size), "output": tuple(graph.out_size)}
+    b = part.num_images
+    grids = {"input": tuple(part.in_size), "output": tuple(part.out_size)}
     if side is None:
         fits = [s for s, grid in grids.items() if b * math.prod(grid) == x.size(0)]
         if not fits:
@@ -465,8 +139,6 @@ def graph_to_image(x: Tensor, graph: PixelGraph, side: Optional[str] = None) -> 
             raise ValueError(f"x has {x.size(0)} rows, which fits both the input grid {grids['input']} and the "
                              f"output grid {grids['output']}; pass side='input' or side='output'")
         side = fits[0]
-    if side not in grids:
-        raise ValueError(f"side must be 'input', 'output' or None (got {side!r})")
     grid = grids[side]
     if x.size(0) != b * math.prod(grid):
         raise ValueError(f"x has {x.size(0)} rows, but the {side} grid holds {b}x{'x'.join(map(str, grid))} = "
@@ -475,6 +147,36 @@ def graph_to_image(x: Tensor, graph: PixelGraph, side: Optional[str] = None) -> 
     image = x.view(b, *grid, x.size(1)) if x.is_contiguous() else x.reshape(b, *grid, x.size(1))
     image = image.permute(0, n + 1, *range(1, n + 1))
     return image if graph.batched else image[0]
+
+
+def _per_graph_images(x: Tensor, graph: PixelGraph, side: Optional[str]) -> list[Tensor]:
+    """The images of a batch that mixes grids: one entry per graph of the batch (in order)."""
+    from torch_geometric.data import Batch
+
+    structure = graph.structure
+    rows = {"input": structure.num_src, "output": structure.num_dst}
+    if side is None:
+        fits = [s for s, n in rows.items() if n == x.size(0)]
+        if not fits:
+            raise ValueError(f"x has {x.size(0)} rows, but the batch has {rows['input']} input nodes and "
+                             f"{rows['output']} output nodes")
+        if len(fits) == 2 and rows["input"] == rows["output"] and not all(
+                p.in_size == p.out_size for p in structure.parts):
+            raise ValueError(f"x has {x.size(0)} rows, which fits both sides of the batch; pass side='input' or "
+                             "side='output'")
+        side = fits[0]
+    if x.size(0) != rows[side]:
+        raise ValueError(f"x has {x.size(0)} rows, but the batch has {rows[side]} {side} nodes")
+    graphs = graph.to_data_list() if isinstance(graph, Batch) else None
+    offsets = structure.src_offsets if side == "input" else structure.dst_offsets
+    images = []
+    for k, part in enumerate(structure.parts):
+        count = part.num_src if side == "input" else part.num_dst
+        one = graphs[k] if graphs is not None and len(graphs) == len(structure.parts) else None
+        if one is None:
+            raise ValueError("this graph mixes grids but is not a PyG Batch of pixel graphs: split it first")
+        images.append(graph_to_image(x[offsets[k]:offsets[k] + count], one, side))
+    return images
 
 
 def to_networkx(graph: PixelGraph):
@@ -518,27 +220,8 @@ def to_networkx(graph: PixelGraph):
 def _grid_graph_from(data: Tensor, ndim: int, conv: Any, kernel_size: Any, stride: Any, padding: Any,
                      dilation: Any, padding_mode: str, name: str) -> PixelGraph:
     """:func:`image_to_graph` for ``ndim`` spatial dimensions: geometry from ``conv`` or the keywords."""
-    if conv is not None and getattr(conv, "transposed", False) is True:  # nn.ConvTransposeNd and twins
-        from .domains import TransposedGeometry, transposed_grid_to_graph
-        transposed = TransposedGeometry.from_module(conv)
-        if transposed.ndim != ndim:
-            raise ValueError(f"conv is a {transposed.ndim}-d transposed convolution; expected a {ndim}-d one")
-        _check_image(data, ndim, name)
-        expected = getattr(conv, "in_channels", None)
-        if expected is not None and data.shape[-ndim - 1] != expected:
-            raise ValueError(f"expected {name} with {expected} channels for {type(conv).__name__} "
-                             f"(got {data.shape[-ndim - 1]} channels, {name} of shape {tuple(data.shape)})")
-        return transposed_grid_to_graph(data, transposed)
-    geometry = _geometry(conv, ndim, kernel_size, stride, padding, dilation, padding_mode)
-    if conv is not None:
-        _check_image(data, ndim, name)
-        expected = getattr(conv, "in_channels", None)
-        channels = data.shape[-ndim - 1]
-        if expected is not None and channels != expected:
-            raise ValueError(f"expected {name} with {expected} channels for {type(conv).__name__} "
-                             f"(got {channels} channels, {name} of shape {tuple(data.shape)})")
-    else:
-        _check_image(data, ndim, name)
+    geometry = _geometry_of(conv, ndim, name, data, kernel_size, stride, padding, dilation, padding_mode)
+    check_image(data, ndim, name)
     return grid_to_graph(data, geometry)
 
 

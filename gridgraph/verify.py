@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from .convert import CONVERSIONS, convert, converted_layers
+from .conversion import CONVERSIONS, convert, converted_layers
 from .graph import graph_to_image, image_to_graph
 from .nn import GridConv2d
 
@@ -229,7 +229,7 @@ def _compare_path(case: Any, layer: torch.nn.Module, g: Any, path: str, image: t
                   device: torch.device, dtype: torch.dtype) -> CaseResult:
     """Run ``layer`` on graph ``g`` by one path ('table': the graph's own edges; 'edges': a copy without
     its table, so the general edge-list path) and compare output and gradients with the reference's."""
-    edge_index = g.edge_index if path == "table" else g.edge_index.clone()
+    edge_index = g.edge_index if path == "table" else g.edge_index.as_tensor()  # a plain edge list
     out = graph_to_image(layer(g.x, edge_index, g.edge_type, size=g.size()), g, side="output")
     params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
     grads = torch.autograd.grad(out, [image, *params], upstream, allow_unused=True)

@@ -5,13 +5,14 @@ batch, then compares the output image and the gradients of the input, the weight
 random upstream gradient. Three ways to feed the graph layer are covered:
 
 * ``'table'``: the plain call ``layer(g.x, g.edge_index, g.edge_type, size=g.size())``; the pixel graph's
-  own ``edge_index`` carries its neighbour table, so the layer takes the fast path;
-* ``'edges'``: ``g.edge_index.clone()`` (a clone does not carry the table), forcing the general
-  edge-list path through ``MessagePassing.propagate``;
+  own ``edge_index`` (a ``PixelEdgeIndex``) carries its structure, so the layer runs the neighbour-table
+  kernels;
+* ``'edges'``: ``g.edge_index.as_tensor()`` (the plain ``[2, E]`` tensor, no structure), forcing the general
+  edge-list kernels;
 * ``'shuffled'``: the general path with the edges in a random order.
 
-Which path ran is asserted (by counting ``propagate`` calls), so neither path can silently stand in for
-the other.
+Which path ran is asserted (with :func:`gridgraph.nn.functional.kernel_trace`), so neither path can
+silently stand in for the other.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 import gridgraph
-from gridgraph.graph import grid_edges
+from gridgraph.nn.functional import kernel_trace
+from gridgraph.pixel_graph import PixelEdgeIndex
 
 PATHS = ("table", "edges", "shuffled")
 DTYPES = (torch.float64, torch.float32)
@@ -76,34 +78,19 @@ def reference(module: nn.Module, images: Tensor, grad_out: Tensor) -> Result:
     return Result(out.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()})
 
 
-def count_propagate(layer: nn.Module) -> Callable[[], int]:
-    """Wrap every ``propagate`` in ``layer`` so the number of general-path calls can be read back."""
-    calls = [0]
-    for m in layer.modules():
-        if hasattr(m, "propagate") and not isinstance(getattr(type(m), "propagate", None), property):
-            original = m.propagate
-
-            def counted(*args: Any, _original=original, **kwargs: Any):
-                calls[0] += 1
-                return _original(*args, **kwargs)
-
-            m.propagate = counted
-    return lambda: calls[0]
-
-
 def graph_edges(g: gridgraph.PixelGraph, path: str, seed: int = 0) -> tuple[Tensor, Tensor]:
     """The ``(edge_index, edge_type)`` that feeds ``path``."""
     if path == "table":
-        assert grid_edges(g.edge_index, g.edge_type) is not None, "the pixel graph lost its neighbour table"
+        assert isinstance(g.edge_index, PixelEdgeIndex), "the pixel graph lost its structure"
         return g.edge_index, g.edge_type
     if path == "edges":
-        edge_index = g.edge_index.clone()
-        assert grid_edges(edge_index, g.edge_type) is None, "a cloned edge_index must not carry the table"
+        edge_index = g.edge_index.as_tensor()
+        assert not isinstance(edge_index, PixelEdgeIndex)
         return edge_index, g.edge_type
     if path == "shuffled":
         gen = torch.Generator().manual_seed(seed)
         perm = torch.randperm(g.edge_index.size(1), generator=gen).to(g.edge_index.device)
-        return g.edge_index[:, perm], g.edge_type[perm]
+        return g.edge_index.as_tensor()[:, perm], g.edge_type[perm]
     raise ValueError(f"unknown path {path!r}")
 
 
@@ -114,12 +101,12 @@ def graph_run(layer: nn.Module, images: Tensor, grad_out: Tensor, path: str, geo
     x = images.detach().clone().requires_grad_(True)
     g = gridgraph.image_to_graph(x, geometry_from if geometry_from is not None else layer)
     edge_index, edge_type = graph_edges(g, path, seed)
-    calls = count_propagate(layer)
-    out = layer(g.x, edge_index, edge_type, size=g.size())
+    with kernel_trace() as trace:
+        out = layer(g.x, edge_index, edge_type, size=g.size())
     if path == "table":
-        assert calls() == 0, "the pixel graph's own edge_index should take the neighbour-table path"
+        assert trace and "edges" not in trace, f"the pixel graph's own edge_index should take the table path: {trace}"
     else:
-        assert calls() >= 1, "a plain edge list should go through MessagePassing.propagate"
+        assert "edges" in trace, f"a plain edge list should take the edge-list path: {trace}"
     image = gridgraph.graph_to_image(out, g, side="output")
     image.backward(grad_out)
     return Result(image.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters()})

@@ -166,7 +166,7 @@ def test_stacks_read_sequentials_models_and_pooling():
 
 
 def test_converted_models_read_like_the_originals():
-    from gridgraph.convert import convert
+    from gridgraph.conversion import convert
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
                           nn.MaxPool2d(2), nn.Conv2d(8, 4, 1))

@@ -13,9 +13,11 @@ from torch import nn
 
 import gridgraph
 from gridgraph import graph_to_image
-from gridgraph.graph import grid_edges, sequence_to_graph, volume_to_graph
+from gridgraph.graph import sequence_to_graph, volume_to_graph
+from gridgraph.nn.functional import kernel_trace
+from gridgraph.pixel_graph import PixelEdgeIndex
 from gridgraph.nn import GridConv1d, GridConv2d, GridConv3d, GridConvNd
-from _conv_reference import DTYPES, Result, compare, count_propagate, randomise_, reference
+from _conv_reference import DTYPES, Result, compare, randomise_, reference
 
 TWINS = {1: (nn.Conv1d, GridConv1d, GridConv1d.from_conv1d, sequence_to_graph),
          3: (nn.Conv3d, GridConv3d, GridConv3d.from_conv3d, volume_to_graph)}
@@ -27,15 +29,11 @@ def graph_run(layer, data, grad_out, path: str) -> Result:
     x = data.detach().clone().requires_grad_(True)
     to_graph = TWINS[layer._ndim][3]
     g = to_graph(x, layer)
-    edge_index = g.edge_index
-    if path == "table":
-        assert grid_edges(g.edge_index, g.edge_type) is not None
-    else:
-        edge_index = edge_index.clone()
-        assert grid_edges(edge_index, g.edge_type) is None
-    calls = count_propagate(layer)
-    out = layer(g.x, edge_index, g.edge_type, size=g.size())
-    assert (calls() == 0) if path == "table" else (calls() >= 1), f"wrong computation path for {path!r}"
+    assert isinstance(g.edge_index, PixelEdgeIndex)
+    edge_index = g.edge_index if path == "table" else g.edge_index.as_tensor()
+    with kernel_trace() as trace:
+        out = layer(g.x, edge_index, g.edge_type, size=g.size())
+    assert trace == (["grid"] if path == "table" else ["edges"]), f"wrong computation path for {path!r}: {trace}"
     image = graph_to_image(out, g, side="output")
     image.backward(grad_out)
     return Result(image.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters()})
@@ -142,7 +140,7 @@ def test_one_implementation_of_the_maths():
     """The 1-D, 2-D and 3-D layers differ only in their number of dimensions and their torch twin."""
     for cls in (GridConv1d, GridConv2d, GridConv3d):
         assert issubclass(cls, GridConvNd)
-        for name in ("forward", "message", "reset_parameters", "_check_edges"):
+        for name in ("forward", "message", "reset_parameters", "_check_x"):
             assert getattr(cls, name) is getattr(GridConvNd, name), f"{cls.__name__}.{name} is a copy"
     assert (GridConv1d._ndim, GridConv2d._ndim, GridConv3d._ndim) == (1, 2, 3)
 
@@ -221,7 +219,7 @@ def test_wrong_dimensionality_of_conv_is_refused():
 
 
 def test_convert_handles_conv1d_and_conv3d():
-    from gridgraph.convert import ImageGridConv1d, ImageGridConv3d, convert, unconvert
+    from gridgraph.conversion import ImageGridConv1d, ImageGridConv3d, convert, unconvert
 
     torch.manual_seed(0)
     net1 = nn.Sequential(nn.Conv1d(2, 4, 5, stride=2, padding=2, padding_mode="reflect"), nn.ReLU(),

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from gridgraph import GridConv2d, image_to_graph
-from gridgraph.convert import CONVERSIONS, ImageGridConv2d, convert, converted_layers, unconvert
+from gridgraph.conversion import CONVERSIONS, ImageGridConv2d, convert, converted_layers, unconvert
 
 #: One of each: kernel sizes, strides, 'same'/'valid', dilation, groups/depthwise, bias off, padding modes.
 CONFIGS = [
@@ -244,10 +244,37 @@ def test_subclasses_of_conv2d_are_left_alone_with_a_warning():
     assert type(twin[0]) is StandardisedConv2d and type(twin[1]) is ImageGridConv2d
 
 
-def test_hooks_on_converted_convolutions_are_reported():
+def test_buffers_attributes_and_hooks_are_kept_both_ways():
+    """A conv's own buffers (persistent or not), attributes and hooks survive convert and unconvert: same
+    state_dict keys, the attribute on the twin, the hooks called (and their handles still remove them)."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    net[0].register_buffer("scale", torch.tensor([2.0, 3.0]))
+    net[0].register_buffer("scratch", torch.zeros(1), persistent=False)
+    net[0].qconfig = "my-qconfig"
+    calls = []
+    handle = net[0].register_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    net[0].register_forward_pre_hook(lambda m, i: calls.append("pre"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is lost, so nothing to warn about
+        twin = convert(net)
+    assert list(twin.state_dict()) == list(net.state_dict()) == ["0.weight", "0.bias", "0.scale"]
+    assert torch.equal(twin[0].scale, net[0].scale) and twin[0].qconfig == "my-qconfig"
+    assert "scratch" in dict(twin[0].named_buffers()) and "scratch" not in twin[0].state_dict()
+    twin(torch.randn(1, 1, 5, 5))
+    assert calls == ["pre", "ImageGridConv2d"]
+    back = unconvert(twin)
+    assert list(back.state_dict()) == list(net.state_dict()) and back[0].qconfig == "my-qconfig"
+    back(torch.randn(1, 1, 5, 5))
+    assert calls[2:] == ["pre", "Conv2d"]
+    handle.remove()  # the original handle removes the hook from the original model
+    net(torch.randn(1, 1, 5, 5))
+    assert calls[4:] == ["pre"]
+
+
+def test_attributes_shadowed_by_the_twin_are_reported():
     net = nn.Sequential(nn.Conv2d(1, 1, 3))
-    net[0].register_forward_hook(lambda m, i, o: None)
-    with pytest.warns(UserWarning, match=r"hooks registered on 0 were not carried over"):
+    net[0].geometry = "mine"  # the twin has a property of that name
+    with pytest.warns(UserWarning, match=r"could not carry over 0.geometry"):
         convert(net)
 
 

@@ -33,7 +33,7 @@ def strided():
 
 def both_paths(graph):
     """The pixel graph's own edge_index (neighbour-table path) and a clone (general edge-list path)."""
-    return [graph.edge_index, graph.edge_index.clone()]
+    return [graph.edge_index, graph.edge_index.as_tensor().clone()]
 
 
 # ------------------------------------------------------------------------------- x
@@ -56,7 +56,7 @@ def test_x_with_wrong_row_count(layer, graph):
                                                    "(got 23)")):
         layer(graph.x[:23], graph.edge_index, graph.edge_type)
     with pytest.raises(ValueError, match=re.escape("size[0] = 24 must equal the number of rows of x (23)")):
-        layer(graph.x[:23], graph.edge_index.clone(), graph.edge_type, size=(24, 24))
+        layer(graph.x[:23], graph.edge_index.as_tensor().clone(), graph.edge_type, size=(24, 24))
 
 
 def test_x_not_a_tensor_or_wrong_dtype(layer, graph):
@@ -96,7 +96,7 @@ def test_edge_index_not_a_tensor(layer, graph):
     (1, -3, r"edge_index\[1\] \(target node ids\) must lie in \[0, 24\) \(got values in \[-3, 23\]\)"),
 ])
 def test_node_ids_out_of_range(layer, graph, row, value, match):
-    edge_index = graph.edge_index.clone()
+    edge_index = graph.edge_index.as_tensor().clone()
     edge_index[row, 5] = value
     with pytest.raises(ValueError, match=match):
         layer(graph.x, edge_index, graph.edge_type)
@@ -108,8 +108,8 @@ def test_target_ids_beyond_size(strided):
     """A strided graph's targets are checked against ``size[1]``: the output grid."""
     layer = GridConv2d(2, 3, 3, stride=2, padding=1)
     with pytest.raises(ValueError, match=r"edge_index\[1\] \(target node ids\) must lie in \[0, 4\)"):
-        layer(strided.x, strided.edge_index.clone(), strided.edge_type, size=(25, 4))
-    out = layer(strided.x, strided.edge_index.clone(), strided.edge_type, size=(25, 9))
+        layer(strided.x, strided.edge_index.as_tensor().clone(), strided.edge_type, size=(25, 4))
+    out = layer(strided.x, strided.edge_index.as_tensor().clone(), strided.edge_type, size=(25, 9))
     assert out.shape == (9, 3)
 
 
@@ -138,33 +138,49 @@ def test_edge_type_out_of_range(layer, graph, value):
 def test_edge_type_not_long_or_missing(layer, graph):
     with pytest.raises(TypeError, match=re.escape("expected edge_type of dtype torch.int64 (got torch.int32)")):
         layer(graph.x, graph.edge_index, graph.edge_type.int())
-    with pytest.raises(TypeError, match=re.escape("edge_type must be a torch.Tensor (got NoneType)")):
-        layer(graph.x, graph.edge_index, None)
+    with pytest.raises(ValueError, match=re.escape("edge_type is required with a plain edge_index")):
+        layer(graph.x, graph.edge_index.as_tensor(), None)
+    with pytest.raises(TypeError, match=re.escape("edge_type must be a torch.Tensor (got list)")):
+        layer(graph.x, graph.edge_index.as_tensor(), [0] * graph.edge_index.size(1))
+    torch.testing.assert_close(layer(graph.x, graph.edge_index, None), layer(graph.x, graph.edge_index, graph.edge_type))
 
 
 def test_edge_type_of_a_bigger_kernel(graph):
-    """A 5x5 graph's taps do not fit a 3x3 layer."""
+    """A 5x5 graph is refused by a 3x3 layer: by geometry as a pixel graph, by tap range as a plain edge list."""
     g5 = image_to_graph(graph.x.new_zeros(2, 2, 3, 4), kernel_size=5, padding=2)
+    layer = GridConv2d(2, 3, 3, padding=1)
+    with pytest.raises(ValueError, match=r"GridConv2d computes the convolution k3x3 s1x1 p1x1 d1x1 zeros, but this is "
+                                         r"the pixel graph of another one \(grid k5x5 s1x1 p2x2 d1x1 zeros"):
+        layer(g5.x, g5.edge_index, g5.edge_type)
     with pytest.raises(ValueError, match=r"edge_type must lie in \[0, 9\) for a \(3, 3\) kernel \(got values in "
                                          r"\[0, 2[0-9]\]\)"):
-        GridConv2d(2, 3, 3, padding=1)(g5.x, g5.edge_index, g5.edge_type)
+        layer(g5.x, g5.edge_index.as_tensor(), g5.edge_type)
 
 
-def test_smaller_kernel_graph_gives_the_same_on_both_paths(graph):
-    """A 3x3 graph fed to a 5x5 layer is legal message passing (taps 0..8 of 25); both paths agree."""
-    layer = GridConv2d(2, 3, 5, padding=2).double()
-    x = graph.x.double()
-    torch.testing.assert_close(layer(x, graph.edge_index, graph.edge_type),
-                               layer(x, graph.edge_index.clone(), graph.edge_type), rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("kwargs, name", [(dict(kernel_size=5, padding=2), "k5x5 s1x1 p2x2 d1x1"),
+                                          (dict(kernel_size=3, stride=2, padding=1), "k3x3 s2x2 p1x1 d1x1"),
+                                          (dict(kernel_size=3, dilation=2, padding=2), "k3x3 s1x1 p2x2 d2x2"),
+                                          (dict(kernel_size=3, padding=1, padding_mode="reflect"),
+                                           "k3x3 s1x1 p1x1 d1x1 reflect")])
+def test_layer_of_another_geometry_is_refused_naming_both(graph, kwargs, name):
+    """A stride-2, 5x5, dilated or reflect layer on a 3x3 stride-1 zero-padded graph: a ValueError naming both
+    geometries (before, each returned a plausible tensor that was not the convolution). As a plain edge list
+    (no pixel structure) the 3x3 graph is legal message passing for a 5x5 layer: taps 0..8 of 25."""
+    layer = GridConv2d(2, 3, **kwargs).double()
+    with pytest.raises(ValueError, match=re.escape(f"computes the convolution {name}")) as info:
+        layer(graph.x.double(), graph.edge_index, graph.edge_type)
+    assert "k3x3 s1x1 p1x1 d1x1 zeros" in str(info.value)
+    if kwargs["kernel_size"] == 5:
+        layer(graph.x.double(), graph.edge_index.as_tensor(), graph.edge_type)  # PyG semantics: no error
 
 
 # ------------------------------------------------------------------------------- size
 def test_bad_size(layer, graph):
-    with pytest.raises(ValueError, match=re.escape("size (24, 23) does not match the pixel graph's (N_in, N_out) = "
+    with pytest.raises(ValueError, match=re.escape("size (24, 23) does not match the pixel graph's (N_src, N_dst) = "
                                                    "(24, 24)")):
         layer(graph.x, graph.edge_index, graph.edge_type, size=(24, 23))
     with pytest.raises(ValueError, match=re.escape("size must be (num_src, num_dst) (got (24,))")):
-        layer(graph.x, graph.edge_index.clone(), graph.edge_type, size=(24,))
+        layer(graph.x, graph.edge_index.as_tensor().clone(), graph.edge_type, size=(24,))
 
 
 # ------------------------------------------------------------------------------- devices
@@ -179,10 +195,10 @@ def test_tensors_on_different_devices(graph):
         cpu_layer(graph.x, graph.edge_index, graph.edge_type.to("meta"))
     meta_layer = GridConv2d(2, 3, 3, padding=1, device="meta")
     x = graph.x.to("meta")
-    with pytest.raises(ValueError, match="x is on meta but edge_index is on cpu"):  # the neighbour-table path
+    with pytest.raises(ValueError, match="edge_index is on cpu but x is on meta"):  # the neighbour-table path
         meta_layer(x, graph.edge_index, graph.edge_type)
     with pytest.raises(ValueError, match="edge_index is on cpu but x is on meta"):  # the general path
-        meta_layer(x, graph.edge_index.clone(), graph.edge_type)
+        meta_layer(x, graph.edge_index.as_tensor().clone(), graph.edge_type)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -190,7 +206,7 @@ def test_tensors_on_cpu_and_cuda(graph):
     layer = GridConv2d(2, 3, 3, padding=1)
     with pytest.raises(ValueError, match="x is on cuda:0 but the layer's weight is on cpu"):
         layer(graph.x.cuda(), graph.edge_index, graph.edge_type)
-    with pytest.raises(ValueError, match="x is on cuda:0 but edge_index is on cpu"):
+    with pytest.raises(ValueError, match="edge_index is on cpu but x is on cuda:0"):
         layer.cuda()(graph.x.cuda(), graph.edge_index, graph.edge_type)
 
 

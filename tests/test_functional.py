@@ -1,6 +1,6 @@
-"""gridgraph.nn.functional: the neighbour-table fast path against nn.Conv2d, path by path.
+"""gridgraph.nn.functional and its kernels: the neighbour-table path against nn.Conv2d, branch by branch.
 
-Each configuration below is chosen to take one branch of ``table_conv``: the centre tap without a
+Each configuration below is chosen to take one branch of the grid kernels (:mod:`gridgraph.nn.kernels`): the centre tap without a
 gather, gather-then-GEMM, the reverse-table input gradient (zero and circular padding), the
 scatter-add input gradient (reflect/replicate padding, strided dense graphs), depthwise multiply-adds,
 grouped batched GEMMs, 1x1 graphs, batch 0; with tiny blocks so that block edges cut through the
@@ -12,10 +12,12 @@ import pytest
 import torch
 
 import gridgraph.nn.functional as functional
-from gridgraph import GridConv2d, clear_cache, image_to_graph, neighbour_table
+import gridgraph.nn.kernels as kernels
+from gridgraph import GridConv2d, clear_cache, grid_to_graph, image_to_graph
 from gridgraph.geometry import ConvGeometry
-from gridgraph.graph import _build_table, _edges, grid_edges
-from gridgraph.nn.functional import table_conv, table_plan
+from gridgraph.nn.functional import kernel_trace
+from gridgraph.pixel_graph import PixelEdgeIndex
+from gridgraph.structure import REGISTRY, GraphPart, _build_table
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -50,9 +52,11 @@ CONFIGS = [
 def _run_graph_layer(conv, images, dtype, device):
     layer = GridConv2d.from_conv2d(conv)
     g = image_to_graph(images, layer)
-    assert grid_edges(g.edge_index, g.edge_type) is not None, "the pixel graph lost its neighbour table"
+    assert isinstance(g.edge_index, PixelEdgeIndex), "the pixel graph lost its structure"
     x = g.x.detach().clone().requires_grad_()
-    out = layer(x, g.edge_index, g.edge_type)
+    with kernel_trace() as trace:
+        out = layer(x, g.edge_index, g.edge_type)
+    assert trace == ["grid"]
     return layer, g, x, out
 
 
@@ -62,8 +66,8 @@ def _run_graph_layer(conv, images, dtype, device):
 @pytest.mark.parametrize("block_bytes", [None, 256], ids=["one-block", "tiny-blocks"])
 def test_table_path_matches_conv2d(config, dtype, device, block_bytes, monkeypatch):
     if block_bytes is not None:
-        monkeypatch.setattr(functional, "CPU_BLOCK_BYTES", block_bytes)
-        monkeypatch.setattr(functional, "DEVICE_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(kernels, "CPU_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(kernels, "DEVICE_BLOCK_BYTES", block_bytes)
     c_in, c_out, k, s, p, d, groups, mode, batch, size = config
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(c_in, c_out, k, s, p, d, groups, bias=True, padding_mode=mode,
@@ -90,35 +94,40 @@ def test_table_path_equals_edge_list_path():
     torch.manual_seed(1)
     layer = GridConv2d(5, 7, 3, stride=2, padding=1, dtype=torch.float64)
     g = image_to_graph(torch.randn(2, 5, 9, 10, dtype=torch.float64), layer)
-    fast = layer(g.x, g.edge_index, g.edge_type)
-    plain_edges = g.edge_index.clone()  # a copy carries no table: the edge-list path
-    assert grid_edges(plain_edges, g.edge_type) is None
-    slow = layer(g.x, plain_edges, g.edge_type, size=g.size())
+    with kernel_trace() as trace:
+        fast = layer(g.x, g.edge_index, g.edge_type)
+        plain_edges = g.edge_index.as_tensor()  # the plain [2, E] tensor: no structure, the edge-list path
+        slow = layer(g.x, plain_edges, g.edge_type, size=g.size())
+    assert trace == ["grid", "edges"]
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
 
 
-def test_table_conv_direct_and_plan_cached():
-    geometry = ConvGeometry.from_keywords(2, kernel_size=3, padding=1)
-    table = neighbour_table(geometry, (4, 5))
-    plan = table_plan(table, 3)
-    assert table_plan(table, 3) is plan, "the index plan is built once per (graph, batch size)"
+def test_functional_conv_direct_and_plan_cached():
+    """functional.conv on a structure alone; the index plan is built once, kept in the one registry and
+    forgotten by clear_cache."""
     clear_cache()
-    assert table_plan(table, 3) is not plan, "clear_cache forgets the plans too"
-    plan = table_plan(table, 3)
-    gather = plan.forward(split_centre=True)
-    assert gather.index.dtype == torch.int32, "indices that fit are stored as int32"
-    assert gather.centre == 4 and 4 not in gather.taps, "the centre tap is not gathered"
-    assert plan.split_centre("elementwise") and not plan.split_centre("dense")
+    geometry = ConvGeometry.from_keywords(2, kernel_size=3, padding=1)
+    part = GraphPart.grid(geometry, (4, 5), 3)
     x = torch.randn(3 * 20, 2, dtype=torch.float64)
     weight = torch.randn(4, 2, 3, 3, dtype=torch.float64)
-    out = table_conv(x, table, 3, weight, None, 1)
+    out = functional.conv(x, part, weight)
+    plans = [k for k in REGISTRY._items if k[0] == "plan"]
+    assert plans, "the forward built an index plan"
+    entries, held = len(REGISTRY), REGISTRY.nbytes
+    functional.conv(x, part, weight)
+    assert (len(REGISTRY), REGISTRY.nbytes) == (entries, held), "the index plan is built once per structure"
+    gather = kernels._Part(part.key, torch.device("cpu")).forward(split_centre=True)
+    assert gather.index.dtype == torch.int32, "indices that fit are stored as int32"
+    assert gather.centre == 4 and 4 not in gather.taps, "the centre tap is not gathered"
     images = x.view(3, 4, 5, 2).permute(0, 3, 1, 2)
     ref = torch.nn.functional.conv2d(images, weight, padding=1)
     torch.testing.assert_close(out.view(3, 4, 5, 4).permute(0, 3, 1, 2), ref)
+    clear_cache()
+    assert len(REGISTRY) == 0 and REGISTRY.nbytes == 0
 
 
 def test_autograd_keeps_no_per_edge_tensors():
-    """The custom Function saves x and the weight, nothing of size E x C."""
+    """The operator saves x and the weight, nothing of size E x C."""
     layer = GridConv2d(4, 6, 3, padding=1)
     g = image_to_graph(torch.randn(2, 4, 8, 8), layer)
     x = g.x.clone().requires_grad_()
@@ -127,14 +136,21 @@ def test_autograd_keeps_no_per_edge_tensors():
     assert sum(t.numel() for t in saved) == x.numel() + layer.weight.numel()
 
 
-def test_double_backward_raises():
-    layer = GridConv2d(2, 3, 3, padding=1, dtype=torch.float64)
-    g = image_to_graph(torch.randn(1, 2, 5, 5, dtype=torch.float64), layer)
+def test_double_backward_equals_conv2d():
+    """A gradient penalty's gradient (double backward) equals nn.Conv2d's."""
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1, dtype=torch.float64)
+    layer = GridConv2d.from_conv2d(conv)
+    images = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    g = image_to_graph(images, layer)
     x = g.x.clone().requires_grad_()
-    out = layer(x, g.edge_index, g.edge_type)
-    (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        grad_x.sum().backward()
+    (grad_x,) = torch.autograd.grad(layer(x, g.edge_index).square().sum(), x, create_graph=True)
+    grad_x.square().sum().backward()
+    xr = images.clone().requires_grad_()
+    (grad_r,) = torch.autograd.grad(conv(xr).square().sum(), xr, create_graph=True)
+    grad_r.square().sum().backward()
+    torch.testing.assert_close(grad_x.view(1, 5, 5, 2).permute(0, 3, 1, 2), grad_r, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.weight.grad, conv.weight.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x.grad.view(1, 5, 5, 2).permute(0, 3, 1, 2), xr.grad, rtol=1e-10, atol=1e-10)
 
 
 def _reference_table(geometry, in_size):
@@ -187,7 +203,8 @@ def test_table_and_edges_against_brute_force(geometry):
     assert torch.equal(table.index, ref)
     assert table.complete == bool((ref >= 0).all())
     for batch in (1, 3):
-        edge_index, edge_type, edge_attr, pos, batch_vec = _edges(table, batch, torch.float32)
+        g = grid_to_graph(torch.zeros(batch, 1, *in_size), geo)
+        edge_index, edge_type, edge_attr, pos, batch_vec = g.edge_index, g.edge_type, g.edge_attr, g.pos, g.batch
         dst, tap = (ref >= 0).nonzero(as_tuple=True)  # target-major, taps ascending
         src = ref[dst, tap]
         e = src.numel()

@@ -16,7 +16,8 @@ from torch import nn
 import gridgraph
 from gridgraph import (ConvGeometry, GridConv2d, PixelGraph, clear_cache, graph_to_image, image_to_graph,
                        neighbour_table, to_networkx)
-from gridgraph.graph import grid_edges
+from gridgraph.nn.functional import kernel_trace
+from gridgraph.pixel_graph import PixelEdgeIndex, pixel_structure
 
 MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -196,14 +197,17 @@ def test_geometry_from_conv_or_layer_or_keywords():
 
 
 def test_graph_depends_only_on_geometry_and_size():
-    """Other pixel values, other weights: the same graph (the very same cached tensors)."""
+    """Other pixel values, other weights: the same graph (equal edges, each graph with tensors of its own)."""
     conv_a = nn.Conv2d(3, 4, 3, padding=1)
     conv_b = nn.Conv2d(3, 8, 3, padding=1, bias=False)
     g_a = image_to_graph(torch.randn(2, 3, 5, 5), conv_a)
     g_b = image_to_graph(torch.randn(2, 3, 5, 5) * 100, conv_b)
-    assert g_a.edge_index is g_b.edge_index and g_a.edge_type is g_b.edge_type
     g_c = image_to_graph(torch.randn(2, 3, 5, 5), kernel_size=3, padding=1)
-    assert g_c.edge_index is g_a.edge_index
+    for other in (g_b, g_c):
+        assert torch.equal(other.edge_index, g_a.edge_index) and torch.equal(other.edge_type, g_a.edge_type)
+        assert other.edge_index.structure == g_a.edge_index.structure
+        assert other.edge_index.as_tensor().data_ptr() != g_a.edge_index.as_tensor().data_ptr()
+        assert other.edge_type.data_ptr() != g_a.edge_type.data_ptr()
 
 
 def test_default_keywords_are_3x3_same():
@@ -298,36 +302,39 @@ def test_to_networkx_keeps_every_edge(mode):
 
 
 # ------------------------------------------------------------------------------- cache and tables
-def test_cache_returns_the_same_tensors():
+def test_every_graph_owns_its_tensors():
+    """Two calls give equal graphs that share no storage with each other or with the cache."""
     clear_cache()
     images = torch.randn(2, 3, 6, 5)
     g1 = image_to_graph(images, kernel_size=3, padding=1, padding_mode="reflect")
     g2 = image_to_graph(images.clone(), kernel_size=3, padding=1, padding_mode="reflect")
-    assert g1.edge_index is g2.edge_index and g1.edge_type is g2.edge_type and g1.edge_attr is g2.edge_attr
+    for a, b in ((g1.edge_index.as_tensor(), g2.edge_index.as_tensor()), (g1.edge_type, g2.edge_type),
+                 (g1.edge_attr, g2.edge_attr), (g1.pos, g2.pos)):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
     t1 = neighbour_table(g1.geometry, (6, 5))
-    assert neighbour_table(g1.geometry, (6, 5)) is t1 and g1.table is t1
-    g3 = image_to_graph(images[:1], kernel_size=3, padding=1, padding_mode="reflect")
-    assert g3.edge_index is not g1.edge_index  # another batch size, another edge list
-    g4 = image_to_graph(images, kernel_size=3, padding=1)
-    assert g4.edge_index is not g1.edge_index  # another geometry
+    t2 = neighbour_table(g1.geometry, (6, 5))
+    assert torch.equal(t1.index, t2.index) and t1.index.data_ptr() != t2.index.data_ptr()
+    assert torch.equal(g1.table.index, t1.index) and g1.table.index.data_ptr() != t1.index.data_ptr()
 
 
-def test_cache_is_invalidated_by_in_place_changes():
+def test_edits_never_reach_other_graphs_or_the_cache():
+    """In-place edits, also through aliases that skip the version counter (.data, numpy), stay in their graph."""
     clear_cache()
     images = torch.randn(2, 3, 4, 4)
     g1 = image_to_graph(images, kernel_size=3, padding=1)
-    want_index, want_type = g1.edge_index.clone(), g1.edge_type.clone()
+    want_index, want_type = g1.edge_index.as_tensor().clone(), g1.edge_type.clone()
     g1.edge_index[0].zero_()
+    g1.edge_type.data.fill_(4)  # .data: no version bump
+    g1.edge_type.numpy()[:] = 7  # numpy: no version bump
+    with pytest.raises(ValueError, match="read-only"):
+        g1.edge_index.numpy()[0, 0] = 3  # the edge list's numpy view is read-only
     g2 = image_to_graph(images, kernel_size=3, padding=1)
-    assert g2.edge_index is not g1.edge_index and torch.equal(g2.edge_index, want_index)
-    g2.edge_type.fill_(4)
-    g3 = image_to_graph(images, kernel_size=3, padding=1)
-    assert g3.edge_type is not g2.edge_type and torch.equal(g3.edge_type, want_type)
-    table = neighbour_table(g3.geometry, (4, 4))
+    assert torch.equal(g2.edge_index, want_index) and torch.equal(g2.edge_type, want_type)
+    table = neighbour_table(g2.geometry, (4, 4))
     want_table = table.index.clone()
     table.index.fill_(0)
-    fresh = neighbour_table(g3.geometry, (4, 4))
-    assert fresh is not table and torch.equal(fresh.index, want_table)
+    assert torch.equal(neighbour_table(g2.geometry, (4, 4)).index, want_table)
+    assert torch.equal(image_to_graph(images, kernel_size=3, padding=1).edge_index, want_index)
     clear_cache()
 
 
@@ -338,17 +345,19 @@ def test_layer_does_not_trust_an_edited_pixel_graph():
     layer = GridConv2d.from_conv2d(conv)
     images = torch.randn(2, 2, 4, 5, dtype=torch.float64)
     g = image_to_graph(images, conv)
-    assert grid_edges(g.edge_index, g.edge_type) is not None
+    assert pixel_structure(g.edge_index) is not None
     edited_type = g.edge_type
     edited_type[::2] = 4  # every other message now uses the centre tap's weight
-    assert grid_edges(g.edge_index, g.edge_type) is None
-    got = layer(g.x, g.edge_index, edited_type, size=g.size())
-    want = layer(g.x, g.edge_index.clone(), edited_type.clone(), size=g.size())  # the general path
+    assert pixel_structure(g.edge_index) is None
+    with kernel_trace() as trace:
+        got = layer(g.x, g.edge_index, edited_type, size=g.size())
+        want = layer(g.x, g.edge_index.as_tensor().clone(), edited_type.clone(), size=g.size())  # the general path
+    assert trace == ["edges", "edges"]
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    assert not torch.allclose(graph_to_image(got, g), conv(images))
+    assert not torch.allclose(graph_to_image(got, image_to_graph(images, conv)), conv(images))
     edited_index = image_to_graph(images, conv).edge_index
     edited_index[0] = edited_index[0].flip(0)
-    assert grid_edges(edited_index, image_to_graph(images, conv).edge_type) is None
+    assert pixel_structure(edited_index) is None
     clear_cache()
 
 
@@ -368,12 +377,14 @@ def test_cache_is_per_device(device):
     geometry = ConvGeometry.from_keywords(2, 3, padding=1)
     cpu = neighbour_table(geometry, (3, 3), "cpu")
     here = neighbour_table(geometry, (3, 3), device)
-    assert torch.equal(cpu.index, here.index.cpu())
-    assert (cpu is here) == (device.type == "cpu")
+    assert torch.equal(cpu.index, here.index.cpu()) and here.index.device.type == device.type
+    from gridgraph.structure import cached_table
+    assert (cached_table(geometry, (3, 3), "cpu") is cached_table(geometry, (3, 3), device)) == (device.type == "cpu")
 
 
 def test_pyg_batching_of_pixel_graphs():
-    """Two pixel graphs collated by PyG are one bigger graph: the layer (general path) gives Conv2d's output."""
+    """Two strided pixel graphs collated by PyG are one pixel graph: targets offset by the output node count,
+    the table kernels run, and graph_to_image gives the stacked images."""
     from torch_geometric.data import Batch
 
     conv = nn.Conv2d(2, 3, 3, stride=2, padding=1, padding_mode="reflect").double()
@@ -381,12 +392,10 @@ def test_pyg_batching_of_pixel_graphs():
     a, b = torch.randn(1, 2, 5, 4, dtype=torch.float64), torch.randn(2, 2, 5, 4, dtype=torch.float64)
     ga, gb = image_to_graph(a, conv), image_to_graph(b, conv)
     batch = Batch.from_data_list([ga, gb])
-    assert grid_edges(batch.edge_index, batch.edge_type) is None
-    n_dst = ga.num_dst + gb.num_dst
-    # PyG offsets targets by the number of *source* nodes; a strided graph needs them mapped back per image.
-    src, dst = batch.edge_index
-    image_of_edge = batch.batch[src]
-    dst = dst - batch.ptr[image_of_edge] + torch.tensor([0, ga.num_dst])[image_of_edge]
-    out = layer(batch.x, torch.stack([src, dst]), batch.edge_type, size=(batch.num_nodes, n_dst))
-    want = conv(torch.cat([a, b])).permute(0, 2, 3, 1).reshape(-1, 3)
-    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    assert isinstance(batch.edge_index, PixelEdgeIndex)
+    assert batch.size() == (ga.num_src + gb.num_src, ga.num_dst + gb.num_dst)
+    assert int(batch.edge_index[1].max()) == ga.num_dst + gb.num_dst - 1
+    with kernel_trace() as trace:
+        out = layer(batch.x, batch.edge_index, batch.edge_type, size=batch.size())
+    assert trace == ["grid"]
+    torch.testing.assert_close(graph_to_image(out, batch), conv(torch.cat([a, b])), rtol=1e-10, atol=1e-10)

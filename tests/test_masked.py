@@ -16,9 +16,9 @@ from torch.nn import functional as F
 
 from gridgraph import GridConv2d, graph_to_image, image_to_graph
 from gridgraph.domains import MaskedPixelGraph, SparseTable, sparse_to_graph
-from gridgraph.graph import grid_edges
+from gridgraph.nn.functional import kernel_trace
 from gridgraph.nn import DepthwiseConv2d, GridConv1d, GridConv3d, PointwiseConv2d, SeparableConv2d
-from _conv_reference import DTYPES, assert_matches, count_propagate, randomise_
+from _conv_reference import DTYPES, assert_matches, randomise_
 
 
 def reference_out_mask(mask: torch.Tensor, conv: nn.Module) -> torch.Tensor:
@@ -55,10 +55,10 @@ def run_masked(conv: nn.Module, layer: nn.Module, images: torch.Tensor, mask: to
     assert isinstance(g, MaskedPixelGraph)
     assert g.size() == (int(batch_mask.sum()), int(out_mask.sum()))
     assert torch.equal(g.out_mask, out_mask)
-    edge_index = g.edge_index if path == "table" else g.edge_index.clone()
-    calls = count_propagate(layer)
-    out = layer(g.x, edge_index, g.edge_type, size=g.size())
-    assert (calls() == 0) if path == "table" else (calls() >= 1), f"wrong computation path for {path!r}"
+    edge_index = g.edge_index if path == "table" else g.edge_index.as_tensor()
+    with kernel_trace() as trace:
+        out = layer(g.x, edge_index, g.edge_type, size=g.size())
+    assert trace == (["sparse"] if path == "table" else ["edges"]), f"wrong computation path for {path!r}: {trace}"
     image = graph_to_image(out, g, side="output")
     image.backward(grad_out)
     errors = {"forward": assert_matches(image.detach(), want, "forward output"),
@@ -126,7 +126,7 @@ def test_masked_equals_conv2d_on_zeroed_image(name, kwargs, c_in, c_out, batch, 
 def test_construction_without_dense_maps(name, monkeypatch):
     """The coordinate-only construction (sort, unique, binary search: what a huge, nearly empty grid uses)
     gives the same graph as the dense-map construction, and the same results."""
-    import gridgraph.domains as domains
+    import gridgraph.structure as domains
 
     _, kwargs, c_in, c_out, batch, h, w, occupancy, shared = next(c for c in CONFIGS if c[0] == name)
     conv = make(kwargs, c_in, c_out, torch.float64, "cpu")
@@ -295,7 +295,7 @@ def test_nodes_row_major_edges_between_active_pixels_only():
         (jr, jc), (ir, ic) = g.pos[j].tolist(), g.pos[i].tolist()
         assert t == (jr - ir + 1) * 3 + (jc - ic + 1)
     assert len(src) == 4 + 2 * 4  # 4 self-loops; pairs (0,2)-(1,1), (0,2)-(1,2), (1,1)-(1,2), (0,0)-(1,1)
-    assert grid_edges(g.edge_index, g.edge_type).num_images == 1
+    assert g.structure.parts[0].num_images == 1 and g.structure.parts[0].kind == "sparse"
     image = graph_to_image(g.x, g)
     assert torch.equal(image, torch.tensor([[[0.0, 0.0, 2.0], [0.0, 4.0, 5.0]]]))
 
@@ -367,7 +367,7 @@ def test_sparse_kernel_partial_gradients(frozen):
     fast = layer(x, g.edge_index, g.edge_type)
     wanted = [t for t in (x, layer.weight, layer.bias) if t.requires_grad]
     grads_fast = torch.autograd.grad(fast.square().sum(), wanted)
-    slow = layer(x, g.edge_index.clone(), g.edge_type, size=g.size())
+    slow = layer(x, g.edge_index.as_tensor().clone(), g.edge_type, size=g.size())
     grads_slow = torch.autograd.grad(slow.square().sum(), wanted)
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
     for a, b in zip(grads_fast, grads_slow):

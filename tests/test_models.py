@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from gridgraph.convert import ImageGridConv2d, convert, converted_layers
+from gridgraph.conversion import ImageGridConv2d, convert, converted_layers
 from gridgraph.models import REFERENCE_MODELS, reference_model
 
 NAMES = sorted(REFERENCE_MODELS)

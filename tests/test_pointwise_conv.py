@@ -50,7 +50,7 @@ def test_without_edges(dtype, device):
     for name in ("weight", "bias"):
         assert_matches(getattr(layer, name).grad, getattr(conv, name).grad, f"gradient of {name}")
     # With edges but no edge_type (every edge is tap 0), and with an explicit size.
-    assert_matches(graph_to_image(layer(g.x, g.edge_index.clone()), g), ref.detach(), "forward, no edge_type")
+    assert_matches(graph_to_image(layer(g.x, g.edge_index.as_tensor().clone()), g), ref.detach(), "forward, no edge_type")
     assert_matches(graph_to_image(layer(g.x, size=(30, 30)), g), ref.detach(), "forward, size")
 
 
@@ -124,8 +124,10 @@ def test_rejects_neighbours():
     g = image_to_graph(torch.randn(1, 2, 3, 3), kernel_size=3, padding=1)
     with pytest.raises(ValueError, match="self-loops only"):
         layer(g.x, g.edge_index, torch.zeros_like(g.edge_type))
-    with pytest.raises(ValueError, match=r"edge_type must lie in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"computes the convolution k1x1 .* pixel graph of another one \(grid k3x3"):
         layer(g.x, g.edge_index, g.edge_type)
+    with pytest.raises(ValueError, match=r"edge_type must lie in \[0, 1\)"):
+        layer(g.x, torch.arange(9).repeat(2, 1), torch.arange(9))
 
 
 @pytest.mark.parametrize("conv, match", [

@@ -14,7 +14,7 @@ from torch import nn
 
 from gridgraph import verify as verify_module
 from gridgraph.cli import main
-from gridgraph.convert import convert
+from gridgraph.conversion import convert
 from gridgraph.models import REFERENCE_MODELS
 from gridgraph.verify import ModelReport, check_model, load_model, verify_model, verify_reference_models
 

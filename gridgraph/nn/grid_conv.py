@@ -9,17 +9,102 @@ from torch import Tensor
 from torch.nn import Parameter, init
 from torch_geometric.nn import MessagePassing
 
-from ..geometry import ConvGeometry, _ntuple, check_conv_arguments
-from ..domains import SparseTable
-from ..graph import grid_edges
-from .functional import table_conv, tap_messages
-from .sparse_conv import sparse_table_conv
+from ..geometry import ConvGeometry, TransposedGeometry, _ntuple, check_conv_arguments
+from ..pixel_graph import PixelEdgeIndex, pixel_structure
+from ..structure import GraphPart
+from . import functional as F
+from .functional import EdgeList, tap_messages
 
-__all__ = ["GridConvNd", "GridConv2d", "GridConv1d", "GridConv3d"]
+__all__ = ["GridConvNd", "GridConv2d", "GridConv1d", "GridConv3d", "check_graph_inputs"]
 
 
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
+def check_graph_inputs(layer: Any, x: Tensor, edge_index: Any, edge_type: Any, size: Any,
+                       geometry: Any) -> "F.Structure":
+    """What :func:`~gridgraph.nn.functional.conv` should run ``layer`` on, checked.
+
+    A pixel graph's own ``edge_index`` (a :class:`~gridgraph.pixel_graph.PixelEdgeIndex`, intact) is its
+    structure: every graph in it must have ``geometry`` (else a ``ValueError`` naming both geometries), and
+    ``size`` / ``x`` must match its node counts; ``edge_type`` may be omitted. Anything else is a plain
+    edge list with PyG's semantics (each edge of type ``t`` adds ``W_t x_j``), checked for types, shapes
+    and ranges.
+    """
+    carried = pixel_structure(edge_index)
+    if carried is not None:
+        own = edge_type is None or edge_type is edge_index.edge_type or (
+            not torch.compiler.is_compiling() and isinstance(edge_type, Tensor) and
+            edge_type.shape == edge_index.edge_type.shape and edge_type.device == edge_index.device and
+            edge_type.dtype == torch.long and torch.equal(edge_type, edge_index.edge_type))
+        if own:
+            for part in carried.parts:
+                if part.geometry != geometry:
+                    raise ValueError(
+                        f"{type(layer).__name__} computes the convolution {geometry.describe()}, but this is the pixel "
+                        f"graph of another one ({part.describe()}); build the graph with "
+                        f"image_to_graph(image, layer) or use a layer of that geometry")
+            expected = (carried.num_src, carried.num_dst)
+            if size is not None and (len(size) != 2 or tuple(int(n) for n in size) != expected):
+                raise ValueError(f"size {tuple(size)} does not match the pixel graph's (N_src, N_dst) = {expected}")
+            if x.size(0) != expected[0]:
+                raise ValueError(f"expected x with {expected[0]} rows, the source nodes of this pixel graph "
+                                 f"(got {x.size(0)})")
+            if edge_index.device != x.device:
+                raise ValueError(f"edge_index is on {edge_index.device} but x is on {x.device}")
+            return edge_index
+        edge_index = edge_index.as_tensor()  # other taps on these edges: a plain typed graph
+    elif isinstance(edge_index, PixelEdgeIndex):
+        if edge_type is None:
+            edge_type = edge_index.edge_type
+        if size is None:
+            size = (edge_index.structure.num_src, edge_index.structure.num_dst)
+        edge_index = edge_index.as_tensor()  # edited in place: its current edges, as a plain graph
+    return _check_edges(layer, x, edge_index, edge_type, size)
+
+
+def _check_edges(layer: Any, x: Tensor, edge_index: Any, edge_type: Any, size: Any) -> EdgeList:
+    from torch_geometric import EdgeIndex
+
+    if isinstance(edge_index, EdgeIndex):
+        edge_index = edge_index.as_tensor()
+    if not isinstance(edge_index, Tensor):
+        raise TypeError(f"edge_index must be a torch.Tensor (got {type(edge_index).__name__})")
+    if edge_index.dtype != torch.long:
+        raise TypeError(f"expected edge_index of dtype torch.int64 (got {edge_index.dtype})")
+    if edge_index.dim() != 2 or edge_index.size(0) != 2:
+        raise ValueError(f"expected edge_index of shape [2, num_edges] (got {tuple(edge_index.shape)})")
+    if edge_index.device != x.device:
+        raise ValueError(f"edge_index is on {edge_index.device} but x is on {x.device}")
+    if edge_type is None:
+        raise ValueError("edge_type is required with a plain edge_index (only a pixel graph's own edge_index "
+                         "carries its taps)")
+    if not isinstance(edge_type, Tensor):
+        raise TypeError(f"edge_type must be a torch.Tensor (got {type(edge_type).__name__})")
+    if edge_type.dtype != torch.long:
+        raise TypeError(f"expected edge_type of dtype torch.int64 (got {edge_type.dtype})")
+    num_edges = edge_index.size(1)
+    if edge_type.dim() != 1 or edge_type.numel() != num_edges:
+        raise ValueError(f"expected edge_type of shape [{num_edges}], one tap per edge "
+                         f"(got {tuple(edge_type.shape)})")
+    if edge_type.device != x.device:
+        raise ValueError(f"edge_type is on {edge_type.device} but x is on {x.device}")
+    if size is None:
+        size = (x.size(0), x.size(0))
+    else:
+        if len(size) != 2:
+            raise ValueError(f"size must be (num_src, num_dst) (got {size!r})")
+        size = (int(size[0]), int(size[1]))
+        if size[0] != x.size(0):
+            raise ValueError(f"size[0] = {size[0]} must equal the number of rows of x ({x.size(0)})")
+    if num_edges and not torch.compiler.is_compiling():
+        lo, hi = edge_type.aminmax()
+        if lo < 0 or hi >= layer.num_taps:
+            raise ValueError(f"edge_type must lie in [0, {layer.num_taps}) for a {layer.kernel_size} kernel "
+                             f"(got values in [{int(lo)}, {int(hi)}])")
+        for row, name, n in ((0, "source", size[0]), (1, "target", size[1])):
+            lo, hi = edge_index[row].aminmax()
+            if lo < 0 or hi >= n:
+                raise ValueError(f"edge_index[{row}] ({name} node ids) must lie in [0, {n}) "
+                                 f"(got values in [{int(lo)}, {int(hi)}])")
+    return EdgeList(edge_index, edge_type, size[0], size[1])
 
 
 class GridConvNd(MessagePassing):
@@ -29,7 +114,9 @@ class GridConvNd(MessagePassing):
         \mathbf{x}'_i = \mathbf{b} + \sum_{(j \to i) \in \mathcal{E}} \mathbf{W}_{\tau(j \to i)} \mathbf{x}_j
 
     where :math:`\tau(j \to i)` is the edge's kernel tap and :math:`\mathbf{W}_t` the weight slice
-    ``weight[:, :, *tap]``, block-diagonal over ``groups``.
+    ``weight[:, :, *tap]``, block-diagonal over ``groups``. The geometry (``kernel_size``, ``stride``,
+    ``padding``, ``dilation``, ``padding_mode``) is read from the attributes at every call, as
+    ``nn.Conv2d`` reads them: editing ``layer.stride`` takes effect.
     """
 
     _ndim: int = 2
@@ -45,7 +132,7 @@ class GridConvNd(MessagePassing):
         padding = padding if isinstance(padding, str) else _ntuple(padding, n, "padding")
         dilation = _ntuple(dilation, n, "dilation")
         check_conv_arguments(in_channels, out_channels, stride, padding, groups, padding_mode)
-        self.geometry = ConvGeometry.from_keywords(n, kernel_size, stride, padding, dilation, padding_mode)
+        ConvGeometry.from_keywords(n, kernel_size, stride, padding, dilation, padding_mode)  # validates
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
@@ -72,102 +159,61 @@ class GridConvNd(MessagePassing):
                 init.uniform_(self.bias, -bound, bound)
 
     @property
+    def geometry(self) -> ConvGeometry:
+        """The :class:`~gridgraph.geometry.ConvGeometry` of the current ``kernel_size``, ``stride``,
+        ``padding``, ``dilation`` and ``padding_mode`` attributes."""
+        return ConvGeometry.from_keywords(self._ndim, self.kernel_size, self.stride, self.padding, self.dilation,
+                                          self.padding_mode)
+
+    @property
     def num_taps(self) -> int:
         """Number of kernel taps: the number of edge types this layer has a weight for."""
-        return self.geometry.num_taps
+        return math.prod(self.weight.shape[2:])
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor, edge_index: Tensor, edge_type: Tensor,
+    def forward(self, x: Tensor, edge_index: Optional[Tensor] = None, edge_type: Optional[Tensor] = None,
                 size: Optional[tuple[int, int]] = None) -> Tensor:
         """Args:
-            x (Tensor): source node features ``[N_in, C_in]``.
-            edge_index (Tensor): ``[2, E]`` long, row 0 sources, row 1 targets.
-            edge_type (Tensor): ``[E]`` long, the kernel tap of each edge, in ``[0, num_taps)``.
-            size (tuple[int, int], optional): ``(N_in, N_out)``; by default the pixel graph's own
-                size when ``edge_index`` comes from :func:`~gridgraph.image_to_graph`, else ``N_out = N_in``.
+            x (Tensor): source node features ``[N_src, C_in]``.
+            edge_index (Tensor): ``[2, E]`` long, row 0 sources, row 1 targets: a pixel graph's own
+                (which carries its structure: the neighbour-table kernels run) or any edge list.
+            edge_type (Tensor, optional): ``[E]`` long, the kernel tap of each edge, in ``[0, num_taps)``
+                (a pixel graph's own edge_index carries it: may be omitted).
+            size (tuple[int, int], optional): ``(N_src, N_dst)``; by default the pixel graph's own size,
+                else ``N_dst = N_src``.
 
         Returns:
-            Tensor: target node features ``[N_out, C_out]``.
+            Tensor: target node features ``[N_dst, C_out]``.
         """
-        self._check_x(x)
-        info = None if _is_compiling() else grid_edges(edge_index, edge_type)
-        if info is not None and info.table.num_taps > self.num_taps:
-            info = None  # a bigger kernel's graph: the general path's checks name the bad edge_type
-        if info is not None:
-            table, b = info.table, info.num_images
-            expected = (b * table.num_src, b * table.num_dst)
-            if x.size(0) != expected[0]:
-                raise ValueError(f"expected x with {expected[0]} rows, the source nodes of this pixel graph "
-                                 f"(got {x.size(0)})")
-            if size is not None and tuple(size) != expected:
-                raise ValueError(f"size {tuple(size)} does not match the pixel graph's (N_in, N_out) = {expected}")
-            if table.device != x.device:
-                raise ValueError(f"x is on {x.device} but edge_index is on {table.device}")
-            if isinstance(table, SparseTable):  # a masked / sparse domain: per-tap edge lists
-                return sparse_table_conv(x, table, self.weight, self.bias, self.groups)
-            return table_conv(x, table, b, self.weight, self.bias, self.groups)
-        size = self._check_edges(x, edge_index, edge_type, size)
-        out = self.propagate(edge_index, x=x, edge_type=edge_type, size=size)
-        if self.bias is not None:
-            out = out + self.bias
-        return out
+        self._check_x(x, edge_index)
+        structure = check_graph_inputs(self, x, edge_index, edge_type, size, self.geometry)
+        return F.conv(x, structure, self.weight, self.bias, self.groups)
 
     def message(self, x_j: Tensor, edge_type: Tensor) -> Tensor:
+        """The message of every edge, for ``MessagePassing.propagate`` (the forward calls the kernels directly)."""
         return tap_messages(x_j, edge_type, self.weight, self.groups)
 
     # ------------------------------------------------------------------ validation
-    def _check_x(self, x: Any) -> None:
+    def _check_x(self, x: Any, edge_index: Any = ...) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor (got {type(x).__name__})")
+        if edge_index is None and x.dim() != 2:
+            raise TypeError(
+                f"{type(self).__name__} computes on a pixel graph, not on an image: call it as "
+                f"layer(g.x, g.edge_index, g.edge_type, size=g.size()) with g = image_to_graph(image, layer), or "
+                f"use gridgraph.convert(model) / Image{type(self).__name__}.from_conv{self._ndim}d(conv) for a "
+                f"drop-in module that takes images (got x of shape {tuple(x.shape)} and no edge_index)")
         if x.dim() != 2:
             raise ValueError(f"expected x of shape [num_nodes, {self.in_channels}]: 2 dims "
                              f"(got a {x.dim()}-dim tensor of shape {tuple(x.shape)})")
         if x.size(1) != self.in_channels:
             raise ValueError(f"expected x with {self.in_channels} channels (got {x.size(1)})")
-        if x.dtype != self.weight.dtype:
+        if edge_index is None:
+            raise TypeError(f"{type(self).__name__}.forward() needs edge_index: the graph to compute on")
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"expected x of dtype {self.weight.dtype}, the layer's dtype (got {x.dtype})")
         if x.device != self.weight.device:
             raise ValueError(f"x is on {x.device} but the layer's weight is on {self.weight.device}")
-
-    def _check_edges(self, x: Tensor, edge_index: Any, edge_type: Any,
-                     size: Optional[tuple[int, int]]) -> tuple[int, int]:
-        if not isinstance(edge_index, Tensor):
-            raise TypeError(f"edge_index must be a torch.Tensor (got {type(edge_index).__name__})")
-        if edge_index.dtype != torch.long:
-            raise TypeError(f"expected edge_index of dtype torch.int64 (got {edge_index.dtype})")
-        if edge_index.dim() != 2 or edge_index.size(0) != 2:
-            raise ValueError(f"expected edge_index of shape [2, num_edges] (got {tuple(edge_index.shape)})")
-        if edge_index.device != x.device:
-            raise ValueError(f"edge_index is on {edge_index.device} but x is on {x.device}")
-        if not isinstance(edge_type, Tensor):
-            raise TypeError(f"edge_type must be a torch.Tensor (got {type(edge_type).__name__})")
-        if edge_type.dtype != torch.long:
-            raise TypeError(f"expected edge_type of dtype torch.int64 (got {edge_type.dtype})")
-        num_edges = edge_index.size(1)
-        if edge_type.dim() != 1 or edge_type.numel() != num_edges:
-            raise ValueError(f"expected edge_type of shape [{num_edges}], one tap per edge "
-                             f"(got {tuple(edge_type.shape)})")
-        if edge_type.device != x.device:
-            raise ValueError(f"edge_type is on {edge_type.device} but x is on {x.device}")
-        if size is None:
-            size = (x.size(0), x.size(0))
-        else:
-            if len(size) != 2:
-                raise ValueError(f"size must be (num_src, num_dst) (got {size!r})")
-            size = (int(size[0]), int(size[1]))
-            if size[0] != x.size(0):
-                raise ValueError(f"size[0] = {size[0]} must equal the number of rows of x ({x.size(0)})")
-        if num_edges and not _is_compiling():
-            lo, hi = edge_type.aminmax()
-            if lo < 0 or hi >= self.num_taps:
-                raise ValueError(f"edge_type must lie in [0, {self.num_taps}) for a {self.kernel_size} kernel "
-                                 f"(got values in [{int(lo)}, {int(hi)}])")
-            for row, name, n in ((0, "source", size[0]), (1, "target", size[1])):
-                lo, hi = edge_index[row].aminmax()
-                if lo < 0 or hi >= n:
-                    raise ValueError(f"edge_index[{row}] ({name} node ids) must lie in [0, {n}) "
-                                     f"(got values in [{int(lo)}, {int(hi)}])")
-        return size
 
     # ------------------------------------------------------------------ conversion and repr
     def _torch_conv_class(self):

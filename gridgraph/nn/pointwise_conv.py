@@ -6,8 +6,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .functional import apply_tap, tap_weights
-from .grid_conv import GridConv2d, _is_compiling
+from ..pixel_graph import pixel_structure
+from ..structure import GraphPart
+from . import functional as F
+from .grid_conv import GridConv2d
 
 __all__ = ["PointwiseConv2d"]
 
@@ -65,20 +67,33 @@ class PointwiseConv2d(GridConv2d):
 
     def forward(self, x: Tensor, edge_index: Optional[Tensor] = None, edge_type: Optional[Tensor] = None,
                 size: Optional[tuple[int, int]] = None) -> Tensor:
+        """Without ``edge_index``, the self-loop graph of ``x``'s rows (a 1x1 convolution on a ``1 x N`` grid);
+        with one, that graph (a pixel graph of this 1x1 geometry, or self-loops only)."""
+        if not isinstance(x, Tensor) or x.dim() != 2 or edge_index is not None:
+            own = pixel_structure(edge_index) is not None and (edge_type is None or edge_type is edge_index.edge_type)
+            if isinstance(edge_index, Tensor) and not own:
+                if _has_neighbour_edges(edge_index):
+                    raise ValueError("PointwiseConv2d takes self-loops only (edge_index[0] == edge_index[1]): a 1x1 "
+                                     "convolution cannot see its neighbours; use GridConv2d for a k x k graph")
+                if edge_type is None and edge_index.dim() == 2:
+                    edge_type = torch.zeros(edge_index.size(-1), dtype=torch.long, device=edge_index.device)
+            return super().forward(x, edge_index, edge_type, size)
         self._check_x(x)
-        if edge_index is None:
-            if edge_type is not None:
-                raise ValueError("edge_type given without edge_index")
-            if size is not None and tuple(size) != (x.size(0), x.size(0)):
-                raise ValueError(f"a pointwise layer maps each node to itself: size must be "
-                                 f"({x.size(0)}, {x.size(0)}) (got {tuple(size)})")
-            # The self-loop graph: node i's one message is its own features.
-            out = apply_tap(x, tap_weights(self.weight, self.groups)[0])
-            return out if self.bias is None else out + self.bias
-        if edge_type is None and isinstance(edge_index, Tensor):
-            edge_type = torch.zeros(edge_index.size(-1), dtype=torch.long, device=edge_index.device)
-        size = self._check_edges(x, edge_index, edge_type, size)
-        if not _is_compiling() and edge_index.size(1) and bool((edge_index[0] != edge_index[1]).any()):
-            raise ValueError("PointwiseConv2d takes self-loops only (edge_index[0] == edge_index[1]): a 1x1 "
-                             "convolution cannot see its neighbours; use GridConv2d for a k x k graph")
-        return super().forward(x, edge_index, edge_type, size)
+        if edge_type is not None:
+            raise ValueError("edge_type given without edge_index")
+        if size is not None and tuple(size) != (x.size(0), x.size(0)):
+            raise ValueError(f"a pointwise layer maps each node to itself: size must be "
+                             f"({x.size(0)}, {x.size(0)}) (got {tuple(size)})")
+        # The self-loop graph: node i's one message is its own features (N images of one pixel).
+        part = GraphPart.grid(self.geometry, (1, 1), x.size(0))
+        return F.conv(x, part, self.weight, self.bias, self.groups)
+
+
+def _has_neighbour_edges(edge_index: Tensor) -> bool:
+    """True when a plain edge list joins some node to another node (not only self-loops)."""
+    from torch_geometric import EdgeIndex
+
+    data = edge_index.as_tensor() if isinstance(edge_index, EdgeIndex) else edge_index
+    if torch.compiler.is_compiling() or data.dim() != 2 or data.size(0) != 2 or not data.size(1):
+        return False
+    return bool((data[0] != data[1]).any())

@@ -9,11 +9,12 @@ from torch import Tensor
 from torch.nn import Parameter, init
 from torch_geometric.nn import MessagePassing
 
-from ..domains import TransposedGeometry, transposed_table
-from ..geometry import _ntuple, check_conv_arguments
-from ..graph import NeighbourTable, grid_edges
-from .functional import table_conv, tap_messages
-from .grid_conv import GridConvNd, _is_compiling
+from ..geometry import TransposedGeometry, _ntuple, check_conv_arguments
+from ..pixel_graph import node_features
+from ..structure import GraphPart
+from . import functional as F
+from .functional import tap_messages
+from .grid_conv import GridConvNd, check_graph_inputs
 
 __all__ = ["GridConvTransposeNd", "GridConvTranspose1d", "GridConvTranspose2d", "GridConvTranspose3d",
            "ImageGridConvTranspose1d", "ImageGridConvTranspose2d", "ImageGridConvTranspose3d"]
@@ -50,8 +51,7 @@ class GridConvTransposeNd(MessagePassing):
         output_padding = _ntuple(output_padding, n, "output_padding")
         dilation = _ntuple(dilation, n, "dilation")
         check_conv_arguments(in_channels, out_channels, stride, padding, groups, padding_mode)
-        self.transposed_geometry = TransposedGeometry.from_keywords(n, kernel_size, stride, padding,
-                                                                    output_padding, dilation)
+        TransposedGeometry.from_keywords(n, kernel_size, stride, padding, output_padding, dilation)  # validates
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
@@ -72,8 +72,14 @@ class GridConvTransposeNd(MessagePassing):
     reset_parameters = GridConvNd.reset_parameters  # the same init as nn.ConvTransposeNd (fan-in from dim 1)
 
     @property
+    def transposed_geometry(self) -> TransposedGeometry:
+        """The :class:`~gridgraph.geometry.TransposedGeometry` of the current attributes (read at every call)."""
+        return TransposedGeometry.from_keywords(self._ndim, self.kernel_size, self.stride, self.padding,
+                                                self.output_padding, self.dilation)
+
+    @property
     def num_taps(self) -> int:
-        return self.transposed_geometry.num_taps
+        return math.prod(self.weight.shape[2:])
 
     def conv_weight(self) -> Tensor:
         """``weight`` ``(C_in, C_out/G, *k)`` read as the convolution weight ``(C_out, C_in/G, *k)`` of the
@@ -84,37 +90,23 @@ class GridConvTransposeNd(MessagePassing):
         return w.reshape(g * c_out_g, c_in // g, *self.kernel_size)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor, edge_index: Tensor, edge_type: Tensor,
+    def forward(self, x: Tensor, edge_index: Optional[Tensor] = None, edge_type: Optional[Tensor] = None,
                 size: Optional[tuple[int, int]] = None) -> Tensor:
         """Args:
             x (Tensor): source node features ``[N_in, C_in]`` (the input grid's pixels).
-            edge_index (Tensor): ``[2, E]`` long, row 0 sources, row 1 targets (output grid pixels).
-            edge_type (Tensor): ``[E]`` long, the kernel tap of each edge.
+            edge_index (Tensor): ``[2, E]`` long, row 0 sources, row 1 targets (output grid pixels): the
+                graph's own (it carries its structure) or any edge list.
+            edge_type (Tensor, optional): ``[E]`` long, the kernel tap of each edge (a transposed pixel
+                graph's own edge_index carries it).
             size (tuple[int, int], optional): ``(N_in, N_out)``; by default the graph's own size when
                 ``edge_index`` comes from :func:`~gridgraph.transposed_image_to_graph`, else ``N_out = N_in``.
 
         Returns:
             Tensor: target node features ``[N_out, C_out]``.
         """
-        GridConvNd._check_x(self, x)
-        info = None if _is_compiling() else grid_edges(edge_index, edge_type)
-        if info is not None and (info.table.num_taps != self.num_taps or not isinstance(info.table, NeighbourTable)):
-            info = None  # another kernel's graph, or a sparse one: the general path checks and computes it
-        if info is not None:
-            table, b = info.table, info.num_images
-            expected = (b * table.num_src, b * table.num_dst)
-            if x.size(0) != expected[0]:
-                raise ValueError(f"expected x with {expected[0]} rows, the source nodes of this graph (got {x.size(0)})")
-            if size is not None and tuple(size) != expected:
-                raise ValueError(f"size {tuple(size)} does not match the graph's (N_in, N_out) = {expected}")
-            if table.device != x.device:
-                raise ValueError(f"x is on {x.device} but edge_index is on {table.device}")
-            return table_conv(x, table, b, self.conv_weight(), self.bias, self.groups)
-        size = GridConvNd._check_edges(self, x, edge_index, edge_type, size)
-        out = self.propagate(edge_index, x=x, edge_type=edge_type, size=size, weight=self.conv_weight())
-        if self.bias is not None:
-            out = out + self.bias
-        return out
+        GridConvNd._check_x(self, x, edge_index)
+        structure = check_graph_inputs(self, x, edge_index, edge_type, size, self.transposed_geometry)
+        return F.conv(x, structure, self.conv_weight(), self.bias, self.groups)
 
     def message(self, x_j: Tensor, edge_type: Tensor, weight: Tensor) -> Tensor:
         return tap_messages(x_j, edge_type, weight, self.groups)
@@ -291,12 +283,6 @@ class GridConvTranspose3d(GridConvTransposeNd):
         return self._to_torch()
 
 
-@torch.compiler.disable
-def _table(geometry: TransposedGeometry, grid: tuple[int, ...], device: torch.device):
-    """The cached table; under ``torch.compile`` a plain call outside the traced graph (the cache is Python)."""
-    return transposed_table(geometry, grid, device)
-
-
 class _ImageGridConvTranspose:
     """Mixin: the image-in, image-out ``forward`` of an ``nn.ConvTransposeNd`` twin (any number of dimensions).
 
@@ -309,7 +295,7 @@ class _ImageGridConvTranspose:
 
     def forward(self, input: Tensor, edge_index: Any = None, edge_type: Optional[Tensor] = None,
                 size: Optional[tuple[int, int]] = None, output_size: Any = None) -> Tensor:
-        if edge_type is not None:
+        if edge_type is not None or (isinstance(edge_index, Tensor) and edge_index.dim() == 2):
             return super().forward(input, edge_index, edge_type, size)  # type: ignore[misc]
         if edge_index is not None:  # nn.ConvTransposeNd's positional output_size
             output_size = edge_index
@@ -325,11 +311,10 @@ class _ImageGridConvTranspose:
         batched = input.dim() == n + 2
         images = input if batched else input.unsqueeze(0)
         num_images, channels, *grid = images.shape
-        geometry = self._geometry_for(tuple(grid), output_size)
-        table = _table(geometry, tuple(grid), images.device)
-        x = images.permute(0, *range(2, n + 2), 1).reshape(num_images * table.num_src, channels)
-        out = table_conv(x, table, num_images, self.conv_weight(), self.bias, self.groups)
-        out = out.view(num_images, *table.out_size, out.size(1)).permute(0, n + 1, *range(1, n + 1)).contiguous()
+        part = GraphPart.grid(self._geometry_for(tuple(grid), output_size), grid, num_images, batched)
+        out = F.conv(node_features(images), part, self.conv_weight(), self.bias, self.groups)
+        out_size = part.out_size
+        out = out.view(num_images, *out_size, out.size(1)).permute(0, n + 1, *range(1, n + 1)).contiguous()
         return out if batched else out[0]
 
     def _geometry_for(self, grid: tuple[int, ...], output_size: Any) -> TransposedGeometry:

@@ -20,20 +20,14 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .graph import neighbour_table
-from .nn.functional import table_conv
+from .pixel_graph import node_features
+from .structure import GraphPart
+from .nn import functional as F
 from .nn.grid_conv import GridConv1d, GridConv2d, GridConv3d, GridConvNd
 from .nn.transposed_conv import ImageGridConvTranspose1d, ImageGridConvTranspose2d, ImageGridConvTranspose3d
 
 __all__ = ["ImageGridConv2d", "ImageGridConv1d", "ImageGridConv3d", "CONVERSIONS", "convert", "unconvert",
            "converted_layers"]
-
-
-@torch.compiler.disable
-def _table(geometry, grid, device):
-    """The cached neighbour table; under ``torch.compile`` a plain call outside the traced graph (the
-    cache's lock and bookkeeping are Python, not tensor code)."""
-    return neighbour_table(geometry, grid, device)
 
 
 class _ImageGridConv:
@@ -51,12 +45,11 @@ class _ImageGridConv:
             return super().forward(input, edge_index, edge_type, size)  # type: ignore[misc]
         images, batched = self._check_image(input)
         num_images, channels, *grid = images.shape
-        table = _table(self.geometry, tuple(grid), images.device)  # type: ignore[attr-defined]
+        part = GraphPart.grid(self.geometry, grid, num_images, batched)  # type: ignore[attr-defined]
         n = self._ndim
         # Node features [B*N_in, C]: a view when the image is channels-last in memory, else one copy.
-        x = images.permute(0, *range(2, n + 2), 1).reshape(num_images * table.num_src, channels)
-        out = table_conv(x, table, num_images, self.weight, self.bias, self.groups)  # type: ignore[attr-defined]
-        out = out.view(num_images, *table.out_size, out.size(1)).permute(0, n + 1, *range(1, n + 1))
+        out = F.conv(node_features(images), part, self.weight, self.bias, self.groups)  # type: ignore[attr-defined]
+        out = out.view(num_images, *part.out_size, out.size(1)).permute(0, n + 1, *range(1, n + 1))
         if not (n == 2 and images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()):
             out = out.contiguous()  # Conv2d's layout: contiguous, unless the input was channels-last
         return out if batched else out[0]
@@ -77,7 +70,7 @@ class _ImageGridConv:
             raise ValueError(f"{name}: expected input with {self.in_channels} channels "  # type: ignore[attr-defined]
                              f"(got {channels} channels, input of shape {tuple(input.shape)})")
         weight = self.weight  # type: ignore[attr-defined]
-        if input.dtype != weight.dtype:
+        if input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type):
             raise TypeError(f"{name}: expected input of dtype {weight.dtype}, the layer's dtype (got {input.dtype})")
         if input.device != weight.device:
             raise ValueError(f"{name}: input is on {input.device} but the layer's weight is on {weight.device}")
@@ -182,41 +175,81 @@ def _copy_model(model: nn.Module) -> nn.Module:
 
 def _replace(model: nn.Module, make, what: str) -> tuple[nn.Module, list[str]]:
     """Replace, in place, every submodule for which ``make(module)`` returns a module (shared modules
-    stay shared). Returns the (possibly new) root and the qualified names replaced."""
+    stay shared), carrying each one's buffers, extra attributes and hooks over (:func:`_carry_state`).
+    Returns the (possibly new) root and the qualified names replaced."""
     done: dict[int, nn.Module] = {}
     names: list[str] = []
-    hooked: list[str] = []
+    lost: list[str] = []
     for name, module in list(model.named_modules(remove_duplicate=False)):
         for child_name, child in list(module._modules.items()):
             if child is None:
                 continue
+            qualified = f"{name}.{child_name}" if name else child_name
             new = done.get(id(child))
             if new is None:
                 new = make(child)
                 if new is None:
                     continue
                 done[id(child)] = new
-                if _has_hooks(child):
-                    hooked.append(f"{name}.{child_name}" if name else child_name)
+                lost += [f"{qualified}.{a}" for a in _carry_state(child, new)]
             module._modules[child_name] = new
-            names.append(f"{name}.{child_name}" if name else child_name)
+            names.append(qualified)
     root = model
     new_root = make(model)
     if new_root is not None:
-        if _has_hooks(model):
-            hooked.append("(the model itself)")
+        lost += [f"(the model itself).{a}" for a in _carry_state(model, new_root)]
         root = new_root
         names.insert(0, "")
-    if hooked:
-        warnings.warn(f"{what}: hooks registered on {', '.join(sorted(set(hooked)))} were not carried over to "
-                      "the replacement modules; register them again if you need them", UserWarning, stacklevel=3)
+    if lost:
+        warnings.warn(f"{what}: could not carry over {', '.join(sorted(set(lost)))}: the replacement module has "
+                      "attributes of those names itself", UserWarning, stacklevel=3)
     return root, names
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return any(len(getattr(module, attr, {})) for attr in (
-        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-        "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"))
+_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+          "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+          "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+_FRESH: dict[type, nn.Module] = {}
+
+
+def _fresh(cls: type) -> nn.Module:
+    """A module of ``cls`` as its constructor builds it: what it holds is not the user's own."""
+    module = _FRESH.get(cls)
+    if module is None:
+        module = _FRESH[cls] = cls(1, 1, 1, device="meta")
+    return module
+
+
+def _carry_state(old: nn.Module, new: nn.Module) -> list[str]:
+    """Move what ``old`` holds beyond a fresh module of its class onto ``new``: buffers (persistent or
+    not), parameters other than ``weight``/``bias``, submodules, hooks (the same dicts, so their handles
+    still remove them) and plain attributes (e.g. ``qconfig``). Returns the names it could not move."""
+    lost = []
+    fresh = _fresh(type(old))
+    for name, buffer in old._buffers.items():
+        if name not in fresh._buffers:
+            new._buffers[name] = buffer
+            if name in old._non_persistent_buffers_set:
+                new._non_persistent_buffers_set.add(name)
+    for name, param in old._parameters.items():
+        if name not in fresh._parameters:
+            new._parameters[name] = param
+    for name, module in old._modules.items():
+        if name not in fresh._modules:
+            new._modules[name] = module
+    for attr in _HOOKS:
+        hooks = old.__dict__.get(attr)
+        if hooks:
+            new.__dict__[attr] = hooks
+    own, twin_keys = frozenset(vars(fresh)), set(vars(new)) | set(dir(type(new)))
+    for key, value in vars(old).items():
+        if key in own or key in _HOOKS:
+            continue
+        if key in twin_keys:
+            lost.append(key)
+            continue
+        new.__dict__[key] = value
+    return lost
 
 
 def _check_model(model: Any, name: str) -> None:

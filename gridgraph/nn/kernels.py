@@ -1,0 +1,639 @@
+"""The computing kernels of the graph layers: plain tensor code, no autograd (see :mod:`gridgraph.nn.ops`).
+
+Every layer computes the same sum, ``x'_i = b + sum over edges (j -> i) of W[:, :, tap(j -> i)] x_j``, with
+``W`` block-diagonal over ``groups``. Its three bilinear maps are the forward ``F(x, W)``, the input
+gradient ``Ft(g, W)`` (the adjoint in ``x``: ``Ft(g, W)_j = sum over edges (j -> i) of W_tap^T g_i``) and
+the weight gradient ``G(x, g)`` (``G_t = sum over edges of tap t of g_i x_j^T``). None conjugates: the
+autograd formulas pass conjugates where complex numbers need them. Two layouts of the edges:
+
+**Grid kernels** (a pixel graph whose edges follow from its geometry: at most one edge per (target, tap),
+a fixed-slot table ``index[i, t]``). They run block by block of targets (a block's temporaries stay in
+cache and are reused, so nothing of size ``E x C`` is ever allocated):
+
+* ``F``: gather the block's ``S`` source rows per target into one buffer ``[n, S*C_in]`` (absent edges
+  zeroed), then one GEMM with the taps' weights stacked ``[S*C_in, C_out]`` (bias fused); when ``C_out``
+  is much smaller than ``C_in`` (``2*T*C_out <= C_in``), transform-then-gather instead (one GEMM gives
+  each source's message for every tap; targets gather and sum ``C_out``-wide messages). Depthwise weights
+  mix by a per-tap multiply-add, other groupings by a batched GEMM. In a stride-1 graph whose grids
+  coincide, the centre tap reads the target's own row: depthwise and 1x1 layers take it from ``x``
+  without a gather.
+* ``Ft``: the same gather-then-GEMM on the *reverse* table (``rev[j, t]`` = the target that reads source
+  ``j`` through tap ``t``) with the weights transposed, where that table has one slot per (source, tap)
+  (zero and circular padding); sources are split by stride phase so a strided graph gathers only the taps
+  that reach each phase. Reflect and replicate padding (a border pixel can feed one target twice through
+  one tap) and strided dense graphs use a blocked scatter-add.
+* ``G``: re-gathers the same blocks (``g^T @ cols``).
+
+**Edge kernels** (any edge list: a masked or sparse pixel graph, or a plain graph): per tap, the pairs
+``(src, dst)`` it joins, a gather of the sources, one GEMM with the tap's weight and an add into the
+targets. A tap that joins every node to itself (the centre of a submanifold graph) is one GEMM on ``x``.
+Work and memory scale with the edges; temporaries are one tap's ``[E_t, C]`` at a time.
+
+The index tensors (batched gather indices, int32 where they fit, hole positions, reverse tables, per-tap
+pairs) are built once per structure and kept in :data:`~gridgraph.structure.REGISTRY`. No convolution or
+unfold primitive appears here: gathers, GEMMs and scatters only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..structure import REGISTRY, NeighbourTable, cached_table, parse_key, tensor_bytes
+
+__all__ = ["tap_weights", "apply_tap", "grid_forward", "grid_input_grad", "grid_weight_grad", "edge_forward",
+           "edge_input_grad", "edge_weight_grad", "CPU_BLOCK_BYTES", "DEVICE_BLOCK_BYTES"]
+
+#: Bytes of gathered rows per block on CPU (fits the caches; one buffer reused across blocks).
+CPU_BLOCK_BYTES = 8 << 20
+#: Bytes of gathered rows per block on an accelerator (few, large blocks: kernel launches cost more).
+DEVICE_BLOCK_BYTES = 512 << 20
+
+
+def tap_weights(weight: Tensor, groups: int) -> Tensor:
+    """``weight`` ``(C_out, C_in/groups, *kernel)`` as ``[num_taps, groups, C_out/groups, C_in/groups]``."""
+    c_out, c_in_g = weight.shape[:2]
+    return weight.reshape(groups, c_out // groups, c_in_g, -1).permute(3, 0, 1, 2)
+
+
+def apply_tap(x: Tensor, w: Tensor) -> Tensor:
+    """Mix channels of ``x`` ``[..., C_in]`` with one tap's block-diagonal weight ``[G, C_out/G, C_in/G]``."""
+    groups, c_out_g, c_in_g = w.shape
+    if groups == 1:
+        return x @ w[0].t()
+    if c_in_g == 1 and c_out_g == 1:  # depthwise: a per-channel scale
+        return x * w.view(groups)
+    lead = x.shape[:-1]
+    xg = x.reshape(-1, groups, c_in_g).transpose(0, 1)  # [G, n, C_in/G]
+    out = torch.bmm(xg, w.transpose(1, 2))  # [G, n, C_out/G]
+    return out.transpose(0, 1).reshape(*lead, groups * c_out_g)
+
+
+def _hole_values(m_taps: Tensor) -> Tensor:
+    """``[T, G*b]``: what one absent edge of each tap adds, ``M_t^T 0``: zero, or NaN where the tap's weights
+    hold an Inf or NaN (``nn.Conv2d`` multiplies zero padding by its weights: ``Inf * 0 = NaN``)."""
+    t, g, a, b = m_taps.shape
+    return (m_taps * 0).sum(2).reshape(t, g * b)
+
+
+def _all_finite(t: Tensor) -> bool:
+    return bool(torch.isfinite(t).all()) if (t.is_floating_point() or t.is_complex()) else True
+
+
+# ------------------------------------------------------------------------------------ index plans
+class _Gather:
+    """A blocked gather: output row ``r`` reads source rows ``index[r, :]`` (``slots`` of them).
+
+    ``index`` is stored flat (``[rows * slots]``, int32 when the ids fit) with absent entries
+    replaced by row 0; ``holes`` lists their flat positions, zeroed after each gather.
+    ``taps`` names the kernel tap of each slot; ``centre`` is the tap (if any) that reads the
+    output row's own id, handled without a gather; ``rows`` are the output rows (None: ``0..n-1``).
+    """
+
+    def __init__(self, index: Tensor, taps: list[int], centre: Optional[int], rows: Optional[Tensor],
+                 num_src: int) -> None:
+        num_rows, slots = index.shape
+        holes = index < 0
+        self.num_rows, self.slots, self.taps, self.centre, self.rows = num_rows, slots, taps, centre, rows
+        flat = index.masked_fill(holes, 0).reshape(-1)
+        self.index = flat.to(torch.int32) if num_src < 2 ** 31 - 1 else flat
+        self.holes = holes.reshape(-1).nonzero().squeeze(1) if bool(holes.any()) else None
+        self._cuts: dict[int, list[int]] = {}  # block size -> hole ranges per block (plain ints)
+
+    def tensors(self) -> tuple[Optional[Tensor], ...]:
+        return self.index, self.holes, self.rows
+
+    def blocks(self, block_rows: int) -> list[tuple[int, int, Optional[Tensor]]]:
+        """``(start, stop, holes)`` per block of ``block_rows`` rows; holes relative to the block."""
+        starts = list(range(0, self.num_rows, block_rows))
+        bounds = starts + [self.num_rows]
+        if self.holes is None:
+            return [(s, e, None) for s, e in zip(bounds[:-1], bounds[1:])]
+        cuts = self._cuts.get(block_rows)
+        if cuts is None:
+            edges = torch.tensor(bounds, device=self.holes.device) * self.slots
+            cuts = self._cuts[block_rows] = torch.searchsorted(self.holes, edges).tolist()
+        out = []
+        for k, start in enumerate(starts):
+            holes = None
+            if cuts[k + 1] > cuts[k]:
+                holes = self.holes[cuts[k]:cuts[k + 1]] - start * self.slots
+            out.append((start, bounds[k + 1], holes))
+        return out
+
+    def gather(self, src: Tensor, start: int, stop: int, holes: Optional[Tensor], buf: Tensor,
+               fill: Optional[Tensor] = None) -> Tensor:
+        """Rows ``start:stop`` gathered from ``src`` into ``buf``, as ``[stop-start, slots*C]``; absent
+        entries zero, or ``fill[slot]`` (the absent edge's value for its tap) when given."""
+        n = stop - start
+        cols = buf[:n * self.slots]
+        torch.index_select(src, 0, self.index[start * self.slots:stop * self.slots], out=cols)
+        if holes is not None:
+            if fill is None:
+                cols.index_fill_(0, holes, 0)
+            else:
+                cols.index_copy_(0, holes, fill[holes % self.slots])
+        return cols.view(n, -1)
+
+
+def _centre_tap(index: Tensor) -> Optional[int]:
+    """The tap that maps every row to itself (a stride-1 graph's centre), if any."""
+    ids = torch.arange(index.size(0), device=index.device)
+    for t in range(index.size(1)):
+        if bool((index[:, t] == ids).all()):
+            return t
+    return None
+
+
+def _batched(index: Tensor, num_images: int, src_stride: int) -> Tensor:
+    """Repeat a per-image table for ``num_images`` images (source ids offset, holes kept)."""
+    offs = (torch.arange(num_images, device=index.device) * src_stride).view(-1, 1, 1)
+    out = torch.where(index[None] >= 0, index[None] + offs, -1)
+    return out.reshape(num_images * index.size(0), index.size(1))
+
+
+class _Reverse:
+    """The input gradient's gathers (None: the reverse table needs two slots for one (source, tap))."""
+
+    def __init__(self, gathers: Optional[list[_Gather]]) -> None:
+        self.gathers = gathers
+
+    def tensors(self) -> list[Optional[Tensor]]:
+        return [t for g in self.gathers or () for t in g.tensors()]
+
+
+class _Part:
+    """A grid part's table, batch size and centre tap, resolved from its key (cheap; not cached)."""
+
+    def __init__(self, key: str, device: torch.device) -> None:
+        kind, geometry, in_size, num_images = parse_key(key)
+        self.key, self.device, self.num_images = key, device, num_images
+        self.table: NeighbourTable = cached_table(geometry, in_size, device)
+        self.num_src = num_images * self.table.num_src
+        self.num_dst = num_images * self.table.num_dst
+        stride = self.table.geometry.stride
+        same_grid = kind == "grid" and self.table.in_size == self.table.out_size and all(s == 1 for s in stride)
+        self._same_grid = same_grid
+
+    @property
+    def centre(self) -> Optional[int]:
+        if not self._same_grid:
+            return None
+        return REGISTRY.get(("centre", self.table.geometry, self.table.in_size, self.device),
+                            lambda: (_centre_tap(self.table.index), ()))
+
+    def split_centre(self, kind: str) -> bool:
+        """Whether to run the centre tap without a gather: always for per-tap multiply-adds and for a
+        1x1 graph; for a GEMM, gathering it too keeps one GEMM per block (fewer, larger operations)."""
+        return self.centre is not None and (kind != "dense" or self.table.num_taps == 1)
+
+    def _cached(self, what: tuple, build) -> object:
+        def wrapped():
+            value = build()
+            return value, value.tensors()
+        return REGISTRY.get(("plan", self.key, self.device) + what, wrapped)
+
+    def forward(self, split_centre: bool) -> _Gather:
+        def build():
+            centre = self.centre if split_centre else None
+            taps = [t for t in range(self.table.num_taps) if t != centre]
+            index = _batched(self.table.index[:, taps], self.num_images, self.table.num_src)
+            return _Gather(index, taps, centre, None, self.num_src)
+        return self._cached(("forward", split_centre), build)
+
+    def transformed(self) -> _Gather:
+        """The gather of transform-then-gather: entry ``(i, t)`` reads row ``index[i, t] * T + t`` of the
+        per-tap transformed features ``[N_src * T, C_out]``."""
+        def build():
+            index, num_taps = self.table.index, self.table.num_taps
+            taps = torch.arange(num_taps, device=index.device)
+            shifted = torch.where(index >= 0, index * num_taps + taps, -1)
+            batched = _batched(shifted, self.num_images, self.table.num_src * num_taps)
+            return _Gather(batched, list(range(num_taps)), None, None, self.num_src * num_taps)
+        return self._cached(("transformed",), build)
+
+    def reverse(self, split_centre: bool) -> Optional[list[_Gather]]:
+        """The input gradient's gathers, one per stride phase of the sources, or None when the reverse
+        table would need two slots for one (source, tap) pair (reflect / replicate padding)."""
+        def build():
+            return _Reverse(self._build_reverse(self.centre if split_centre else None))
+        return self._cached(("reverse", split_centre), build).gathers
+
+    def _build_reverse(self, centre: Optional[int]) -> Optional[list[_Gather]]:
+        table = self.table
+        index, n_src, n_dst, num_taps = table.index, table.num_src, table.num_dst, table.num_taps
+        device = index.device
+        dst, tap = (index >= 0).nonzero(as_tuple=True)
+        src = index[dst, tap]
+        key = src * num_taps + tap
+        if key.numel() and int(torch.bincount(key, minlength=n_src * num_taps).max()) > 1:
+            return None  # reflect / replicate: a (source, tap) pair feeds several targets
+        rev = torch.full((n_src * num_taps,), -1, dtype=torch.long, device=device)
+        rev[key] = dst
+        rev = rev.view(n_src, num_taps)
+        # Stride phase of every source pixel: a phase only receives from the taps that land on it.
+        phase = torch.zeros(n_src, dtype=torch.long, device=device)
+        ids = torch.arange(n_src, device=device)
+        inner = 1
+        stride = tuple(table.geometry.stride) if self.key.startswith("grid|") else (1,) * len(table.in_size)
+        for size, s in zip(reversed(table.in_size), reversed(stride)):
+            coord = (ids // inner) % size
+            phase = phase * s + coord % s
+            inner *= size
+        num_phases = math.prod(stride)
+        gathers = []
+        for p in range(num_phases):
+            rows = None if num_phases == 1 else (phase == p).nonzero().squeeze(1)
+            sub = rev if rows is None else rev[rows]
+            if sub.size(0) == 0:
+                continue
+            present = (sub >= 0).any(0)
+            if centre is not None:
+                present[centre] = False
+            taps = present.nonzero().squeeze(1).tolist()
+            if not taps and centre is None:
+                continue
+            sub = sub[:, taps]
+            batched_rows = None
+            if rows is not None:
+                offs = torch.arange(self.num_images, device=device)[:, None] * n_src
+                batched_rows = (rows[None, :] + offs).reshape(-1)
+            gathers.append(_Gather(_batched(sub, self.num_images, n_dst), taps, centre, batched_rows,
+                                   self.num_dst))
+        return gathers
+
+
+# ------------------------------------------------------------------------------- block kernels
+# A "mix" applies stacked tap weights ``M`` ``[S, G, a, b]`` to gathered rows ``cols`` ``[n, S*G*a]``
+# (slot-major, then group, then channel), giving ``[n, G*b]``: out[n, g, k] = sum_{s, c} cols[n, s, g, c] M[s, g, c, k].
+# Forward: ``M = W^T`` per tap (a = C_in/G, b = C_out/G); input gradient: ``M = W`` per tap.
+
+def _kind(groups: int, a: int, b: int) -> str:
+    if groups == 1:
+        return "dense"
+    if a == 1 or b == 1:
+        return "elementwise"  # depthwise and its transpose: a per-tap multiply-add
+    return "grouped"
+
+
+def _prepare(m: Tensor, kind: str) -> Tensor:
+    """``M`` ``[S, G, a, b]`` in the layout its kind multiplies with."""
+    s, g, a, b = m.shape
+    if kind == "dense":
+        return m.reshape(s * a, b)
+    if kind == "grouped":
+        return m.permute(1, 0, 2, 3).reshape(g, s * a, b)
+    return m.contiguous()
+
+
+def _mix(cols: Tensor, m: Tensor, kind: str, shape: tuple[int, int, int, int], out: Tensor,
+         accumulate: bool = False, bias: Optional[Tensor] = None) -> None:
+    """``out = bias + mix(cols, M)`` (``out +=`` when ``accumulate``); ``m`` from :func:`_prepare`,
+    ``shape`` = ``(S, G, a, b)``."""
+    s, g, a, b = shape
+    n = cols.size(0)
+    if kind == "dense":
+        if accumulate:
+            out.addmm_(cols, m)
+        elif bias is not None:
+            torch.addmm(bias, cols, m, out=out)
+        else:
+            torch.mm(cols, m, out=out)
+        return
+    if kind == "elementwise":
+        if a == 1 and b == 1:  # depthwise: a multiply-add per tap, straight into ``out``
+            c3, m2 = cols.view(n, s, g), m.view(s, g)
+            first = 0
+            if not accumulate:
+                torch.mul(c3[:, 0], m2[0], out=out)
+                first = 1
+            for t in range(first, s):
+                out.addcmul_(c3[:, t], m2[t])
+            if bias is not None:
+                out.add_(bias)
+            return
+        if a == 1:
+            res = (cols.view(n, s, g, 1) * m.view(s, g, b)).sum(1)
+        else:
+            res = (cols.view(n, s, g, a) * m.view(s, g, a)).sum((1, 3))
+        res = res.reshape(n, g * b)
+    else:
+        cg = cols.view(n, s, g, a).permute(2, 0, 1, 3).reshape(g, n, s * a)
+        res = torch.bmm(cg, m).transpose(0, 1).reshape(n, g * b)
+    if bias is not None:
+        res = res + bias
+    if accumulate:
+        out.add_(res)
+    else:
+        out.copy_(res)
+
+
+def _mix_grad(cols: Tensor, gout: Tensor, kind: str, shape: tuple[int, int, int, int], acc: Tensor) -> None:
+    """``acc += d(sum gout * mix(cols, M)) / dM``, in the layout of :func:`_prepare` (no conjugation)."""
+    s, g, a, b = shape
+    n = cols.size(0)
+    if kind == "dense":
+        acc.addmm_(cols.t(), gout)
+    elif kind == "elementwise":
+        acc.add_((cols.view(n, s, g, a, 1) * gout.view(n, 1, g, 1, b)).sum(0))
+    else:
+        cg = cols.view(n, s, g, a).permute(2, 1, 3, 0).reshape(g, s * a, n)
+        acc.baddbmm_(cg, gout.view(n, g, b).transpose(0, 1))
+
+
+def _unprepare(acc: Tensor, kind: str, shape: tuple[int, int, int, int]) -> Tensor:
+    """A gradient accumulated in :func:`_prepare`'s layout, back as ``[S, G, a, b]``."""
+    s, g, a, b = shape
+    if kind == "grouped":
+        return acc.view(g, s, a, b).permute(1, 0, 2, 3)
+    return acc.view(s, g, a, b)
+
+
+def _block_rows(slots: int, channels: int, element_size: int, device: torch.device) -> int:
+    budget = CPU_BLOCK_BYTES if device.type == "cpu" else DEVICE_BLOCK_BYTES
+    return max(64, budget // max(1, slots * channels * element_size))
+
+
+def _run(gather: _Gather, src: Tensor, m_taps: Tensor, kind: str, out: Tensor, bias: Optional[Tensor]) -> None:
+    """``out[rows] = bias + sum_t M_t src[index[rows, t]]`` over every block of ``gather``.
+
+    ``m_taps`` is ``[T, G, a, b]`` for all kernel taps; ``src`` ``[N, G*a]``; ``out`` ``[*, G*b]``.
+    """
+    _, g, a, b = m_taps.shape
+    taps = gather.taps
+    shape = (len(taps), g, a, b)
+    m = _prepare(m_taps[taps], kind) if taps else None
+    centre_shape = (1, g, a, b)
+    mc = _prepare(m_taps[gather.centre:gather.centre + 1], kind) if gather.centre is not None else None
+    rows_out = gather.rows
+    n_rows = max(1, _block_rows(gather.slots, src.size(1), src.element_size(), src.device))
+    buf = src.new_empty(min(n_rows, gather.num_rows) * gather.slots, src.size(1)) if taps else None
+    direct = rows_out is None
+    tmp = None if direct else out.new_empty(min(n_rows, gather.num_rows), out.size(1))
+    for start, stop, holes in gather.blocks(n_rows):
+        target = out[start:stop] if direct else tmp[:stop - start]
+        filled = False
+        if mc is not None:
+            _mix(src[start:stop], mc, kind, centre_shape, target, bias=bias)
+            filled = True
+        if m is not None:
+            cols = gather.gather(src, start, stop, holes, buf)
+            _mix(cols, m, kind, shape, target, accumulate=filled, bias=None if filled else bias)
+            filled = True
+        if not filled:
+            target.zero_()
+            if bias is not None:
+                target.add_(bias)
+        if not direct:
+            out.index_copy_(0, rows_out[start:stop], target)
+
+
+def _transform_then_gather(gather: _Gather, x: Tensor, m_taps: Tensor, out: Tensor, bias: Optional[Tensor]) -> None:
+    """Dense forward when ``C_out`` is much smaller than ``C_in``: one GEMM gives every source's
+    message for every tap (``[N_src, T*C_out]``, no larger than half of ``x``), then each target
+    gathers and sums its ``T`` messages: the gather moves ``C_out`` channels instead of ``C_in``.
+    An absent edge adds what ``nn.Conv2d`` adds for zero padding (zero, or NaN for non-finite weights)."""
+    num_taps, _, c_in, c_out = m_taps.shape
+    messages = x @ m_taps[:, 0].permute(1, 0, 2).reshape(c_in, num_taps * c_out)
+    messages = messages.view(-1, c_out)  # row j*T + t: tap t's message from source j
+    fill = None if _all_finite(m_taps) else _hole_values(m_taps)
+    n_rows = _block_rows(num_taps, c_out, x.element_size(), x.device)
+    buf = x.new_empty(min(n_rows, gather.num_rows) * num_taps, c_out)
+    for start, stop, holes in gather.blocks(n_rows):
+        cols = gather.gather(messages, start, stop, holes, buf, fill).view(stop - start, num_taps, c_out)
+        torch.sum(cols, 1, out=out[start:stop])
+        if bias is not None:
+            out[start:stop].add_(bias)
+
+
+def _weight_grad(gather: _Gather, x: Tensor, g: Tensor, m_shape: tuple[int, int, int, int], kind: str) -> Tensor:
+    """``G`` as ``[T, G, a, b]`` (forward direction), re-gathering ``x`` block by block."""
+    num_taps, groups, a, b = m_shape
+    grad = x.new_zeros(m_shape)
+    n_rows = _block_rows(gather.slots, x.size(1), x.element_size(), x.device)
+    taps, centre = gather.taps, gather.centre
+    buf = x.new_empty(min(n_rows, gather.num_rows) * gather.slots, x.size(1)) if taps else None
+    shape = (len(taps), groups, a, b)
+    acc = x.new_zeros(_prepare(grad[taps], kind).shape) if taps else None
+    acc_c = x.new_zeros(_prepare(grad[:1], kind).shape) if centre is not None else None
+    for start, stop, holes in gather.blocks(n_rows):
+        gb = g[start:stop]
+        if acc is not None:
+            _mix_grad(gather.gather(x, start, stop, holes, buf), gb, kind, shape, acc)
+        if acc_c is not None:
+            _mix_grad(x[start:stop], gb, kind, (1, groups, a, b), acc_c)
+    if acc is not None:
+        grad[taps] = _unprepare(acc, kind, shape)
+    if acc_c is not None:
+        grad[centre] = _unprepare(acc_c, kind, (1, groups, a, b))[0]
+    return grad
+
+
+def _input_grad_scatter(gather: _Gather, g: Tensor, m_taps: Tensor, kind: str, num_src: int) -> Tensor:
+    """``Ft`` by scatter-add: each block's column gradients are added to their source rows."""
+    num_taps, groups, a, b = m_taps.shape  # forward direction: a = C_in/G, b = C_out/G
+    c_in = groups * a
+    grad_x = g.new_zeros(num_src, c_in)
+    taps, centre = gather.taps, gather.centre
+    s = len(taps)
+    # d cols = mix(g, M'), M' [1, G, b, S*a]: one "tap" mapping C_out/G -> S*C_in/G per group.
+    mt = m_taps[taps].permute(1, 3, 0, 2).reshape(1, groups, b, s * a)
+    kind_t = _kind(groups, b, s * a)
+    mt_p = _prepare(mt, kind_t) if s else None
+    mc = _prepare(m_taps[centre:centre + 1].transpose(2, 3), _kind(groups, b, a)) if centre is not None else None
+    n_rows = _block_rows(max(1, s), c_in, g.element_size(), g.device)
+    buf = g.new_empty(min(n_rows, gather.num_rows), groups * s * a)
+    for start, stop, holes in gather.blocks(n_rows):
+        gb = g[start:stop]
+        n = stop - start
+        if s:
+            cols = buf[:n]
+            _mix(gb, mt_p, kind_t, (1, groups, b, s * a), cols)
+            if groups > 1:
+                cols = cols.view(n, groups, s, a).transpose(1, 2).reshape(n * s, c_in)
+            else:
+                cols = cols.view(n * s, c_in)
+            if holes is not None:
+                cols.index_fill_(0, holes, 0)
+            grad_x.index_add_(0, gather.index[start * s:stop * s], cols)
+        if mc is not None:
+            _mix(gb, mc, _kind(groups, b, a), (1, groups, b, a), grad_x[start:stop], accumulate=True)
+    return grad_x
+
+
+# ----------------------------------------------------------------------------- grid entry points
+def grid_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], key: str, groups: int) -> Tensor:
+    """``F(x, W) + b`` on the grid part ``key``: ``[N_dst, C_out]``."""
+    part = _Part(key, x.device)
+    x = x.contiguous()
+    m_fwd = tap_weights(weight, groups).transpose(2, 3)  # [T, G, a = C_in/G, b = C_out/G]
+    kind = _kind(groups, m_fwd.size(2), m_fwd.size(3))
+    out = x.new_empty(part.num_dst, weight.size(0))
+    num_taps, c_out, c_in = m_fwd.size(0), weight.size(0), x.size(1)
+    if part.num_dst == 0:
+        return out
+    if kind == "dense" and num_taps > 1 and 2 * num_taps * c_out <= c_in:
+        _transform_then_gather(part.transformed(), x, m_fwd, out, bias)
+    else:
+        _run(part.forward(part.split_centre(kind)), x, m_fwd, kind, out, bias)
+    return out
+
+
+def grid_input_grad(g: Tensor, weight: Tensor, key: str, groups: int) -> Tensor:
+    """``Ft(g, W)`` on the grid part ``key``: ``[N_src, C_in]``."""
+    part = _Part(key, g.device)
+    g = g.contiguous()
+    taps = tap_weights(weight, groups)  # [T, G, C_out/G, C_in/G]
+    m_fwd = taps.transpose(2, 3)
+    kind = _kind(groups, m_fwd.size(2), m_fwd.size(3))
+    c_in = weight.size(1) * groups
+    if part.num_dst == 0:
+        return g.new_zeros(part.num_src, c_in)
+    split = part.split_centre(kind)
+    reverse = part.reverse(split)
+    if reverse is not None and len(reverse) > 1 and kind == "dense":
+        reverse = None  # strided dense graph: one scatter-add beats a gather per stride phase
+    if reverse is None:
+        return _input_grad_scatter(part.forward(split), g, m_fwd, kind, part.num_src)
+    covered = sum(r.num_rows for r in reverse) == part.num_src
+    grad_x = (g.new_empty if covered else g.new_zeros)(part.num_src, c_in)
+    m_rev = taps.contiguous()  # [T, G, a = C_out/G, b = C_in/G]
+    kind_rev = _kind(groups, m_rev.size(2), m_rev.size(3))
+    for gather in reverse:
+        _run(gather, g, m_rev, kind_rev, grad_x, None)
+    return grad_x
+
+
+def grid_weight_grad(x: Tensor, g: Tensor, key: str, groups: int, weight_shape: list[int]) -> Tensor:
+    """``G(x, g)`` on the grid part ``key``, shaped like the weight ``(C_out, C_in/G, *kernel)``."""
+    part = _Part(key, x.device)
+    x, g = x.contiguous(), g.contiguous()
+    c_out, c_in_g = weight_shape[0], weight_shape[1]
+    num_taps = math.prod(weight_shape[2:])
+    m_shape = (num_taps, groups, c_in_g, c_out // groups)
+    kind = _kind(groups, c_in_g, c_out // groups)
+    if part.num_dst == 0:
+        return x.new_zeros(weight_shape)
+    grad_m = _weight_grad(part.forward(part.split_centre(kind)), x, g, m_shape, kind)
+    # grad_m [T, G, C_in/G, C_out/G] -> weight (C_out, C_in/G, *kernel)
+    return grad_m.permute(1, 3, 2, 0).reshape(weight_shape)
+
+
+# ----------------------------------------------------------------------------- edge kernels
+class _EdgePlan:
+    """Per tap, the pairs it joins: ``(tap, src, dst, src_unique, dst_unique)``; ``src = dst = None``
+    marks a tap that joins every node to itself. ``missing`` ``[N_dst, T]`` counts the absent taps of
+    each target (for NaN parity on pixel graphs), built on first use."""
+
+    def __init__(self, edge_index: Tensor, edge_type: Tensor, num_src: int, num_dst: int, num_taps: int) -> None:
+        self.num_src, self.num_dst, self.num_taps = num_src, num_dst, num_taps
+        self.pairs: list[tuple[int, Optional[Tensor], Optional[Tensor], bool, bool]] = []
+        if edge_type.numel() == 0:
+            return
+        order = torch.argsort(edge_type, stable=True)
+        counts = torch.bincount(edge_type, minlength=num_taps).tolist()
+        src_all, dst_all = edge_index[0][order], edge_index[1][order]
+        start = 0
+        for t, n in enumerate(counts):
+            if not n:
+                continue
+            src, dst = src_all[start:start + n], dst_all[start:start + n]
+            start += n
+            if n == num_dst == num_src:
+                ids = torch.arange(n, device=src.device)
+                if bool((src == ids).all()) and bool((dst == ids).all()):
+                    self.pairs.append((t, None, None, True, True))
+                    continue
+            self.pairs.append((t, src.contiguous(), dst.contiguous(), _unique(src), _unique(dst)))
+
+    def tensors(self) -> list[Tensor]:
+        return [t for p in self.pairs for t in p[1:3] if t is not None]
+
+    def missing(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        present = torch.zeros(self.num_dst, self.num_taps, dtype=dtype, device=device)
+        for t, _, dst, _, _ in self.pairs:
+            if dst is None:
+                present[:, t] = 1
+            else:
+                present[:, t].index_fill_(0, dst, 1)
+        return 1 - present
+
+
+def _unique(ids: Tensor) -> bool:
+    return ids.numel() < 2 or bool(torch.unique(ids).numel() == ids.numel())
+
+
+def _edge_plan(edge_index: Tensor, edge_type: Tensor, num_src: int, num_dst: int, num_taps: int,
+               cache: bool) -> _EdgePlan:
+    def build():
+        plan = _EdgePlan(edge_index, edge_type, num_src, num_dst, num_taps)
+        return plan, plan.tensors()
+    if not cache:
+        return build()[0]
+    return REGISTRY.get_for(edge_index, f"edge-plan {num_src} {num_dst} {num_taps}", build, edge_type)
+
+
+def _add_rows(out: Tensor, rows: Tensor, values: Tensor, unique: bool) -> None:
+    """``out[rows] += values``: with unique rows a gather, an add and a copy (parallel on CPU, about
+    twice as fast as ``index_add_``); otherwise ``index_add_``, which sums repeated rows."""
+    if unique:
+        out.index_copy_(0, rows, out.index_select(0, rows).add_(values))
+    else:
+        out.index_add_(0, rows, values)
+
+
+def edge_forward(x: Tensor, edge_index: Tensor, edge_type: Tensor, weight: Tensor, bias: Optional[Tensor],
+                 num_dst: int, groups: int, holes: bool, cache: bool) -> Tensor:
+    """``F(x, W) + b`` over an edge list: ``[num_dst, C_out]``. With ``holes`` (a pixel graph: every
+    target expects every tap), an absent tap adds what ``nn.Conv2d``'s zero padding adds (zero, or NaN
+    for non-finite weights)."""
+    taps = tap_weights(weight, groups)
+    plan = _edge_plan(edge_index, edge_type, x.size(0), num_dst, taps.size(0), cache)
+    out = x.new_zeros(num_dst, weight.size(0))
+    for t, src, dst, _, dst_unique in plan.pairs:
+        if src is None:
+            out += apply_tap(x, taps[t])
+        else:
+            _add_rows(out, dst, apply_tap(x.index_select(0, src), taps[t]), dst_unique)
+    if holes and num_dst and not _all_finite(weight):
+        bad = _hole_values(taps.transpose(2, 3)).isnan()  # [K, C_out]: an absent tap t gives NaN there
+        hit = plan.missing(x.device, torch.float32) @ bad.to(torch.float32) > 0
+        out = out.masked_fill(hit, float("nan"))
+    if bias is not None:
+        out += bias
+    return out
+
+
+def edge_input_grad(g: Tensor, edge_index: Tensor, edge_type: Tensor, weight: Tensor, num_src: int, groups: int,
+                    cache: bool) -> Tensor:
+    """``Ft(g, W)`` over an edge list: ``[num_src, C_in]``."""
+    taps = tap_weights(weight, groups)  # [K, G, C_out/G, C_in/G]
+    plan = _edge_plan(edge_index, edge_type, num_src, g.size(0), taps.size(0), cache)
+    grad_x = g.new_zeros(num_src, weight.size(1) * groups)
+    for t, src, dst, src_unique, _ in plan.pairs:
+        w_t = taps[t].transpose(1, 2)  # the tap's weight transposed: C_out -> C_in
+        if src is None:
+            grad_x += apply_tap(g, w_t)
+        else:
+            _add_rows(grad_x, src, apply_tap(g.index_select(0, dst), w_t), src_unique)
+    return grad_x
+
+
+def edge_weight_grad(x: Tensor, g: Tensor, edge_index: Tensor, edge_type: Tensor, groups: int,
+                     weight_shape: list[int], cache: bool) -> Tensor:
+    """``G(x, g)`` over an edge list, shaped like the weight ``(C_out, C_in/G, *kernel)``."""
+    c_out, c_in_g = weight_shape[0], weight_shape[1]
+    k = math.prod(weight_shape[2:])
+    c_out_g = c_out // groups
+    plan = _edge_plan(edge_index, edge_type, x.size(0), g.size(0), k, cache)
+    grad_taps = x.new_zeros(k, groups, c_out_g, c_in_g)
+    for t, src, dst, _, _ in plan.pairs:
+        go = g if dst is None else g.index_select(0, dst)
+        xs = x if src is None else x.index_select(0, src)
+        go = go.reshape(-1, groups, c_out_g).transpose(0, 1)  # [G, E, C_out/G]
+        xs = xs.reshape(-1, groups, c_in_g).transpose(0, 1)  # [G, E, C_in/G]
+        grad_taps[t] = torch.bmm(go.transpose(1, 2), xs)
+    # back to (C_out, C_in/G, *kernel): taps were weight.reshape(G, C_out/G, C_in/G, K).permute(3, 0, 1, 2)
+    return grad_taps.permute(1, 2, 3, 0).reshape(weight_shape)

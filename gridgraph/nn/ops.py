@@ -1,0 +1,278 @@
+"""The kernels of :mod:`gridgraph.nn.kernels` registered as torch operators (``torch.ops.gridgraph.*``).
+
+Two families of three operators, one per layout of the edges:
+
+=================================  ===================================  ==================================
+map                                grid (structure given by a key)      edge list (any graph)
+=================================  ===================================  ==================================
+``F(x, W) + b``                    ``grid_conv``                        ``edge_conv``
+``Ft(g, W)`` (input gradient)      ``grid_conv_input_grad``             ``edge_conv_input_grad``
+``G(x, g)`` (weight gradient)      ``grid_conv_weight_grad``            ``edge_conv_weight_grad``
+=================================  ===================================  ==================================
+
+A grid operator takes its pixel graph as a string (:attr:`gridgraph.structure.GraphPart.key`): the table
+is looked up inside the operator, so compiled and exported programs hold no table and no Python cache.
+Each operator has a fake (meta) implementation that computes shapes from its arguments alone, and an
+autograd formula written with the operators of its family, which are closed under differentiation
+(``F``, ``Ft`` and ``G`` are the three bilinear maps of one trilinear form):
+
+* ``y = F(x, W) + b``: ``dx = Ft(dy, W*)``, ``dW = G(x*, dy)``, ``db = sum dy``;
+* ``y = Ft(g, W)``: ``dg = F(dy, W*)``, ``dW = G(dy, g*)``;
+* ``y = G(x, g)``: ``dx = Ft(g*, dy)``, ``dg = F(x*, dy)``;
+
+(``*``: complex conjugate; nothing for real dtypes), so gradients of any order are exact and no
+backward allocates an ``E x C`` temporary. Under ``torch.func.vmap`` a batched feature tensor with
+unbatched weights folds into more images (one call); anything else runs per sample.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..structure import parse_key
+from . import kernels
+
+__all__ = ["grid_conv", "grid_conv_input_grad", "grid_conv_weight_grad", "edge_conv", "edge_conv_input_grad",
+           "edge_conv_weight_grad"]
+
+
+def _conj(t: Tensor) -> Tensor:
+    return t.conj().resolve_conj() if t.is_complex() else t
+
+
+def _grid_sizes(key: str) -> tuple[int, int]:
+    _, geometry, in_size, num_images = parse_key(key)
+    return num_images * math.prod(in_size), num_images * math.prod(geometry.output_size(in_size))
+
+
+# ----------------------------------------------------------------------------------- grid family
+@torch.library.custom_op("gridgraph::grid_conv", mutates_args=())
+def grid_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], key: str, groups: int) -> Tensor:
+    """``F(x, W) + b`` on the pixel graph ``key``: ``[N_dst, C_out]`` from ``x`` ``[N_src, C_in]``."""
+    return kernels.grid_forward(x.resolve_conj(), weight.resolve_conj(),
+                                None if bias is None else bias.resolve_conj(), key, groups)
+
+
+@torch.library.custom_op("gridgraph::grid_conv_input_grad", mutates_args=())
+def grid_conv_input_grad(grad_out: Tensor, weight: Tensor, key: str, groups: int) -> Tensor:
+    """``Ft(g, W)``: ``[N_src, C_in]`` from ``grad_out`` ``[N_dst, C_out]``."""
+    return kernels.grid_input_grad(grad_out.resolve_conj(), weight.resolve_conj(), key, groups)
+
+
+@torch.library.custom_op("gridgraph::grid_conv_weight_grad", mutates_args=())
+def grid_conv_weight_grad(x: Tensor, grad_out: Tensor, key: str, groups: int, weight_shape: list[int]) -> Tensor:
+    """``G(x, g)``, shaped like the weight."""
+    return kernels.grid_weight_grad(x.resolve_conj(), grad_out.resolve_conj(), key, groups, list(weight_shape))
+
+
+@grid_conv.register_fake
+def _(x, weight, bias, key, groups):
+    return x.new_empty(_grid_sizes(key)[1], weight.size(0))
+
+
+@grid_conv_input_grad.register_fake
+def _(grad_out, weight, key, groups):
+    return grad_out.new_empty(_grid_sizes(key)[0], weight.size(1) * groups)
+
+
+@grid_conv_weight_grad.register_fake
+def _(x, grad_out, key, groups, weight_shape):
+    return x.new_empty(list(weight_shape))
+
+
+def _grid_conv_setup(ctx, inputs, output):
+    x, weight, bias, key, groups = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.key, ctx.groups, ctx.has_bias = key, groups, bias is not None
+
+
+def _grid_conv_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = grid_conv_input_grad(grad, _conj(weight), ctx.key, ctx.groups)
+    if ctx.needs_input_grad[1]:
+        gw = grid_conv_weight_grad(_conj(x), grad, ctx.key, ctx.groups, list(weight.shape))
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        gb = grad.sum(0)
+    return gx, gw, gb, None, None
+
+
+def _grid_input_grad_setup(ctx, inputs, output):
+    grad_out, weight, key, groups = inputs
+    ctx.save_for_backward(grad_out, weight)
+    ctx.key, ctx.groups = key, groups
+
+
+def _grid_input_grad_backward(ctx, grad):
+    g, weight = ctx.saved_tensors
+    dg = dw = None
+    if ctx.needs_input_grad[0]:
+        dg = grid_conv(grad, _conj(weight), None, ctx.key, ctx.groups)
+    if ctx.needs_input_grad[1]:
+        dw = grid_conv_weight_grad(grad, _conj(g), ctx.key, ctx.groups, list(weight.shape))
+    return dg, dw, None, None
+
+
+def _grid_weight_grad_setup(ctx, inputs, output):
+    x, grad_out, key, groups, weight_shape = inputs
+    ctx.save_for_backward(x, grad_out)
+    ctx.key, ctx.groups = key, groups
+
+
+def _grid_weight_grad_backward(ctx, grad):
+    x, g = ctx.saved_tensors
+    dx = dg = None
+    if ctx.needs_input_grad[0]:
+        dx = grid_conv_input_grad(_conj(g), grad, ctx.key, ctx.groups)
+    if ctx.needs_input_grad[1]:
+        dg = grid_conv(_conj(x), grad, None, ctx.key, ctx.groups)
+    return dx, dg, None, None, None
+
+
+grid_conv.register_autograd(_grid_conv_backward, setup_context=_grid_conv_setup)
+grid_conv_input_grad.register_autograd(_grid_input_grad_backward, setup_context=_grid_input_grad_setup)
+grid_conv_weight_grad.register_autograd(_grid_weight_grad_backward, setup_context=_grid_weight_grad_setup)
+
+
+# ----------------------------------------------------------------------------------- edge family
+@torch.library.custom_op("gridgraph::edge_conv", mutates_args=())
+def edge_conv(x: Tensor, edge_index: Tensor, edge_type: Tensor, weight: Tensor, bias: Optional[Tensor], num_dst: int,
+              groups: int, holes: bool, cache: bool) -> Tensor:
+    """``F(x, W) + b`` over the edges ``edge_index`` (typed by ``edge_type``): ``[num_dst, C_out]``.
+    ``holes``: a pixel graph, where an absent tap adds what zero padding adds; ``cache``: the edge tensors
+    belong to a pixel graph, so their per-tap plan may be kept while they are alive and unmodified."""
+    return kernels.edge_forward(x.resolve_conj(), edge_index, edge_type, weight.resolve_conj(),
+                                None if bias is None else bias.resolve_conj(), num_dst, groups, holes, cache)
+
+
+@torch.library.custom_op("gridgraph::edge_conv_input_grad", mutates_args=())
+def edge_conv_input_grad(grad_out: Tensor, edge_index: Tensor, edge_type: Tensor, weight: Tensor, num_src: int,
+                         groups: int, cache: bool) -> Tensor:
+    """``Ft(g, W)`` over an edge list: ``[num_src, C_in]``."""
+    return kernels.edge_input_grad(grad_out.resolve_conj(), edge_index, edge_type, weight.resolve_conj(), num_src,
+                                   groups, cache)
+
+
+@torch.library.custom_op("gridgraph::edge_conv_weight_grad", mutates_args=())
+def edge_conv_weight_grad(x: Tensor, grad_out: Tensor, edge_index: Tensor, edge_type: Tensor, groups: int,
+                          weight_shape: list[int], cache: bool) -> Tensor:
+    """``G(x, g)`` over an edge list, shaped like the weight."""
+    return kernels.edge_weight_grad(x.resolve_conj(), grad_out.resolve_conj(), edge_index, edge_type, groups,
+                                    list(weight_shape), cache)
+
+
+@edge_conv.register_fake
+def _(x, edge_index, edge_type, weight, bias, num_dst, groups, holes, cache):
+    return x.new_empty(num_dst, weight.size(0))
+
+
+@edge_conv_input_grad.register_fake
+def _(grad_out, edge_index, edge_type, weight, num_src, groups, cache):
+    return grad_out.new_empty(num_src, weight.size(1) * groups)
+
+
+@edge_conv_weight_grad.register_fake
+def _(x, grad_out, edge_index, edge_type, groups, weight_shape, cache):
+    return x.new_empty(list(weight_shape))
+
+
+def _edge_conv_setup(ctx, inputs, output):
+    x, edge_index, edge_type, weight, bias, num_dst, groups, holes, cache = inputs
+    ctx.save_for_backward(x, edge_index, edge_type, weight)
+    ctx.groups, ctx.cache, ctx.has_bias = groups, cache, bias is not None
+
+
+def _edge_conv_backward(ctx, grad):
+    x, edge_index, edge_type, weight = ctx.saved_tensors
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = edge_conv_input_grad(grad, edge_index, edge_type, _conj(weight), x.size(0), ctx.groups, ctx.cache)
+    if ctx.needs_input_grad[3]:
+        gw = edge_conv_weight_grad(_conj(x), grad, edge_index, edge_type, ctx.groups, list(weight.shape), ctx.cache)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        gb = grad.sum(0)
+    return gx, None, None, gw, gb, None, None, None, None
+
+
+def _edge_input_grad_setup(ctx, inputs, output):
+    grad_out, edge_index, edge_type, weight, num_src, groups, cache = inputs
+    ctx.save_for_backward(grad_out, edge_index, edge_type, weight)
+    ctx.groups, ctx.cache = groups, cache
+
+
+def _edge_input_grad_backward(ctx, grad):
+    g, edge_index, edge_type, weight = ctx.saved_tensors
+    dg = dw = None
+    if ctx.needs_input_grad[0]:
+        dg = edge_conv(grad, edge_index, edge_type, _conj(weight), None, g.size(0), ctx.groups, False, ctx.cache)
+    if ctx.needs_input_grad[3]:
+        dw = edge_conv_weight_grad(grad, _conj(g), edge_index, edge_type, ctx.groups, list(weight.shape), ctx.cache)
+    return dg, None, None, dw, None, None, None
+
+
+def _edge_weight_grad_setup(ctx, inputs, output):
+    x, grad_out, edge_index, edge_type, groups, weight_shape, cache = inputs
+    ctx.save_for_backward(x, grad_out, edge_index, edge_type)
+    ctx.groups, ctx.cache = groups, cache
+
+
+def _edge_weight_grad_backward(ctx, grad):
+    x, g, edge_index, edge_type = ctx.saved_tensors
+    dx = dg = None
+    if ctx.needs_input_grad[0]:
+        dx = edge_conv_input_grad(_conj(g), edge_index, edge_type, grad, x.size(0), ctx.groups, ctx.cache)
+    if ctx.needs_input_grad[1]:
+        dg = edge_conv(_conj(x), edge_index, edge_type, grad, None, g.size(0), ctx.groups, False, ctx.cache)
+    return dx, dg, None, None, None, None, None
+
+
+edge_conv.register_autograd(_edge_conv_backward, setup_context=_edge_conv_setup)
+edge_conv_input_grad.register_autograd(_edge_input_grad_backward, setup_context=_edge_input_grad_setup)
+edge_conv_weight_grad.register_autograd(_edge_weight_grad_backward, setup_context=_edge_weight_grad_setup)
+
+
+# ----------------------------------------------------------------------------------------- vmap
+def _per_sample(op):
+    """The always-correct vmap rule: one call per sample of the batched arguments."""
+    def rule(info, in_dims, *args):
+        outs = []
+        for b in range(info.batch_size):
+            outs.append(op(*[a.select(d, b) if d is not None else a for a, d in zip(args, in_dims)]))
+        return torch.stack(outs), 0
+    return rule
+
+
+def _more_images(key: str, times: int) -> str:
+    kind, geometry, in_size, num_images = key.split("|")
+    return f"{kind}|{geometry}|{in_size}|{int(num_images) * times}"
+
+
+def _fold_rule(op, feature: int, weight_args: tuple[int, ...]):
+    """Batched features (argument ``feature``) with unbatched weights: the samples are more images of the
+    same grid, so the key's image count is multiplied and the operator runs once."""
+    loop = _per_sample(op)
+
+    def rule(info, in_dims, *args):
+        if in_dims[feature] is None or any(in_dims[i] is not None for i in weight_args) or \
+                any(d is not None for i, d in enumerate(in_dims) if i != feature):
+            return loop(info, in_dims, *args)
+        v = info.batch_size
+        feats = args[feature].movedim(in_dims[feature], 0)
+        args = list(args)
+        args[feature] = feats.reshape(v * feats.size(1), feats.size(2))
+        key_index = next(i for i, a in enumerate(args) if isinstance(a, str))
+        args[key_index] = _more_images(args[key_index], v)
+        out = op(*args)
+        return out.view(v, out.size(0) // v, out.size(1)), 0
+    return rule
+
+
+torch.library.register_vmap(grid_conv, _fold_rule(grid_conv, 0, (1, 2)))
+torch.library.register_vmap(grid_conv_input_grad, _fold_rule(grid_conv_input_grad, 0, (1,)))
+torch.library.register_vmap(grid_conv_weight_grad, _per_sample(grid_conv_weight_grad))
+for _op in (edge_conv, edge_conv_input_grad, edge_conv_weight_grad):
+    torch.library.register_vmap(_op, _per_sample(_op))
