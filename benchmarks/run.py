@@ -237,7 +237,7 @@ def build_cases(shape: Shape, methods: tuple[str, ...], naive_max_bytes: float, 
             cases[method] = Case(run, [x, *layer.parameters()], lambda y: y, lambda x=x: x.grad)
         elif method == "gg-edges":
             x = graph.x.clone().requires_grad_()
-            plain_edges = graph.edge_index.clone()  # no neighbour table attached: the edge-list path
+            plain_edges = graph.edge_index.as_tensor()  # a plain [2, E] tensor, no structure: the edge-list path
             cases[method] = Case(lambda x=x, e=plain_edges: layer(x, e, graph.edge_type, size=size),
                                  [x, *layer.parameters()], node_to_image, x_grad_image(x))
         elif method == "rgcn":

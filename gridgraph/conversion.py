@@ -70,7 +70,7 @@ class _ImageGridConv:
             raise ValueError(f"{name}: expected input with {self.in_channels} channels "  # type: ignore[attr-defined]
                              f"(got {channels} channels, input of shape {tuple(input.shape)})")
         weight = self.weight  # type: ignore[attr-defined]
-        if input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type):
+        if input.dtype != weight.dtype and not F.autocast_enabled(input.device.type):
             raise TypeError(f"{name}: expected input of dtype {weight.dtype}, the layer's dtype (got {input.dtype})")
         if input.device != weight.device:
             raise ValueError(f"{name}: input is on {input.device} but the layer's weight is on {weight.device}")

@@ -104,13 +104,18 @@ def conv(x: Tensor, structure: Structure, weight: Tensor, bias: Optional[Tensor]
         [10.0, 10.0, 10.0, 10.0]
     """
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+    if autocast_enabled(device_type) and x.is_floating_point():
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
             return _conv(x, structure, weight, bias, groups)
     return _conv(x, structure, weight, bias, groups)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for devices autocast does not know, e.g. meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int, num_src: int) -> None:
@@ -134,7 +139,7 @@ def _conv(x: Tensor, structure: Structure, weight: Tensor, bias: Optional[Tensor
     if isinstance(structure, EdgeList):
         _check(x, weight, bias, groups, structure.num_src)
         _record("edges")
-        return ops.edge_conv(x, structure.edge_index, structure.edge_type, weight, bias, structure.num_dst, groups,
+        return ops.apply("edge_conv", x, structure.edge_index, structure.edge_type, weight, bias, structure.num_dst, groups,
                              False, False)
     edges = None
     if isinstance(structure, PixelEdgeIndex):
@@ -159,7 +164,7 @@ def _conv(x: Tensor, structure: Structure, weight: Tensor, bias: Optional[Tensor
         xs = x if len(runs) == 1 else x.narrow(0, src, part.num_src)
         if part.is_grid:
             _record("grid")
-            outs.append(ops.grid_conv(xs, weight, bias, part.key, groups))
+            outs.append(ops.apply("grid_conv", xs, weight, bias, part.key, groups))
             continue
         if edges is None:
             raise ValueError("a masked or sparse pixel graph needs its edges: pass the graph's edge_index "
@@ -169,7 +174,7 @@ def _conv(x: Tensor, structure: Structure, weight: Tensor, bias: Optional[Tensor
         if len(runs) > 1:  # this graph's edges, numbered from its own first node
             data = data.narrow(1, first_edge, part.num_edges) - torch.tensor([[src], [dst]], device=data.device)
             taps = taps.narrow(0, first_edge, part.num_edges)
-        outs.append(ops.edge_conv(xs, data, taps, weight, bias, part.num_dst, groups, True, len(runs) == 1))
+        outs.append(ops.apply("edge_conv", xs, data, taps, weight, bias, part.num_dst, groups, True, len(runs) == 1))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 

@@ -210,7 +210,7 @@ class GridConvNd(MessagePassing):
             raise ValueError(f"expected x with {self.in_channels} channels (got {x.size(1)})")
         if edge_index is None:
             raise TypeError(f"{type(self).__name__}.forward() needs edge_index: the graph to compute on")
-        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != self.weight.dtype and not F.autocast_enabled(x.device.type):
             raise TypeError(f"expected x of dtype {self.weight.dtype}, the layer's dtype (got {x.dtype})")
         if x.device != self.weight.device:
             raise ValueError(f"x is on {x.device} but the layer's weight is on {self.weight.device}")

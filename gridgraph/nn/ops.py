@@ -36,7 +36,7 @@ from ..structure import parse_key
 from . import kernels
 
 __all__ = ["grid_conv", "grid_conv_input_grad", "grid_conv_weight_grad", "edge_conv", "edge_conv_input_grad",
-           "edge_conv_weight_grad"]
+           "edge_conv_weight_grad", "apply", "FUNCTIONS"]
 
 
 def _conj(t: Tensor) -> Tensor:
@@ -93,9 +93,9 @@ def _grid_conv_backward(ctx, grad):
     x, weight = ctx.saved_tensors
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
-        gx = grid_conv_input_grad(grad, _conj(weight), ctx.key, ctx.groups)
+        gx = _apply("grid_conv_input_grad", grad, _conj(weight), ctx.key, ctx.groups)
     if ctx.needs_input_grad[1]:
-        gw = grid_conv_weight_grad(_conj(x), grad, ctx.key, ctx.groups, list(weight.shape))
+        gw = _apply("grid_conv_weight_grad", _conj(x), grad, ctx.key, ctx.groups, list(weight.shape))
     if ctx.has_bias and ctx.needs_input_grad[2]:
         gb = grad.sum(0)
     return gx, gw, gb, None, None
@@ -111,9 +111,9 @@ def _grid_input_grad_backward(ctx, grad):
     g, weight = ctx.saved_tensors
     dg = dw = None
     if ctx.needs_input_grad[0]:
-        dg = grid_conv(grad, _conj(weight), None, ctx.key, ctx.groups)
+        dg = _apply("grid_conv", grad, _conj(weight), None, ctx.key, ctx.groups)
     if ctx.needs_input_grad[1]:
-        dw = grid_conv_weight_grad(grad, _conj(g), ctx.key, ctx.groups, list(weight.shape))
+        dw = _apply("grid_conv_weight_grad", grad, _conj(g), ctx.key, ctx.groups, list(weight.shape))
     return dg, dw, None, None
 
 
@@ -127,9 +127,9 @@ def _grid_weight_grad_backward(ctx, grad):
     x, g = ctx.saved_tensors
     dx = dg = None
     if ctx.needs_input_grad[0]:
-        dx = grid_conv_input_grad(_conj(g), grad, ctx.key, ctx.groups)
+        dx = _apply("grid_conv_input_grad", _conj(g), grad, ctx.key, ctx.groups)
     if ctx.needs_input_grad[1]:
-        dg = grid_conv(_conj(x), grad, None, ctx.key, ctx.groups)
+        dg = _apply("grid_conv", _conj(x), grad, None, ctx.key, ctx.groups)
     return dx, dg, None, None, None
 
 
@@ -190,9 +190,9 @@ def _edge_conv_backward(ctx, grad):
     x, edge_index, edge_type, weight = ctx.saved_tensors
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
-        gx = edge_conv_input_grad(grad, edge_index, edge_type, _conj(weight), x.size(0), ctx.groups, ctx.cache)
+        gx = _apply("edge_conv_input_grad", grad, edge_index, edge_type, _conj(weight), x.size(0), ctx.groups, ctx.cache)
     if ctx.needs_input_grad[3]:
-        gw = edge_conv_weight_grad(_conj(x), grad, edge_index, edge_type, ctx.groups, list(weight.shape), ctx.cache)
+        gw = _apply("edge_conv_weight_grad", _conj(x), grad, edge_index, edge_type, ctx.groups, list(weight.shape), ctx.cache)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         gb = grad.sum(0)
     return gx, None, None, gw, gb, None, None, None, None
@@ -208,9 +208,9 @@ def _edge_input_grad_backward(ctx, grad):
     g, edge_index, edge_type, weight = ctx.saved_tensors
     dg = dw = None
     if ctx.needs_input_grad[0]:
-        dg = edge_conv(grad, edge_index, edge_type, _conj(weight), None, g.size(0), ctx.groups, False, ctx.cache)
+        dg = _apply("edge_conv", grad, edge_index, edge_type, _conj(weight), None, g.size(0), ctx.groups, False, ctx.cache)
     if ctx.needs_input_grad[3]:
-        dw = edge_conv_weight_grad(grad, _conj(g), edge_index, edge_type, ctx.groups, list(weight.shape), ctx.cache)
+        dw = _apply("edge_conv_weight_grad", grad, _conj(g), edge_index, edge_type, ctx.groups, list(weight.shape), ctx.cache)
     return dg, None, None, dw, None, None, None
 
 
@@ -224,9 +224,9 @@ def _edge_weight_grad_backward(ctx, grad):
     x, g, edge_index, edge_type = ctx.saved_tensors
     dx = dg = None
     if ctx.needs_input_grad[0]:
-        dx = edge_conv_input_grad(_conj(g), edge_index, edge_type, grad, x.size(0), ctx.groups, ctx.cache)
+        dx = _apply("edge_conv_input_grad", _conj(g), edge_index, edge_type, grad, x.size(0), ctx.groups, ctx.cache)
     if ctx.needs_input_grad[1]:
-        dg = edge_conv(_conj(x), edge_index, edge_type, grad, None, g.size(0), ctx.groups, False, ctx.cache)
+        dg = _apply("edge_conv", _conj(x), edge_index, edge_type, grad, None, g.size(0), ctx.groups, False, ctx.cache)
     return dx, dg, None, None, None, None, None
 
 
@@ -235,13 +235,96 @@ edge_conv_input_grad.register_autograd(_edge_input_grad_backward, setup_context=
 edge_conv_weight_grad.register_autograd(_edge_weight_grad_backward, setup_context=_edge_weight_grad_setup)
 
 
+# ------------------------------------------------------------------------- autograd.Function twins
+# ``torch.func`` transforms (grad, vjp, jacrev) differentiate autograd.Functions that define
+# ``setup_context``; the autograd that ``register_autograd`` generates for a custom op does not, so each
+# operator also has a Function twin with the same formulas (vmap rules generated from the operators' own).
+class GridConvFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, key, groups):
+        return grid_conv(x, weight, bias, key, groups)
+
+    setup_context = staticmethod(_grid_conv_setup)
+    backward = staticmethod(_grid_conv_backward)
+
+
+class GridConvInputGradFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_out, weight, key, groups):
+        return grid_conv_input_grad(grad_out, weight, key, groups)
+
+    setup_context = staticmethod(_grid_input_grad_setup)
+    backward = staticmethod(_grid_input_grad_backward)
+
+
+class GridConvWeightGradFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, grad_out, key, groups, weight_shape):
+        return grid_conv_weight_grad(x, grad_out, key, groups, weight_shape)
+
+    setup_context = staticmethod(_grid_weight_grad_setup)
+    backward = staticmethod(_grid_weight_grad_backward)
+
+
+class EdgeConvFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, edge_index, edge_type, weight, bias, num_dst, groups, holes, cache):
+        return edge_conv(x, edge_index, edge_type, weight, bias, num_dst, groups, holes, cache)
+
+    setup_context = staticmethod(_edge_conv_setup)
+    backward = staticmethod(_edge_conv_backward)
+
+
+class EdgeConvInputGradFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_out, edge_index, edge_type, weight, num_src, groups, cache):
+        return edge_conv_input_grad(grad_out, edge_index, edge_type, weight, num_src, groups, cache)
+
+    setup_context = staticmethod(_edge_input_grad_setup)
+    backward = staticmethod(_edge_input_grad_backward)
+
+
+class EdgeConvWeightGradFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, grad_out, edge_index, edge_type, groups, weight_shape, cache):
+        return edge_conv_weight_grad(x, grad_out, edge_index, edge_type, groups, weight_shape, cache)
+
+    setup_context = staticmethod(_edge_weight_grad_setup)
+    backward = staticmethod(_edge_weight_grad_backward)
+
+
+FUNCTIONS = {"grid_conv": GridConvFunction, "grid_conv_input_grad": GridConvInputGradFunction, "grid_conv_weight_grad": GridConvWeightGradFunction, "edge_conv": EdgeConvFunction, "edge_conv_input_grad": EdgeConvInputGradFunction, "edge_conv_weight_grad": EdgeConvWeightGradFunction}
+
+
+def _apply(name: str, *args):
+    """Run operator ``name`` through its autograd.Function twin (differentiable under autograd and torch.func)."""
+    return FUNCTIONS[name].apply(*args)
+
+
+def apply(name: str, *args) -> Tensor:
+    """Call a gridgraph operator differentiably, e.g. ``apply('grid_conv', x, weight, bias, key, groups)``."""
+    return _apply(name, *args)
+
+
 # ----------------------------------------------------------------------------------------- vmap
 def _per_sample(op):
     """The always-correct vmap rule: one call per sample of the batched arguments."""
     def rule(info, in_dims, *args):
         outs = []
         for b in range(info.batch_size):
-            outs.append(op(*[a.select(d, b) if d is not None else a for a, d in zip(args, in_dims)]))
+            outs.append(op(*[a.select(d, b) if isinstance(d, int) else a for a, d in zip(args, in_dims)]))
         return torch.stack(outs), 0
     return rule
 
@@ -251,14 +334,14 @@ def _more_images(key: str, times: int) -> str:
     return f"{kind}|{geometry}|{in_size}|{int(num_images) * times}"
 
 
-def _fold_rule(op, feature: int, weight_args: tuple[int, ...]):
+def _fold_rule(op, feature: int):
     """Batched features (argument ``feature``) with unbatched weights: the samples are more images of the
     same grid, so the key's image count is multiplied and the operator runs once."""
     loop = _per_sample(op)
 
     def rule(info, in_dims, *args):
-        if in_dims[feature] is None or any(in_dims[i] is not None for i in weight_args) or \
-                any(d is not None for i, d in enumerate(in_dims) if i != feature):
+        batched = [i for i, d in enumerate(in_dims) if isinstance(d, int)]
+        if batched != [feature]:  # weights (or more) batched too: per sample
             return loop(info, in_dims, *args)
         v = info.batch_size
         feats = args[feature].movedim(in_dims[feature], 0)
@@ -271,8 +354,8 @@ def _fold_rule(op, feature: int, weight_args: tuple[int, ...]):
     return rule
 
 
-torch.library.register_vmap(grid_conv, _fold_rule(grid_conv, 0, (1, 2)))
-torch.library.register_vmap(grid_conv_input_grad, _fold_rule(grid_conv_input_grad, 0, (1,)))
+torch.library.register_vmap(grid_conv, _fold_rule(grid_conv, 0))
+torch.library.register_vmap(grid_conv_input_grad, _fold_rule(grid_conv_input_grad, 0))
 torch.library.register_vmap(grid_conv_weight_grad, _per_sample(grid_conv_weight_grad))
 for _op in (edge_conv, edge_conv_input_grad, edge_conv_weight_grad):
     torch.library.register_vmap(_op, _per_sample(_op))
