@@ -99,9 +99,7 @@ def sparse_grid_to_graph(in_keys: Tensor, x: Tensor, geometry: ConvGeometry, in_
     b_out, out_pos = (b_in, pos) if submanifold else unravel(out_keys, out_size)
     graph = MaskedPixelGraph(x=x, edge_index=edge_index, edge_attr=edge_attr, pos=pos, out_pos=out_pos,
                              in_keys=in_keys, out_keys=out_keys)
-    if num_images > 1:
-        graph.batch = b_in
-        graph.out_batch = b_out
+    graph.batch, graph.out_batch = b_in, b_out  # the image of each node (as in a PyG batch of the images)
     return graph
 
 

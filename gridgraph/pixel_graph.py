@@ -195,7 +195,17 @@ def _slice(t: Any, dim: int = 0, start: Optional[int] = None, end: Optional[int]
     return PixelEdgeIndex.make(aten.slice.Tensor(t._data, 1, lo, hi), aten.slice.Tensor(t._taps, 0, lo, hi), sub)
 
 
+def _rows(op):
+    """Rows of the edges (``edge_index[0]``, ``src, dst = edge_index``): plain tensors (views of the data).
+    EdgeIndex would return its ``Index`` subclass, which some PyG utilities cannot add to plain tensors."""
+    def handler(t, *args, **kwargs):
+        return op(t._data, *args, **kwargs) if isinstance(t, EdgeIndex) else NotImplemented
+    return handler
+
+
 _HANDLERS = {
+    aten.select.int: _rows(aten.select.int),
+    aten.unbind.int: _rows(aten.unbind.int),
     aten.clone.default: _same(aten.clone.default),
     aten._to_copy.default: _same(aten._to_copy.default),
     aten._pin_memory.default: _same(aten._pin_memory.default),
@@ -236,7 +246,7 @@ class PixelGraph(Data):
 
     Stored: ``x`` ``[N_src, C]``, ``edge_index`` (a :class:`PixelEdgeIndex` ``[2, E]``), ``edge_attr``
     ``[E, ndim]`` (each edge's tap offset), ``pos`` ``[N_src, ndim]`` (each input pixel's coordinates),
-    ``batch`` (the image of each node, when a graph holds several images). Read from the ``edge_index``:
+    ``batch`` (the image of each input node; in a PyG ``Batch`` of pixel graphs, PyG's graph index instead). Read from the ``edge_index``:
     ``edge_type`` ``[E]``, ``size()`` = ``(N_src, N_dst)`` (the ``size`` argument a layer takes),
     ``structure``, ``geometry``, ``in_size``, ``out_size``, ``num_images``, ``batched``. A PyG batch of
     pixel graphs is a pixel graph too (``Batch.from_data_list``, ``DataLoader``): its ``structure`` lists
@@ -353,7 +363,7 @@ class MaskedPixelGraph(PixelGraph):
 
     Nodes are active pixels only, row-major image by image: ``x`` ``[N_src, C]``, ``pos`` ``[N_src, ndim]``
     (coordinates of each input node), ``out_pos`` the same for each output node, ``batch`` and
-    ``out_batch`` the image of each node (when ``num_images > 1``), ``in_keys``/``out_keys`` the flat
+    ``out_batch`` the image of each node, ``in_keys``/``out_keys`` the flat
     dense index ``b*H*W + h*W + w`` of every node. ``size()`` is ``(N_src, N_dst)``: the active counts.
     ``submanifold`` is True when the outputs are the input nodes themselves (stride 1, same grid).
     """
@@ -456,6 +466,5 @@ def full_grid_graph(cls: type, geometry: Any, images: Tensor, batched: bool) -> 
     edge_attr = part.conv_geometry.offsets().to(device=device, dtype=dtype)[taps]
     graph = cls(x=node_features(images), edge_index=edge_index, edge_attr=edge_attr,
                 pos=grid_pos(grid, num_images, device))
-    if num_images > 1:
-        graph.batch = torch.arange(num_images, device=device).repeat_interleave(table.num_src)
+    graph.batch = torch.arange(num_images, device=device).repeat_interleave(table.num_src)  # image of each node
     return graph

@@ -216,4 +216,4 @@ def test_table_and_edges_against_brute_force(geometry):
             assert torch.equal(edge_attr[seg], geo.offsets()[tap].float())
         coords = torch.cartesian_prod(*[torch.arange(n) for n in in_size]).view(-1, ndim)
         assert torch.equal(pos, coords.repeat(batch, 1))
-        assert (batch_vec is None) == (batch == 1)
+        assert torch.equal(batch_vec, torch.arange(batch).repeat_interleave(math.prod(in_size)))

@@ -169,9 +169,10 @@ def test_node_features_pos_and_batch(device):
     assert torch.equal(g.batch, torch.arange(3, device=device).repeat_interleave(30))
     assert g.num_images == 3 and g.batched
     single = image_to_graph(images[:1], kernel_size=3, padding=1)
-    assert single.batch is None and single.batched and single.num_images == 1
+    assert torch.equal(single.batch, torch.zeros(single.num_src, dtype=torch.long, device=device))
+    assert single.batched and single.num_images == 1
     unbatched = image_to_graph(images[0], kernel_size=3, padding=1)
-    assert unbatched.batch is None and not unbatched.batched
+    assert not unbatched.batched
     assert torch.equal(unbatched.edge_index, single.edge_index)
 
 

@@ -518,7 +518,7 @@ def grid_weight_grad(x: Tensor, g: Tensor, key: str, groups: int, weight_shape: 
         return x.new_zeros(weight_shape)
     grad_m = _weight_grad(part.forward(part.split_centre(kind)), x, g, m_shape, kind)
     # grad_m [T, G, C_in/G, C_out/G] -> weight (C_out, C_in/G, *kernel)
-    return grad_m.permute(1, 3, 2, 0).reshape(weight_shape)
+    return grad_m.permute(1, 3, 2, 0).reshape(weight_shape).contiguous()
 
 
 # ----------------------------------------------------------------------------- edge kernels
@@ -636,4 +636,4 @@ def edge_weight_grad(x: Tensor, g: Tensor, edge_index: Tensor, edge_type: Tensor
         xs = xs.reshape(-1, groups, c_in_g).transpose(0, 1)  # [G, E, C_in/G]
         grad_taps[t] = torch.bmm(go.transpose(1, 2), xs)
     # back to (C_out, C_in/G, *kernel): taps were weight.reshape(G, C_out/G, C_in/G, K).permute(3, 0, 1, 2)
-    return grad_taps.permute(1, 2, 3, 0).reshape(weight_shape)
+    return grad_taps.permute(1, 2, 3, 0).reshape(weight_shape).contiguous()
