@@ -227,7 +227,12 @@ class PixelAttention(MessagePassing):
             Tensor: target features ``[N_dst, E]`` (and ``alpha`` when asked).
         """
         edge_index, edge_type = _plain(edge_index), _plain(edge_type)
-        x_src, x_dst = (_plain(x[0]), _plain(x[1])) if isinstance(x, (tuple, list)) else (_plain(x), None)
+        if isinstance(x, tuple):
+            if len(x) != 2:
+                raise ValueError(f"x must be a tensor or a pair (x_src, x_dst) (got a tuple of {len(x)})")
+            x_src, x_dst = _plain(x[0]), _plain(x[1])
+        else:
+            x_src, x_dst = _plain(x), None
         like = self.query.weight
         _check_features(x_src, "x" if x_dst is None else "x[0] (sources)", self.embed_dim, like)
         if x_dst is None:
