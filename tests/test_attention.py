@@ -505,3 +505,16 @@ def test_squeeze_excitation_inputs_and_errors():
 def test_public_api():
     for name in ("PixelAttention", "SqueezeExcitation", "complete_pixel_graph"):
         assert name in gridgraph.__all__ and name in gridgraph.nn.__all__
+
+
+def test_verify_attention_passes_and_can_fail(device, monkeypatch):
+    from gridgraph.verify import ATTENTION_CASES, verify_attention
+
+    report = verify_attention(ATTENTION_CASES, devices=[device])
+    assert report.passed and len(report.results) == 2 * len(ATTENTION_CASES)
+    assert {r.path for r in report.results} == {"complete", "local"}
+    assert report.max_forward_error[torch.float64] <= 1e-10
+    original = PixelAttention.message
+    monkeypatch.setattr(PixelAttention, "message", lambda self, *a, **k: original(self, *a, **k) * (1 + 1e-6))
+    broken = verify_attention(ATTENTION_CASES[:1], dtypes=[torch.float64], devices=[device])
+    assert not broken.passed
