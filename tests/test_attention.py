@@ -514,7 +514,9 @@ def test_verify_attention_passes_and_can_fail(device, monkeypatch):
     assert report.passed and len(report.results) == 2 * len(ATTENTION_CASES)
     assert {r.path for r in report.results} == {"complete", "local"}
     assert report.max_forward_error[torch.float64] <= 1e-10
-    original = PixelAttention.message
-    monkeypatch.setattr(PixelAttention, "message", lambda self, *a, **k: original(self, *a, **k) * (1 + 1e-6))
+    import gridgraph.nn.attention as attention
+
+    original = attention.softmax
+    monkeypatch.setattr(attention, "softmax", lambda *a, **k: original(*a, **k) * (1 + 1e-6))
     broken = verify_attention(ATTENTION_CASES[:1], dtypes=[torch.float64], devices=[device])
     assert not broken.passed
