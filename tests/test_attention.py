@@ -388,6 +388,7 @@ def test_errors_on_bad_modules_and_arguments():
     _raises(TypeError, r"images must be a torch.Tensor \(got list\)", complete_pixel_graph, [1.0])
     _raises(ValueError, r"3 or 4 dims \(got a 2-dim tensor", complete_pixel_graph, torch.zeros(3, 3))
     _raises(ValueError, "kernel_size is needed", PixelAttention(4, 2).attention_mask, 3, 3)
+    _raises(ValueError, r"kernel_size must be odd.* \(got \(3, 2\)\)", PixelAttention(4, 2).attention_mask, 3, 3, (3, 2))
 
 
 def test_errors_on_bad_inputs():

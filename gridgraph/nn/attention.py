@@ -74,10 +74,10 @@ def _check_index(t: Any, name: str, shape: str, dim: int, device: torch.device) 
 
 
 def complete_pixel_graph(images: Tensor) -> PixelGraph:
-    r"""The complete pixel graph of a batch: every pixel of an image receives an edge from every pixel
-    of the same image (itself included), and no edge joins two images.
+    r"""The complete pixel graph of a batch: every pixel joined to every pixel of the same image.
 
-    It is the pixel graph of one very large convolution: kernel ``(2H-1, 2W-1)`` with padding
+    Each pixel receives an edge from every pixel of its image (itself included); no edge joins two
+    images. It is the pixel graph of one very large convolution: kernel ``(2H-1, 2W-1)`` with padding
     ``(H-1, W-1)`` reaches every pixel from every other, so it is built by
     :func:`~gridgraph.image_to_graph` and each edge keeps a meaningful ``edge_type``: the tap
     ``u*(2W-1) + v`` of the relative offset ``(dy, dx) = (u - (H-1), v - (W-1))`` from target to source.
@@ -110,9 +110,10 @@ def complete_pixel_graph(images: Tensor) -> PixelGraph:
 
 
 class PixelAttention(MessagePassing):
-    r"""Multi-head dot-product attention as message passing on a pixel graph; equal to
-    ``nn.MultiheadAttention`` on the graph's neighbourhoods.
+    r"""Multi-head attention by message passing on a pixel graph; equal to ``nn.MultiheadAttention``.
 
+    On :func:`complete_pixel_graph` it is ``nn.MultiheadAttention`` on each image's flattened pixels; on
+    any other graph, the same with the graph's missing edges as ``attn_mask``.
     Queries, keys and values are 1x1 convolutions of the pixels (:class:`~gridgraph.PointwiseConv2d`),
     split into :math:`h` heads of :math:`d = E/h` channels. Each edge :math:`j \to i` gets, per head,
     the weight :math:`\alpha_{ij}`, a softmax over the incoming edges of :math:`i`:
@@ -314,6 +315,9 @@ class PixelAttention(MessagePassing):
             raise ValueError("kernel_size is needed: this layer has no tap bias to take it from")
         if self.tap_bias is not None and kernel_size != self.kernel_size:
             raise ValueError(f"kernel_size {kernel_size} differs from the tap bias's {self.kernel_size}")
+        if kernel_size[0] % 2 == 0 or kernel_size[1] % 2 == 0:
+            raise ValueError(f"kernel_size must be odd: only then does padding k // 2 keep the image's grid "
+                             f"(got {kernel_size})")
         device = self.query.weight.device
         rows, cols = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device),
                                     indexing="ij")
@@ -403,9 +407,9 @@ class PixelAttention(MessagePassing):
 
 
 class SqueezeExcitation(MessagePassing):
-    r"""Squeeze-and-excitation (channel attention) as message passing to one virtual node per image
-    and back; equal to the torch block ``x * sigmoid(fc2(act(fc1(mean_hw(x)))))``.
+    r"""Squeeze-and-excitation by message passing to one virtual node per image and back.
 
+    Channel attention, equal to the torch block ``x * sigmoid(fc2(act(fc1(mean_hw(x)))))``.
     Every pixel :math:`j` of image :math:`b` sends its features to the image's virtual node
     :math:`z_b` (mean aggregation: global average pooling); two 1x1 convolutions
     (:class:`~gridgraph.PointwiseConv2d`) and a sigmoid turn it into a gate, which travels back along
