@@ -112,8 +112,11 @@ def complete_pixel_graph(images: Tensor) -> PixelGraph:
 class PixelAttention(MessagePassing):
     r"""Multi-head attention by message passing on a pixel graph; equal to ``nn.MultiheadAttention``.
 
-    On :func:`complete_pixel_graph` it is ``nn.MultiheadAttention`` on each image's flattened pixels; on
-    any other graph, the same with the graph's missing edges as ``attn_mask``.
+    On :func:`complete_pixel_graph` it is global self-attention, ``nn.MultiheadAttention`` on each
+    image's flattened pixels; on the ``k x k`` graph of :func:`~gridgraph.image_to_graph` it is local
+    attention; on any graph, ``nn.MultiheadAttention`` with the missing edges as ``attn_mask``
+    (:meth:`attention_mask`).
+
     Queries, keys and values are 1x1 convolutions of the pixels (:class:`~gridgraph.PointwiseConv2d`),
     split into :math:`h` heads of :math:`d = E/h` channels. Each edge :math:`j \to i` gets, per head,
     the weight :math:`\alpha_{ij}`, a softmax over the incoming edges of :math:`i`:
@@ -128,10 +131,10 @@ class PixelAttention(MessagePassing):
     with :math:`\mathbf{q}_i = \mathbf{W}_q \mathbf{x}_i + \mathbf{b}_q` (likewise :math:`\mathbf{k}`,
     :math:`\mathbf{v}`) and :math:`\beta_t` the optional learned bias of kernel tap
     :math:`t = \texttt{edge\_type}`, one per head (``tap_bias``, shape ``(num_heads, kH*kW)``). A convolution
-    is the case where :math:`\alpha_{ij}` depends on the tap only. On :func:`complete_pixel_graph` the
-    layer is global self-attention over each image's pixels; on the ``k x k`` graph of
-    :func:`~gridgraph.image_to_graph` it is local attention. A target with no incoming edge gets
-    :math:`\mathbf{b}_{out}` (``nn.MultiheadAttention`` would give NaN for a fully masked row).
+    is the case where :math:`\alpha_{ij}` depends on the tap only. A target with no incoming edge gets
+    :math:`\mathbf{b}_{out}` (``nn.MultiheadAttention`` would give NaN for a fully masked row). Every
+    edge is one term of the softmax: on a graph with parallel edges (reflect, replicate or circular
+    padding of a kernel larger than the image) a pixel reached by two taps counts twice.
 
     Args:
         embed_dim (int): channels :math:`E` of the pixels (input and output).
