@@ -21,6 +21,7 @@ from .transforms import ToPixelGraph
 from .models import REFERENCE_MODELS, reference_model
 from .nn import (DepthwiseConv2d, GridConv1d, GridConv2d, GridConv3d, GridConvNd, GridConvTranspose1d,
                  GridConvTranspose2d, GridConvTranspose3d, GridConvTransposeNd, PointwiseConv2d, SeparableConv2d)
+from .nn.attention import PixelAttention, SqueezeExcitation, complete_pixel_graph
 from .verify import ModelReport, verify_layers, verify_model
 
 __version__ = "0.1.0"
@@ -34,6 +35,8 @@ __all__ = [
     # layers
     "GridConvNd", "GridConv1d", "GridConv2d", "GridConv3d", "PointwiseConv2d", "DepthwiseConv2d",
     "SeparableConv2d", "GridConvTransposeNd", "GridConvTranspose1d", "GridConvTranspose2d", "GridConvTranspose3d",
+    # attention on pixel graphs (complete_pixel_graph: every pixel of an image joined to every pixel)
+    "PixelAttention", "SqueezeExcitation", "complete_pixel_graph",
     # whole networks and verification
     "convert", "unconvert", "converted_layers", "CONVERSIONS", "ImageGridConv1d", "ImageGridConv2d",
     "ImageGridConv3d", "REFERENCE_MODELS", "reference_model", "verify_model", "ModelReport", "verify_layers",

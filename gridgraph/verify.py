@@ -878,3 +878,104 @@ def verify_beyond(cases: Sequence[BeyondCase] = BEYOND_CASES,
         (True, 12)
     """
     return _run_cases(check_beyond_case, cases, dtypes, devices, seed)
+
+
+# ================================================================================ attention
+@dataclass(frozen=True)
+class AttentionCase:
+    """One ``nn.MultiheadAttention`` configuration on a batch of images, and the pixel graph
+    :class:`~gridgraph.PixelAttention` runs on: ``'complete'`` (global attention) or ``'local'`` (the
+    ``kernel_size`` graph, checked against the neighbourhood as ``attn_mask``); ``tap_bias`` adds a
+    random bias per head per tap, checked against a per-head float ``attn_mask``."""
+
+    embed_dim: int
+    num_heads: int
+    graph: str = "complete"
+    kernel_size: int = 3
+    bias: bool = True
+    batch_first: bool = True
+    tap_bias: bool = False
+    image: tuple[int, int] = (4, 5)
+    batch: int = 2
+
+    def describe(self) -> str:
+        graph = self.graph if self.graph == "complete" else f"local k{self.kernel_size}"
+        s = f"attention E{self.embed_dim} h{self.num_heads} {graph}"
+        s += (" tap-bias" if self.tap_bias else "") + ("" if self.bias else " nobias")
+        return s + ("" if self.batch_first else " seq-first") + f" | B{self.batch} {self.image[0]}x{self.image[1]}"
+
+
+#: Global and local attention, with and without biases and a tap bias, both sequence layouts.
+ATTENTION_CASES: tuple[AttentionCase, ...] = (
+    AttentionCase(8, 2),
+    AttentionCase(6, 3, bias=False, batch_first=False, image=(3, 4)),
+    AttentionCase(8, 2, "complete", tap_bias=True, image=(3, 3)),
+    AttentionCase(8, 2, "local", 3),
+    AttentionCase(6, 1, "local", 5, batch_first=False, image=(5, 6)),
+    AttentionCase(8, 4, "local", 3, tap_bias=True, batch=3),
+)
+
+
+def check_attention_case(case: AttentionCase, dtype: torch.dtype = torch.float64, device: Any = "cpu",
+                         seed: int = 0) -> list[CaseResult]:
+    """Check :class:`~gridgraph.PixelAttention` (weights from ``from_multihead_attention``) against the
+    ``nn.MultiheadAttention`` itself on the flattened pixels of each image: forward output and the
+    gradients of the input and of every weight (the tap bias's through the float mask)."""
+    from .nn.attention import PixelAttention, complete_pixel_graph
+
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    e, (h, w) = case.embed_dim, case.image
+    k = (2 * h - 1, 2 * w - 1) if case.graph == "complete" else (case.kernel_size, case.kernel_size)
+    with no_tf32():
+        torch.manual_seed(seed)
+        mha = torch.nn.MultiheadAttention(e, case.num_heads, bias=case.bias, batch_first=case.batch_first)
+        with torch.no_grad():
+            for p in mha.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) / e ** 0.5)
+        mha = mha.to(device, dtype)
+        layer = PixelAttention.from_multihead_attention(mha, kernel_size=k if case.tap_bias else None)
+        if case.tap_bias:
+            with torch.no_grad():
+                layer.tap_bias.copy_(torch.randn(layer.tap_bias.shape, generator=gen))
+        image = torch.randn(case.batch, e, h, w, generator=gen, dtype=dtype).to(device).requires_grad_(True)
+        seq = image.flatten(2).transpose(1, 2)
+        seq = seq if case.batch_first else seq.transpose(0, 1)
+        mask = None
+        if case.graph != "complete" or case.tap_bias:
+            mask = layer.attention_mask(h, w, kernel_size=k, num_images=case.batch)
+        ref = mha(seq, seq, seq, attn_mask=mask, need_weights=False)[0]
+        ref = (ref if case.batch_first else ref.transpose(0, 1)).transpose(1, 2).reshape(image.shape)
+        upstream = torch.randn(ref.shape, generator=gen, dtype=dtype).to(device)
+        ref_params = [mha.in_proj_weight, mha.out_proj.weight] + ([mha.in_proj_bias, mha.out_proj.bias]
+                                                                   if case.bias else [])
+        extra = [layer.tap_bias] if case.tap_bias else []
+        ref_grads = torch.autograd.grad(ref, [image, *ref_params, *extra], upstream)
+        g = complete_pixel_graph(image) if case.graph == "complete" else \
+            image_to_graph(image, kernel_size=k, padding=(k[0] // 2, k[1] // 2))
+        out = graph_to_image(layer(g.x, g.edge_index, g.edge_type), g)
+        projections = (layer.query, layer.key, layer.value)
+        params = [p.weight for p in projections] + [layer.out_proj.weight]
+        params += [p.bias for p in projections] + [layer.out_proj.bias] if case.bias else []
+        grads = list(torch.autograd.grad(out, [image, *params, *extra], upstream))
+        # Pack the graph layer's gradients as nn.MultiheadAttention's parameters: in_proj = [q; k; v].
+        packed = [grads[0], torch.cat([gr.view(e, e) for gr in grads[1:4]]), grads[4].view(e, e)]
+        if case.bias:
+            packed += [torch.cat(grads[5:8]), grads[8]]
+        packed += grads[len(grads) - len(extra):] if extra else []
+        grad_error = max(_relative_error(a, b) for a, b in zip(packed, ref_grads))
+        return [CaseResult(case, str(device), dtype, case.graph, _relative_error(out, ref), grad_error,
+                           TOLERANCES[dtype])]
+
+
+def verify_attention(cases: Sequence[AttentionCase] = ATTENTION_CASES,
+                     dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64),
+                     devices: Optional[Sequence[Any]] = None, seed: int = 0) -> LayerReport:
+    """Run :func:`check_attention_case` over ``cases`` x ``dtypes`` x ``devices`` (default: every available one).
+
+    Example:
+        >>> report = verify_attention(dtypes=[torch.float64], devices=['cpu'])
+        >>> report.passed, len(report.results)
+        (True, 6)
+    """
+    return _run_cases(check_attention_case, cases, dtypes, devices, seed)
