@@ -364,3 +364,19 @@ def test_distributed_data_parallel_step_equals_the_full_batch(tmp_path):
     torch.nn.functional.mse_loss(net(x), y).backward()
     for name, p in net.named_parameters():
         torch.testing.assert_close(got[name], p.grad, **F64, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1, groups=2),
+                                    dict(kernel_size=1)])
+def test_flop_counter_counts_the_graph_layer_as_conv2d(kwargs):
+    """FlopCounterMode sees the operators: a graph layer's forward counts what nn.Conv2d's does."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv = nn.Conv2d(4, 6, **kwargs)
+    x = torch.randn(2, 4, 9, 8)
+    counts = []
+    for module in (conv, convert(conv)):
+        with FlopCounterMode(display=False) as counter:
+            module(x)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0

@@ -32,6 +32,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from torch.utils.flop_counter import register_flop_formula
+
 from ..structure import parse_key
 from . import kernels
 
@@ -359,3 +361,42 @@ torch.library.register_vmap(grid_conv_input_grad, _fold_rule(grid_conv_input_gra
 torch.library.register_vmap(grid_conv_weight_grad, _per_sample(grid_conv_weight_grad))
 for _op in (edge_conv, edge_conv_input_grad, edge_conv_weight_grad):
     torch.library.register_vmap(_op, _per_sample(_op))
+
+
+# ----------------------------------------------------------------------------------------- FLOPs
+# torch.utils.flop_counter.FlopCounterMode sees the operators, not their insides: count each as the GEMM work
+# it does, 2 * (slots or edges) * C_in/groups * C_out, which for a full grid is what it counts for nn.Conv2d.
+def _grid_slots(key: str) -> int:
+    _, geometry, in_size, num_images = parse_key(key)
+    return _grid_sizes(key)[1] * geometry.num_taps
+
+
+@register_flop_formula(torch.ops.gridgraph.grid_conv)
+def _grid_conv_flops(x_shape, w_shape, bias_shape, key, groups, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _grid_slots(key) * w_shape[1] * w_shape[0]
+
+
+@register_flop_formula(torch.ops.gridgraph.grid_conv_input_grad)
+def _grid_input_grad_flops(g_shape, w_shape, key, groups, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _grid_slots(key) * w_shape[1] * w_shape[0]
+
+
+@register_flop_formula(torch.ops.gridgraph.grid_conv_weight_grad)
+def _grid_weight_grad_flops(x_shape, g_shape, key, groups, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _grid_slots(key) * weight_shape[1] * weight_shape[0]
+
+
+@register_flop_formula(torch.ops.gridgraph.edge_conv)
+def _edge_conv_flops(x_shape, ei_shape, et_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * ei_shape[1] * w_shape[1] * w_shape[0]
+
+
+@register_flop_formula(torch.ops.gridgraph.edge_conv_input_grad)
+def _edge_input_grad_flops(g_shape, ei_shape, et_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * ei_shape[1] * w_shape[1] * w_shape[0]
+
+
+@register_flop_formula(torch.ops.gridgraph.edge_conv_weight_grad)
+def _edge_weight_grad_flops(x_shape, g_shape, ei_shape, et_shape, groups, weight_shape, *args, out_shape=None,
+                            **kwargs) -> int:
+    return 2 * ei_shape[1] * weight_shape[1] * weight_shape[0]
