@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..structure import REGISTRY, NeighbourTable, cached_table, parse_key, tensor_bytes
+from ..structure import REGISTRY, NeighbourTable, _remap, cached_table, parse_key, tensor_bytes, unravel
 
 __all__ = ["tap_weights", "apply_tap", "grid_forward", "grid_input_grad", "grid_weight_grad", "edge_forward",
            "edge_input_grad", "edge_weight_grad", "CPU_BLOCK_BYTES", "DEVICE_BLOCK_BYTES"]
@@ -169,7 +169,7 @@ class _Part:
 
     def __init__(self, key: str, device: torch.device) -> None:
         kind, geometry, in_size, num_images = parse_key(key)
-        self.key, self.device, self.num_images = key, device, num_images
+        self.key, self.device, self.num_images, self.kind = key, device, num_images, kind
         self.table: NeighbourTable = cached_table(geometry, in_size, device)
         self.num_src = num_images * self.table.num_src
         self.num_dst = num_images * self.table.num_dst
@@ -265,10 +265,161 @@ class _Part:
         return gathers
 
 
+# --------------------------------------------------------------------------- shifted-view layouts
+class _Flat:
+    """A full grid part as per-tap shifted views of its zero-padded, channels-last features.
+
+    In the padded grid (``P = in_size + padding``, flattened row-major, ``[B * prod(P) + tail, C]``) the
+    source of tap ``t`` of the target whose anchor sits at padded position ``p`` is ``p + shift[t]``,
+    ``shift[t] = sum_a u_a * d_a * prod(P[a+1:])``: at stride 1 every tap is one contiguous slice of rows,
+    and a kernel is a few multiply-adds over slices, with no index read. ``out_pos`` are the padded
+    positions of the targets; ``pad_src`` the source node of every padded position (-1: zero padding).
+    Built from the geometry and checked against the part's neighbour table (the edges themselves)."""
+
+    def __init__(self, part: "_Part") -> None:
+        table, b = part.table, part.num_images
+        geometry = table.geometry
+        device = table.device
+        self.in_size, self.out_size, self.num_images = table.in_size, table.out_size, b
+        lo = [a for a, _ in geometry.padding]
+        self.padded = tuple(n + a + c for n, (a, c) in zip(table.in_size, geometry.padding))
+        strides = [math.prod(self.padded[a + 1:]) for a in range(len(self.padded))]
+        per_image = math.prod(self.padded)
+        offsets = geometry.offsets().tolist()
+        self.shifts = [sum((o + lo[a]) * strides[a] for a, o in enumerate(off)) for off in offsets]
+        self.tail = max(self.shifts)
+        self.rows = b * per_image
+        # padded position of each target's anchor, and the source node of every padded position
+        _, out_coords = unravel(torch.arange(table.num_dst, device=device), table.out_size)
+        anchor = (out_coords * torch.tensor(geometry.stride, device=device) * torch.tensor(strides, device=device)).sum(1)
+        _, padded_coords = unravel(torch.arange(per_image, device=device), self.padded)
+        src = torch.zeros(per_image, dtype=torch.long, device=device)
+        inside = torch.ones(per_image, dtype=torch.bool, device=device)
+        in_strides = [math.prod(table.in_size[a + 1:]) for a in range(len(table.in_size))]
+        for a, n in enumerate(table.in_size):
+            coord, ok = _remap(padded_coords[:, a] - lo[a], n, geometry.padding_mode)
+            src += coord * in_strides[a]
+            inside &= ok
+        pad_src = torch.where(inside, src, -1)
+        # The layout is the graph: every (target, tap) slot reads the padded position's source.
+        implied = pad_src[anchor[:, None] + torch.tensor(self.shifts, device=device)[None, :]]
+        if not torch.equal(implied, table.index):  # pragma: no cover - a bug in the layout, never silent
+            raise AssertionError(f"shifted-view layout disagrees with the neighbour table of {part.key}")
+        images = torch.arange(b, device=device)[:, None]
+        self.out_pos = (anchor[None, :] + images * per_image).reshape(-1)
+        self.zero_padded = geometry.padding_mode == "zeros"
+        self.lo = tuple(lo)
+        self.pad_src = None if self.zero_padded else \
+            (pad_src[None, :] + images * table.num_src).reshape(-1)
+
+    def tensors(self) -> tuple[Optional[Tensor], ...]:
+        return self.out_pos, self.pad_src
+
+    def pad(self, x: Tensor) -> Tensor:
+        """``[rows + tail, C]``: the features at every padded position (zeros beyond)."""
+        c = x.size(1)
+        xp = x.new_zeros(self.rows + self.tail, c) if self.zero_padded else x.new_empty(self.rows + self.tail, c)
+        if self.zero_padded:
+            inner = xp[:self.rows].view(self.num_images, *self.padded, c)
+            inner[(slice(None), *(slice(a, a + n) for a, n in zip(self.lo, self.in_size)))] = \
+                x.view(self.num_images, *self.in_size, c)
+        else:
+            torch.index_select(x, 0, self.pad_src, out=xp[:self.rows])
+            xp[self.rows:].zero_()
+        return xp
+
+    def unpad(self, grad_xp: Tensor) -> Tensor:
+        """The adjoint of :meth:`pad`: ``[B * prod(in_size), C]``."""
+        c = grad_xp.size(1)
+        if self.zero_padded:
+            inner = grad_xp[:self.rows].view(self.num_images, *self.padded, c)
+            inner = inner[(slice(None), *(slice(a, a + n) for a, n in zip(self.lo, self.in_size)))]
+            return inner.reshape(-1, c)
+        out = grad_xp.new_zeros(self.num_images * math.prod(self.in_size), c)
+        return out.index_add_(0, self.pad_src, grad_xp[:self.rows])
+
+
+def _flat_plan(part: "_Part") -> Optional[_Flat]:
+    """The shifted-view layout of a full grid at stride 1 (None for other parts)."""
+    if part.kind != "grid" or any(s != 1 for s in part.table.geometry.stride):
+        return None
+    return part._cached(("flat",), lambda: _Flat(part))
+
+
+def _depthwise(kind: str, m: Tensor) -> bool:
+    """One input channel per output channel: the weights are a ``[T, C]`` table."""
+    return kind == "elementwise" and m.size(2) == 1 and m.size(3) == 1
+
+
+def _block_slices(rows: int, width: int, element_size: int, device: torch.device) -> list[tuple[int, int]]:
+    n = max(256, (CPU_BLOCK_BYTES if device.type == "cpu" else DEVICE_BLOCK_BYTES) // max(1, width * element_size))
+    return [(r, min(rows, r + n)) for r in range(0, rows, n)]
+
+
+def _depthwise_flat_forward(flat: _Flat, x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Depthwise forward at stride 1: ``out[p] = b + sum_t x[p + shift_t] * w_t``, slice by slice."""
+    xp = flat.pad(x)
+    out_p = x.new_empty(flat.rows, x.size(1))
+    for r0, r1 in _block_slices(flat.rows, x.size(1), x.element_size(), x.device):
+        o = out_p[r0:r1]
+        s = flat.shifts[0]
+        torch.mul(xp[r0 + s:r1 + s], w[0], out=o)
+        for t in range(1, len(flat.shifts)):
+            s = flat.shifts[t]
+            o.addcmul_(xp[r0 + s:r1 + s], w[t])
+        if bias is not None:
+            o.add_(bias)
+    return out_p.index_select(0, flat.out_pos)
+
+
+def _depthwise_flat_input_grad(flat: _Flat, g: Tensor, w: Tensor) -> Tensor:
+    """``grad_xp[q] = sum_t g[q - shift_t] * w_t`` (g at the targets' padded positions, zero elsewhere)."""
+    c = g.size(1)
+    tail = flat.tail
+    gp = g.new_zeros(tail + flat.rows + tail, c)
+    gp[tail:tail + flat.rows].index_copy_(0, flat.out_pos, g)
+    grad_xp = g.new_empty(flat.rows + tail, c)
+    for r0, r1 in _block_slices(flat.rows + tail, c, g.element_size(), g.device):
+        o = grad_xp[r0:r1]
+        s = tail - flat.shifts[0]
+        torch.mul(gp[r0 + s:r1 + s], w[0], out=o)
+        for t in range(1, len(flat.shifts)):
+            s = tail - flat.shifts[t]
+            o.addcmul_(gp[r0 + s:r1 + s], w[t])
+    return flat.unpad(grad_xp)
+
+
+def _depthwise_flat_weight_grad(flat: _Flat, x: Tensor, g: Tensor) -> Tensor:
+    """``grad_w[t] = sum_p x[p + shift_t] * g[p]``: ``[T, C]``."""
+    xp = flat.pad(x)
+    gp = g.new_zeros(flat.rows, g.size(1))
+    gp.index_copy_(0, flat.out_pos, g)
+    grad = x.new_zeros(len(flat.shifts), x.size(1))
+    for r0, r1 in _block_slices(flat.rows, x.size(1), x.element_size(), x.device):
+        gb = gp[r0:r1]
+        for t, s in enumerate(flat.shifts):
+            grad[t] += (xp[r0 + s:r1 + s] * gb).sum(0)
+    return grad
+
+
 # ------------------------------------------------------------------------------- block kernels
 # A "mix" applies stacked tap weights ``M`` ``[S, G, a, b]`` to gathered rows ``cols`` ``[n, S*G*a]``
 # (slot-major, then group, then channel), giving ``[n, G*b]``: out[n, g, k] = sum_{s, c} cols[n, s, g, c] M[s, g, c, k].
 # Forward: ``M = W^T`` per tap (a = C_in/G, b = C_out/G); input gradient: ``M = W`` per tap.
+
+_ONEDNN = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+#: Use oneDNN's matrix product (the library behind nn.Conv2d on CPU) for float32/bfloat16 on the CPU: on CPUs
+#: where MKL's sgemm runs a generic code path (AMD) it is 2-4x faster. False: torch.mm everywhere.
+USE_ONEDNN = True
+
+
+def _linear(x: Tensor, w_nk: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ w_nk^T (+ bias)``: a GEMM (``x`` ``[M, K]``, ``w_nk`` ``[N, K]`` contiguous)."""
+    if (USE_ONEDNN and _ONEDNN is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and x.size(0) and x.size(1) and not x.requires_grad and not w_nk.requires_grad):
+        return _ONEDNN(x, w_nk, bias, "none", [], "")
+    return torch.addmm(bias, x, w_nk.t()) if bias is not None else x @ w_nk.t()
+
 
 def _kind(groups: int, a: int, b: int) -> str:
     if groups == 1:
@@ -282,7 +433,7 @@ def _prepare(m: Tensor, kind: str) -> Tensor:
     """``M`` ``[S, G, a, b]`` in the layout its kind multiplies with."""
     s, g, a, b = m.shape
     if kind == "dense":
-        return m.reshape(s * a, b)
+        return m.reshape(s * a, b).t().contiguous()  # [b, S*a]: the layout of a linear layer's weight
     if kind == "grouped":
         return m.permute(1, 0, 2, 3).reshape(g, s * a, b)
     return m.contiguous()
@@ -296,11 +447,9 @@ def _mix(cols: Tensor, m: Tensor, kind: str, shape: tuple[int, int, int, int], o
     n = cols.size(0)
     if kind == "dense":
         if accumulate:
-            out.addmm_(cols, m)
-        elif bias is not None:
-            torch.addmm(bias, cols, m, out=out)
+            out.add_(_linear(cols, m))
         else:
-            torch.mm(cols, m, out=out)
+            out.copy_(_linear(cols, m, bias))
         return
     if kind == "elementwise":
         if a == 1 and b == 1:  # depthwise: a multiply-add per tap, straight into ``out``
@@ -335,7 +484,7 @@ def _mix_grad(cols: Tensor, gout: Tensor, kind: str, shape: tuple[int, int, int,
     s, g, a, b = shape
     n = cols.size(0)
     if kind == "dense":
-        acc.addmm_(cols.t(), gout)
+        acc.add_(_linear(gout.t(), cols.t().contiguous()))  # [b, S*a], as _prepare lays it out
     elif kind == "elementwise":
         acc.add_((cols.view(n, s, g, a, 1) * gout.view(n, 1, g, 1, b)).sum(0))
     else:
@@ -348,6 +497,8 @@ def _unprepare(acc: Tensor, kind: str, shape: tuple[int, int, int, int]) -> Tens
     s, g, a, b = shape
     if kind == "grouped":
         return acc.view(g, s, a, b).permute(1, 0, 2, 3)
+    if kind == "dense":
+        return acc.t().reshape(s, g, a, b)
     return acc.view(s, g, a, b)
 
 
@@ -396,7 +547,7 @@ def _transform_then_gather(gather: _Gather, x: Tensor, m_taps: Tensor, out: Tens
     gathers and sums its ``T`` messages: the gather moves ``C_out`` channels instead of ``C_in``.
     An absent edge adds what ``nn.Conv2d`` adds for zero padding (zero, or NaN for non-finite weights)."""
     num_taps, _, c_in, c_out = m_taps.shape
-    messages = x @ m_taps[:, 0].permute(1, 0, 2).reshape(c_in, num_taps * c_out)
+    messages = _linear(x, m_taps[:, 0].permute(0, 2, 1).reshape(num_taps * c_out, c_in).contiguous())
     messages = messages.view(-1, c_out)  # row j*T + t: tap t's message from source j
     fill = None if _all_finite(m_taps) else _hole_values(m_taps)
     n_rows = _block_rows(num_taps, c_out, x.element_size(), x.device)
@@ -474,6 +625,9 @@ def grid_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], key: str, gr
     num_taps, c_out, c_in = m_fwd.size(0), weight.size(0), x.size(1)
     if part.num_dst == 0:
         return out
+    flat = _flat_plan(part) if _depthwise(kind, m_fwd) else None
+    if flat is not None:
+        return _depthwise_flat_forward(flat, x, m_fwd.reshape(num_taps, c_out), bias)
     if kind == "dense" and num_taps > 1 and 2 * num_taps * c_out <= c_in:
         _transform_then_gather(part.transformed(), x, m_fwd, out, bias)
     else:
@@ -491,6 +645,9 @@ def grid_input_grad(g: Tensor, weight: Tensor, key: str, groups: int) -> Tensor:
     c_in = weight.size(1) * groups
     if part.num_dst == 0:
         return g.new_zeros(part.num_src, c_in)
+    flat = _flat_plan(part) if _depthwise(kind, m_fwd) else None
+    if flat is not None:
+        return _depthwise_flat_input_grad(flat, g, taps.reshape(taps.size(0), c_in))
     split = part.split_centre(kind)
     reverse = part.reverse(split)
     if reverse is not None and len(reverse) > 1 and kind == "dense":
@@ -516,6 +673,9 @@ def grid_weight_grad(x: Tensor, g: Tensor, key: str, groups: int, weight_shape: 
     kind = _kind(groups, c_in_g, c_out // groups)
     if part.num_dst == 0:
         return x.new_zeros(weight_shape)
+    flat = _flat_plan(part) if c_in_g == 1 and c_out == groups else None
+    if flat is not None:
+        return _depthwise_flat_weight_grad(flat, x, g).t().reshape(weight_shape).contiguous()
     grad_m = _weight_grad(part.forward(part.split_centre(kind)), x, g, m_shape, kind)
     # grad_m [T, G, C_in/G, C_out/G] -> weight (C_out, C_in/G, *kernel)
     return grad_m.permute(1, 3, 2, 0).reshape(weight_shape).contiguous()
