@@ -25,8 +25,10 @@ import torch
 __all__ = ["ConvGeometry", "PADDING_MODES"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-_VALID_PADDING_MODES = {"zeros", "reflect", "replicate", "circular"}
-_VALID_PADDING_STRINGS = {"same", "valid"}
+# Tuples, not sets: the messages below list the choices, and a set's order changes with PYTHONHASHSEED.
+# (nn.Conv2d's own messages print a set; ours read the same with the choices in this fixed order.)
+_VALID_PADDING_MODES = PADDING_MODES
+_VALID_PADDING_STRINGS = ("same", "valid")
 
 
 def _ntuple(value: Any, ndim: int, name: str) -> tuple[int, ...]:
