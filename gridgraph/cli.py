@@ -15,6 +15,8 @@ _DTYPES = {"float32": [torch.float32], "float64": [torch.float64], "all": [torch
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gridgraph", description="A CNN is a GNN on a pixel graph, exactly.")
+    parser.add_argument("--version", action="version", version=_version_line(),
+                        help="print gridgraph's version (and torch's, PyG's, Python's) and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     verify = sub.add_parser(
         "verify", help="check every graph layer against torch.nn.Conv2d, and converted networks against their originals",
@@ -41,6 +43,23 @@ def _parser() -> argparse.ArgumentParser:
                         help="CPU threads for torch (default: 1; the checks use small tensors, for which "
                              "more threads mostly add contention, e.g. 7x slower on a busy 2-core machine)")
     return parser
+
+
+def _version_line() -> str:
+    """``gridgraph X (torch Y, torch_geometric Z, Python W)``: what a bug report needs."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ._version import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"gridgraph {__version__} (torch {torch.__version__}, torch_geometric {installed('torch_geometric')}, "
+            f"Python {platform.python_version()})")
 
 
 def _error(message: str) -> int:
