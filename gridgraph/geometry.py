@@ -160,7 +160,7 @@ class ConvGeometry:
 
     @property
     def is_pointwise(self) -> bool:
-        """True for a 1x1 kernel with unit stride and no padding: a graph of self-loops only."""
+        """bool: ``True`` for a 1x1 kernel with unit stride and no padding (a graph of self-loops only)."""
         return (all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride)
                 and all(p == (0, 0) for p in self.padding))
 

@@ -73,8 +73,8 @@ class LayerCase:
 
 
 C = LayerCase
-#: The built-in table: kernels 1, 2, 3, 5, 7 and rectangular; strides; paddings; dilations; groups;
-#: all four padding modes; bias off; odd, non-square, tiny images and batch 0.
+#: The built-in table of layer configurations (kernels 1, 2, 3, 5, 7 and rectangular; strides; paddings;
+#: dilations; groups; all four padding modes; bias off; odd, non-square, tiny images and batch 0).
 LAYER_CASES: tuple[LayerCase, ...] = (
     C(4, 6, 3, padding=1),
     C(4, 6, 1),
@@ -106,6 +106,7 @@ LAYER_CASES: tuple[LayerCase, ...] = (
     C(2, 3, 3, padding=1, image=(2, 7), batch=1),
     C(4, 6, 3, padding=1, batch=0),
 )
+#: The representative subset of :data:`LAYER_CASES` that ``gridgraph verify --quick`` checks.
 QUICK_LAYER_CASES: tuple[LayerCase, ...] = tuple(LAYER_CASES[i] for i in (0, 1, 6, 8, 10, 13, 16, 18, 19, 21, 22, 28))
 
 
