@@ -105,7 +105,8 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
-        raise _UsageError(f"--input-shape: expected comma-separated integers such as 2,3,32,32 (got {text!r})") from None
+        raise _UsageError(f"--input-shape: expected comma-separated integers such as 2,3,32,32 "
+                          f"(got {text!r})") from None
     if any(v <= 0 for v in shape):
         raise _UsageError(f"--input-shape: every dimension must be positive, or nothing would be compared "
                           f"(got {text!r})")

@@ -586,7 +586,7 @@ def verify_model(original: torch.nn.Module, converted: torch.nn.Module, example_
         >>> report.passed, [r.name for r in report.layers]
         (True, ['0', '2'])
         >>> print(report.table().splitlines()[0])
-        | layer | configuration                  | grid       | err alone | err in network | grad err (w, b) |     tol | result |
+        | layer | configuration | grid | err alone | err in network | grad err (w, b) | tol | result |
     """
     for arg, value in (("original", original), ("converted", converted)):
         if not isinstance(value, torch.nn.Module):

@@ -4,7 +4,8 @@ Each notebook is written as a plain Python file in ``notebooks/src/NN-title.py``
 format: a line ``# %%`` starts a code cell, ``# %% [markdown]`` a markdown cell whose lines are ``# ``
 comments). This script reads each with jupytext, writes it as ``notebooks/NN-title.ipynb``, runs it
 top to bottom in a fresh kernel (the interpreter running this script, whatever ``python`` is on
-PATH), stores the outputs and prints the run time. A failing cell (every claim is an ``assert``) stops the build with the error.
+PATH), stores the outputs and prints the run time. A failing cell (every claim is an ``assert``)
+stops the build with the error.
 
 Usage::
 

@@ -44,7 +44,8 @@ def test_every_public_name_is_documented_under_the_package(built):
     ids = set()
     for page in built.rglob("*.html"):
         ids |= set(re.findall(r'id="([^"]+)"', page.read_text()))
-    missing = [name for name in gridgraph.__all__ if f"gridgraph.{name}" not in ids and f"module-gridgraph.{name}" not in ids]
+    missing = [name for name in gridgraph.__all__
+               if f"gridgraph.{name}" not in ids and f"module-gridgraph.{name}" not in ids]
     assert not missing, f"public names without an entry in docs/api/*.rst: {missing}"
 
 
