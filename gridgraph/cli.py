@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -149,7 +150,7 @@ class _Run:
         self.lines.append((title, passed, summary))
         self.sections[key] = data
 
-    def finish(self, code: int, error: Optional[str] = None) -> int:
+    def finish(self, code: int, error: Optional[str] = None, write_json: bool = True) -> int:
         from .verify import _format_seconds
 
         seconds = time.perf_counter() - self.start
@@ -162,7 +163,7 @@ class _Run:
             total = _format_seconds(seconds)
             self.print(f"FAIL in {_and(failed)} (exit code {code}); total {total}" if failed else
                        f"PASS: {_and(t for t, _, _ in self.lines)}; total {total}")
-        if self.args.json:
+        if self.args.json and write_json:
             self.report.update(passed=code == EXIT_PASS, exit_code=code, seconds=seconds, error=error,
                                sections=self.sections)
             text = json.dumps(self.report, indent=1)
@@ -173,7 +174,8 @@ class _Run:
                     with open(self.args.json, "w") as f:
                         f.write(text + "\n")
                 except OSError as err:
-                    print(f"gridgraph verify: error: --json: cannot write {self.args.json!r}: {err}", file=sys.stderr)
+                    print(f"gridgraph verify: error: --json: cannot write {self.args.json!r}: {err}",
+                          file=sys.stderr)
                     return EXIT_ERROR
         return code
 
@@ -187,7 +189,7 @@ def _verify(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"gridgraph verify: error: {message}", file=sys.stderr, flush=True)
         if args.debug and err.__cause__ is not None:
             traceback.print_exception(err.__cause__, file=sys.stderr)
-        return run.finish(EXIT_ERROR, error=message)
+        return run.finish(EXIT_ERROR, error=message, write_json=not message.startswith("--json"))
 
 
 def _verify_run(args: argparse.Namespace, run: _Run) -> int:
@@ -197,6 +199,8 @@ def _verify_run(args: argparse.Namespace, run: _Run) -> int:
 
     if args.threads < 1:
         raise _UsageError(f"--threads must be at least 1 (got {args.threads})")
+    if args.json not in (None, "-") and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise _UsageError(f"--json: the folder of {args.json!r} does not exist")
     torch.set_num_threads(args.threads)
     devices = _devices(args.device)
     dtypes = _DTYPES[args.dtype]

@@ -216,12 +216,13 @@ def test_cli_reference_subset_and_exit_code_on_failure(capsys, monkeypatch):
     (["--reference", "vgg"], "--reference: unknown network(s) vgg"),
     (["--only", "layers", "--reference", "resnet"], "--only layers cannot be combined with --model or --reference"),
     (["--threads", "0"], "--threads must be at least 1 (got 0)"),
+    (["--json", "/no/such/folder/report.json"], "--json: the folder of '/no/such/folder/report.json' does not exist"),
     (["--model", "gridgraph.models:ResNetish", "--input-shape", "1,4,8,8"], "on input (1, 4, 8, 8): RuntimeError"),
 ])
 def test_cli_model_mode_errors(argv, message, capsys):
     assert main(["verify", "--device", "cpu", "--dtype", "float64"] + argv) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("attribute, message", [
