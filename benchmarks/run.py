@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python benchmarks/run.py                # the full suite (CPU, 2 threads), a few minutes
-    python benchmarks/run.py --quick        # tiny shapes, one repeat: checks every method, times nothing useful
+    python benchmarks/run.py --quick        # tiny shapes: checks every method against F.conv2d, times nothing
 
 For every shape it measures, in one process and one run, forward and forward+backward (inputs and
 parameters all require grad):
@@ -22,8 +22,11 @@ parameters all require grad):
   per-edge temporaries would exceed ``--naive-max-gb``.
 
 Every method's output is checked against ``F.conv2d`` before it is timed (and the gridgraph methods'
-gradients too). Times are medians of repeated runs after warm-up, the repeats interleaved over
-``--rounds`` rounds so that load from other processes hits all methods alike; ``conv2d``,
+gradients too). Times come from ``torch.utils.benchmark.Timer`` (``blocked_autorange``: warm-up, a
+block size chosen so that timer overhead is negligible, the thread count fixed): per round and method
+it runs blocks of calls for ``--budget / --rounds`` seconds; the table gives the median and the best
+of the per-call block times, the rounds interleaved so that load from other processes hits all
+methods alike; ``conv2d``,
 ``gridgraph`` and ``gg-image`` are timed together first, the slow baselines (``gg-edges``, ``rgcn``,
 ``naive``) afterwards, so that their large temporaries cannot disturb the first comparison. Peak extra memory is
 the peak of the bytes held by torch's CPU allocator during one call, above what it held before (the
@@ -36,7 +39,8 @@ kernel's RSS counters lag, so they under-read). Timings run with glibc recycling
 1024x1024 image (3 channels, 3x3, padding 1): cold (caches cleared) and cached.
 
 Outputs: a markdown table on stdout, ``results.json``, ``ratios.png`` (bar chart of ratios to
-``F.conv2d``, log scale) in ``--out-dir`` (default ``benchmarks/results``).
+``F.conv2d``, log scale) in ``--out-dir`` (default ``benchmarks/results``). With ``--quick`` only the
+correctness table and ``results.json`` (errors only): tiny shapes say nothing about speed.
 """
 from __future__ import annotations
 
@@ -48,13 +52,13 @@ import os
 import platform
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils import benchmark
 from torch_geometric.nn import MessagePassing, RGCNConv
 
 import gridgraph
@@ -295,41 +299,33 @@ def check_case(name: str, case: Case, ref: torch.Tensor, ref_grad_x: Optional[to
     return result
 
 
-def measure(fns: dict[str, Callable[[], object]], rounds: int, repeats: int, warmup: int,
-            budget_s: float) -> dict[str, list[float]]:
-    """Interleaved timing: every round runs each function ``repeats`` times (fewer if slow)."""
+def measure(fns: dict[str, Callable[[], object]], rounds: int, budget_s: float,
+            threads: int) -> dict[str, list[float]]:
+    """Per-call seconds of each function, interleaved: every round times each function with
+    ``torch.utils.benchmark.Timer.blocked_autorange`` for ``budget_s / rounds`` seconds (after its own
+    warm-up and block-size estimate) on ``threads`` threads; the samples are its blocks' per-call means."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    per_call: dict[str, float] = {}
-    for name, fn in fns.items():
-        t0 = time.perf_counter()
-        for _ in range(warmup):
-            fn()
-        per_call[name] = (time.perf_counter() - t0) / max(1, warmup)
     for _ in range(rounds):
         for name, fn in fns.items():
-            n = max(1, min(repeats, int(budget_s / rounds / max(per_call[name], 1e-6))))
-            for _ in range(n):
-                t0 = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - t0)
+            timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=name)
+            samples[name].extend(timer.blocked_autorange(min_run_time=budget_s / rounds).times)
     return samples
 
 
 def graph_construction(size: int = 1024, channels: int = 3, repeats: int = 3) -> dict:
-    """Cold and cached ``image_to_graph`` on one ``size x size`` image, 3x3, padding 1 (medians, ms)."""
+    """Cold and cached ``image_to_graph`` on one ``size x size`` image, 3x3, padding 1 (medians, ms).
+
+    A cold call must follow a cleared cache, so each is timed alone (``Timer.timeit(number=1)``)."""
     image = torch.randn(channels, size, size)
+    build = benchmark.Timer(stmt="image_to_graph(image, kernel_size=3, padding=1)",
+                            globals={"image_to_graph": image_to_graph, "image": image},
+                            num_threads=torch.get_num_threads())
     cold, cached = [], []
     for _ in range(repeats):
         clear_cache()
-        t0 = time.perf_counter()
-        g = image_to_graph(image, kernel_size=3, padding=1)
-        cold.append(time.perf_counter() - t0)
-        del g
-        t0 = time.perf_counter()
-        g = image_to_graph(image, kernel_size=3, padding=1)
-        cached.append(time.perf_counter() - t0)
-        num_edges = g.edge_index.size(1)
-        del g
+        cold.append(build.timeit(number=1).median)  # one call on an empty cache
+        cached.append(build.timeit(number=1).median)
+    num_edges = image_to_graph(image, kernel_size=3, padding=1).edge_index.size(1)
     clear_cache()
     return {"size": size, "channels": channels, "num_edges": num_edges,
             "cold_ms": statistics.median(cold) * 1e3, "cached_ms": statistics.median(cached) * 1e3,
@@ -385,7 +381,8 @@ def markdown(results: list[dict], summary: dict, construction: Optional[dict], i
         return "-" if v is None else format(v, spec)
 
     lines = [f"CPU: {info['cpu']}, {info['threads']} threads; torch {info['torch']}, "
-             f"torch_geometric {info['torch_geometric']}; float32; medians of repeated runs",
+             f"torch_geometric {info['torch_geometric']}; float32; medians (and best) of "
+             f"torch.utils.benchmark.Timer blocks",
              "",
              "| shape | method | fwd ms | fwd x conv | (best-of) | fwd+bwd ms | f+b x conv | (best-of) | "
              "peak MB fwd | x conv | peak MB f+b | x conv |",
@@ -444,15 +441,80 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def run_shape(shape: Shape, methods: tuple[str, ...], *, timing: bool = True, naive_max_bytes: float = 2 * 2**30,
+              rounds: int = 3, budget_s: float = 1.5, threads: int = 2, backward: bool = True) -> dict:
+    """Check every method on ``shape`` against ``F.conv2d``; with ``timing``, also time it (forward and
+    forward+backward) and measure its peak memory, with ratios to ``conv2d``. Returns the result row."""
+    conv, image, cases, skipped = build_cases(shape, methods, naive_max_bytes)
+    x_ref = image.clone().requires_grad_()
+    ref = conv(x_ref)
+    ref.backward(torch.ones_like(ref))
+    ref, ref_gx = ref.detach(), x_ref.grad
+    row = {"shape": shape.name, "config": asdict(shape), "describe": shape.describe(), "methods": {},
+           "skipped": skipped}
+    # gridgraph is timed against conv2d first, interleaved; the slow baselines afterwards, on their
+    # own, so that their gigabyte temporaries cannot disturb the comparison that the targets use.
+    fast = [n for n in cases if n in FAST_METHODS]
+    slow = [n for n in cases if n not in FAST_METHODS]
+    for group in (fast, slow):
+        group_cases = {n: cases[n] for n in group}
+        for name, case in group_cases.items():
+            row["methods"][name] = check_case(name, case, ref, ref_gx)
+        if not timing:
+            continue
+        grads = {n: torch.ones_like(c.forward().detach()) for n, c in group_cases.items()}
+        fwd = measure({n: _fwd(c) for n, c in group_cases.items()}, rounds, budget_s, threads)
+        fb = measure({n: _fb(c, grads[n]) for n, c in group_cases.items()}, rounds, budget_s, threads) \
+            if backward else {}
+        for name, case in group_cases.items():
+            m = row["methods"][name]
+            m.update(fwd_ms=statistics.median(fwd[name]) * 1e3, fwd_samples=len(fwd[name]),
+                     fwd_min_ms=min(fwd[name]) * 1e3)
+            if fb:
+                m.update(fb_ms=statistics.median(fb[name]) * 1e3, fb_samples=len(fb[name]),
+                         fb_min_ms=min(fb[name]) * 1e3)
+            m["mem_mb"] = peak_extra_bytes(_fwd(case)) / 2**20
+            if fb:
+                m["fb_mem_mb"] = peak_extra_bytes(_fb(case, grads[name])) / 2**20
+        del group_cases, grads
+    if timing:
+        base = row["methods"]["conv2d"]
+        for m in row["methods"].values():
+            m["fwd_ratio"] = m["fwd_ms"] / base["fwd_ms"]
+            m["fwd_min_ratio"] = m["fwd_min_ms"] / base["fwd_min_ms"]
+            if "fb_ms" in m:
+                m["fb_ratio"] = m["fb_ms"] / base["fb_ms"]
+                m["fb_min_ratio"] = m["fb_min_ms"] / base["fb_min_ms"]
+            for key, ratio in (("mem_mb", "mem_ratio"), ("fb_mem_mb", "fb_mem_ratio")):
+                if m.get(key) is not None and base.get(key):
+                    m[ratio] = m[key] / base[key]
+    return row
+
+
+def correctness_markdown(results: list[dict]) -> str:
+    """The ``--quick`` table: each method's largest error against ``F.conv2d``; no times."""
+    lines = ["Correctness only (tiny shapes; nothing is timed): max error relative to max(1, max|F.conv2d|)",
+             "",
+             "| shape | method | output error | input-gradient error | result |",
+             "|---|---|---:|---:|---|"]
+    for r in results:
+        for method, m in r["methods"].items():
+            grad = m.get("grad_rel_error")
+            lines.append(f"| {r['shape']} | {method} | {m['max_rel_error']:.1e} | "
+                         f"{'-' if grad is None else format(grad, '.1e')} | matches F.conv2d |")
+        for method, why in r.get("skipped", {}).items():
+            lines.append(f"| {r['shape']} | {method} | skipped: {why} | | |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat: a correctness run")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny shapes: checks every method against F.conv2d, times nothing")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads while timing (default: 2)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per shape (default: 3)")
-    parser.add_argument("--repeats", type=int, default=5, help="runs per method and round (default: 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="warm-up runs per method (default: 2)")
-    parser.add_argument("--budget", type=float, default=4.0,
-                        help="seconds per method, mode and shape before repeats are cut (default: 4)")
+    parser.add_argument("--budget", type=float, default=1.5,
+                        help="seconds of timing per method, mode and shape, split over the rounds (default: 1.5)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--shapes", default=None, help="comma-separated 1-based shape numbers (default: all)")
     parser.add_argument("--naive-max-gb", type=float, default=2.0,
@@ -470,10 +532,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unknown methods {unknown}; choose from {METHODS}")
     if "conv2d" not in methods:
         methods = ("conv2d",) + methods
+    if args.rounds < 1 or args.budget <= 0:
+        parser.error(f"--rounds must be at least 1 and --budget positive (got {args.rounds}, {args.budget})")
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shapes:
         shapes = tuple(shapes[int(k) - 1] for k in args.shapes.split(","))
-    rounds, repeats, warmup = (1, 1, 1) if args.quick else (args.rounds, args.repeats, args.warmup)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -482,61 +545,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     info["memory_measure"] = "peak bytes held by torch's CPU allocator during one call (profiler events)"
     results = []
     for shape in shapes:
-        conv, image, cases, skipped = build_cases(shape, methods, args.naive_max_gb * 2**30)
-        x_ref = image.clone().requires_grad_()
-        ref = conv(x_ref)
-        ref.backward(torch.ones_like(ref))
-        ref, ref_gx = ref.detach(), x_ref.grad
-        row = {"shape": shape.name, "config": asdict(shape), "describe": shape.describe(),
-               "methods": {}, "skipped": skipped}
-        # gridgraph is timed against conv2d first, interleaved; the slow baselines afterwards, on their
-        # own, so that their gigabyte temporaries cannot disturb the comparison that the targets use.
-        fast = [n for n in cases if n in FAST_METHODS]
-        slow = [n for n in cases if n not in FAST_METHODS]
-        for group in (fast, slow):
-            group_cases = {n: cases[n] for n in group}
-            errors = {n: check_case(n, c, ref, ref_gx) for n, c in group_cases.items()}
-            grads = {n: torch.ones_like(c.forward().detach()) for n, c in group_cases.items()}
-            fwd = measure({n: _fwd(c) for n, c in group_cases.items()}, rounds, repeats, warmup, args.budget)
-            fb = {} if args.no_backward else measure({n: _fb(c, grads[n]) for n, c in group_cases.items()},
-                                                     rounds, repeats, warmup, args.budget)
-            for name in group:
-                m = {"fwd_ms": statistics.median(fwd[name]) * 1e3, "fwd_samples": len(fwd[name]),
-                     "fwd_min_ms": min(fwd[name]) * 1e3, **errors[name]}
-                if fb:
-                    m.update(fb_ms=statistics.median(fb[name]) * 1e3, fb_samples=len(fb[name]),
-                             fb_min_ms=min(fb[name]) * 1e3)
-                row["methods"][name] = m
-            for name, case in group_cases.items():
-                m = row["methods"][name]
-                m["mem_mb"] = peak_extra_bytes(_fwd(case)) / 2**20
-                if fb:
-                    m["fb_mem_mb"] = peak_extra_bytes(_fb(case, grads[name])) / 2**20
-            del group_cases, grads
-        base = row["methods"]["conv2d"]
-        for m in row["methods"].values():
-            m["fwd_ratio"] = m["fwd_ms"] / base["fwd_ms"]
-            m["fwd_min_ratio"] = m["fwd_min_ms"] / base["fwd_min_ms"]
-            if "fb_ms" in m:
-                m["fb_ratio"] = m["fb_ms"] / base["fb_ms"]
-                m["fb_min_ratio"] = m["fb_min_ms"] / base["fb_min_ms"]
-            for key, ratio in (("mem_mb", "mem_ratio"), ("fb_mem_mb", "fb_mem_ratio")):
-                if m.get(key) is not None and base.get(key):
-                    m[ratio] = m[key] / base[key]
+        row = run_shape(shape, methods, timing=not args.quick, naive_max_bytes=args.naive_max_gb * 2**30,
+                        rounds=args.rounds, budget_s=args.budget, threads=args.threads, backward=not args.no_backward)
         results.append(row)
-        print(f"  {shape.name}: " + ", ".join(f"{n} {m['fwd_ratio']:.2f}x" for n, m in row["methods"].items()),
-              file=sys.stderr, flush=True)
-        del cases
-
-    construction = None
-    if not args.no_construction:
-        construction = graph_construction(64 if args.quick else 1024, repeats=1 if args.quick else 3)
+        if args.quick:
+            print(f"  {shape.name}: every method matches F.conv2d", file=sys.stderr, flush=True)
+        else:
+            print(f"  {shape.name}: " + ", ".join(f"{n} {m['fwd_ratio']:.2f}x" for n, m in row["methods"].items()),
+                  file=sys.stderr, flush=True)
     info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    payload = {"machine": info, "quick": args.quick, "results": results}
+    if args.quick:  # tiny shapes say nothing about speed: the errors only, no times, no ratios, no chart
+        print(correctness_markdown(results))
+        (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
+        print(f"\nwrote {out_dir / 'results.json'}", file=sys.stderr)
+        return 0
+    construction = None if args.no_construction else graph_construction(1024, repeats=3)
     summary = summarise(results)
-    table = markdown(results, summary, construction, info)
-    print(table)
-    payload = {"machine": info, "quick": args.quick, "rounds": rounds, "repeats": repeats, "warmup": warmup,
-               "results": results, "summary": summary, "graph_construction": construction}
+    print(markdown(results, summary, construction, info))
+    payload.update(rounds=args.rounds, budget_s=args.budget, timer="torch.utils.benchmark.Timer.blocked_autorange",
+                   summary=summary, graph_construction=construction)
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
     plot(results, out_dir / "ratios.png")
     print(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'ratios.png'}", file=sys.stderr)

@@ -3,8 +3,9 @@
 For each occupancy a random mask selects the active pixels; the graph layer runs on the masked pixel
 graph (only active pixels are nodes) and ``F.conv2d`` on the whole image with inactive pixels zeroed,
 the reference a user would otherwise pick. Before anything is timed, the graph layer's output is
-checked against ``F.conv2d`` at the active output pixels. Reported per occupancy (best of repeated
-runs after a warm-up, medians in the JSON; ``torch.set_num_threads`` fixed):
+checked against ``F.conv2d`` at the active output pixels. Reported per occupancy (the best of the
+block times of ``torch.utils.benchmark.Timer.blocked_autorange``, which warms up and picks a block size
+itself, medians in the JSON; the thread count fixed):
 
 * graph construction (``image_to_graph(..., mask=...)``, cold: nothing of it is cached; includes the
   ``O(H*W)`` read of the mask),
@@ -15,7 +16,7 @@ runs after a warm-up, medians in the JSON; ``torch.set_num_threads`` fixed):
 Usage::
 
     python benchmarks/sparse.py                 # the full run (1024x1024), markdown table + JSON
-    python benchmarks/sparse.py --quick         # a small image: checks correctness, times nothing of note
+    python benchmarks/sparse.py --quick         # a small image: checks correctness, times nothing
     python benchmarks/sparse.py --threads 1 --json benchmarks/recorded/sparse-1thread.json
     python benchmarks/sparse.py --show [--json ...]   # print the tables of a saved run
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch_geometric
 from torch.nn import functional as F
+from torch.utils import benchmark
 
 import gridgraph
 from gridgraph import GridConv2d, image_to_graph
@@ -43,24 +44,21 @@ from gridgraph import GridConv2d, image_to_graph
 HERE = Path(__file__).resolve().parent
 
 
-def timed(fn, repeats: int, warmup: int = 1) -> dict:
-    """Best and median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs.
+def timed(fn, min_run_time: float) -> dict:
+    """Best and median per-call seconds of ``fn()``: ``torch.utils.benchmark.Timer.blocked_autorange``
+    (warm-up and block size chosen by the timer) for at least ``min_run_time`` seconds, on the threads
+    set with ``torch.set_num_threads``.
 
-    The table reports the best run: on a shared machine other processes only ever add time, so the
-    least disturbed run is the closest to the operation's own cost (the median is kept in the JSON).
+    The table reports the best block: on a shared machine other processes only ever add time, so the
+    least disturbed block is the closest to the operation's own cost (the median is kept in the JSON).
     """
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return {"best": min(times), "median": statistics.median(times)}
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    return {"best": min(measurement.times), "median": measurement.median, "blocks": len(measurement.times)}
 
 
-def run(size: int, channels: int, occupancies: list[float], kernel_size: int, stride: int, repeats: int,
-        seed: int) -> dict:
+def run(size: int, channels: int, occupancies: list[float], kernel_size: int, stride: int, min_run_time: float,
+        seed: int, timing: bool = True) -> dict:
     torch.manual_seed(seed)
     padding = kernel_size // 2
     conv = torch.nn.Conv2d(channels, channels, kernel_size, stride=stride, padding=padding)
@@ -68,7 +66,7 @@ def run(size: int, channels: int, occupancies: list[float], kernel_size: int, st
     weight, bias = conv.weight.detach(), conv.bias.detach()
     image = torch.randn(1, channels, size, size)
     results = {"shape": f"1x{channels}x{size}x{size}", "conv": f"{channels}->{channels} k{kernel_size} s{stride} "
-               f"p{padding}", "repeats": repeats, "rows": []}
+               f"p{padding}", "min_run_time_s": min_run_time, "timed": timing, "rows": []}
 
     # the dense reference, timed once (its cost does not depend on the occupancy)
     dense_in = image.clone().requires_grad_(True)
@@ -83,8 +81,9 @@ def run(size: int, channels: int, occupancies: list[float], kernel_size: int, st
         out = F.conv2d(dense_in, w, b, stride=stride, padding=padding)
         out.backward(torch.ones_like(out))
 
-    t_dense_f = timed(dense_fwd, repeats)
-    t_dense_fb = timed(dense_fwd_bwd, repeats)
+    if timing:
+        t_dense_f = timed(dense_fwd, min_run_time)
+        t_dense_fb = timed(dense_fwd_bwd, min_run_time)
     dense_out = dense_fwd()
     dense_bytes = (image.numel() + dense_out.numel()) * image.element_size()
 
@@ -103,6 +102,10 @@ def run(size: int, channels: int, occupancies: list[float], kernel_size: int, st
             err = (out - want).abs().max().item() / max(1.0, want.abs().max().item()) if want.numel() else 0.0
         if err > 1e-4:
             raise AssertionError(f"occupancy {occupancy}: graph layer differs from F.conv2d by {err:.2e}")
+        if not timing:
+            results["rows"].append({"occupancy": occupancy, "active_in": g.num_src, "active_out": g.num_dst,
+                                    "max_error": err})
+            continue
 
         x = g.x.detach().clone().requires_grad_(True)
 
@@ -115,8 +118,8 @@ def run(size: int, channels: int, occupancies: list[float], kernel_size: int, st
             o = layer(x, g.edge_index, g.edge_type)
             o.backward(torch.ones_like(o))
 
-        t_graph_f = timed(graph_fwd, repeats)
-        t_graph_fb = timed(graph_fwd_bwd, repeats)
+        t_graph_f = timed(graph_fwd, min_run_time)
+        t_graph_fb = timed(graph_fwd_bwd, min_run_time)
         graph_med = (t_graph_f["median"], t_graph_fb["median"])
         t_graph_f, t_graph_fb = t_graph_f["best"], t_graph_fb["best"]
         table_bytes = g.table.index.numel() * g.table.index.element_size()
@@ -133,8 +136,17 @@ def run(size: int, channels: int, occupancies: list[float], kernel_size: int, st
 
 
 def markdown(results: dict) -> str:
-    lines = [f"{results['shape']}, {results['conv']}, random mask; times are the best of "
-             f"{results['repeats']} runs after a warm-up, ratio = graph / dense",
+    if not results.get("timed", True):
+        lines = [f"{results['shape']}, {results['conv']}, random mask; correctness only (nothing is timed)", "",
+                 "| occupancy | active px in / out | max rel. error | result |", "|---:|---:|---:|---|"]
+        lines += [f"| {r['occupancy']:.0%} | {r['active_in']:,} / {r['active_out']:,} | {r['max_error']:.1e} "
+                  f"| matches F.conv2d |" for r in results["rows"]]
+        return "\n".join(lines)
+    if "repeats" in results:  # a run recorded before the Timer: best of N hand-timed runs
+        how = f"the best of {results['repeats']} runs after a warm-up"
+    else:
+        how = f"the best torch.utils.benchmark.Timer block ({results['min_run_time_s']:g} s per measurement)"
+    lines = [f"{results['shape']}, {results['conv']}, random mask; times are {how}, ratio = graph / dense",
              "",
              "| occupancy | active px in / out | build (cold) | graph fwd | F.conv2d fwd | ratio fwd | graph fwd+bwd "
              "| F.conv2d fwd+bwd | ratio fwd+bwd | bytes graph / dense | max rel. error |",
@@ -152,10 +164,11 @@ def markdown(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a 128x128 image, one repeat: a correctness check")
+    parser.add_argument("--quick", action="store_true", help="a 128x128 image: a correctness check, nothing timed")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--channels", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--min-run-time", type=float, default=1.0,
+                        help="seconds of timing per measurement (torch.utils.benchmark.Timer; default: 1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=HERE / "results" / "sparse.json", help="where to write the results")
@@ -169,7 +182,9 @@ def main(argv=None) -> int:
             print(markdown(results))
         return 0
     if args.quick:
-        args.size, args.channels, args.repeats = 128, 8, 1
+        args.size, args.channels = 128, 8
+    if args.min_run_time <= 0:
+        parser.error(f"--min-run-time must be positive (got {args.min_run_time})")
     torch.set_num_threads(args.threads)
     env = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
            "python": sys.version.split()[0], "torch": torch.__version__, "torch_geometric": torch_geometric.__version__,
@@ -177,7 +192,8 @@ def main(argv=None) -> int:
     print(f"# Sparse domains: {env}")
     all_results = {"environment": env, "runs": []}
     for kernel_size, stride in ((3, 1), (3, 2)):
-        results = run(args.size, args.channels, [0.01, 0.10, 0.50], kernel_size, stride, args.repeats, args.seed)
+        results = run(args.size, args.channels, [0.01, 0.10, 0.50], kernel_size, stride, args.min_run_time, args.seed,
+                      timing=not args.quick)
         all_results["runs"].append(results)
         print()
         print(markdown(results))

@@ -24,7 +24,7 @@ from .nn import (DepthwiseConv2d, GridConv1d, GridConv2d, GridConv3d, GridConvNd
 from .nn.attention import PixelAttention, SqueezeExcitation, complete_pixel_graph
 from .verify import ModelReport, verify_layers, verify_model
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     # geometry and pixel graphs (grids, masked and sparse domains, transposed graphs)

@@ -1,35 +1,74 @@
-"""The ``gridgraph`` command line: argument parsing only; the work lives in the library."""
+"""The ``gridgraph`` command line: argument parsing and printing only; the work lives in the library."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
-from typing import Optional, Sequence
+import traceback
+from typing import Any, Optional, Sequence, TextIO
 
 import torch
 
-__all__ = ["main"]
+__all__ = ["main", "EXIT_PASS", "EXIT_MISMATCH", "EXIT_ERROR"]
+
+#: Exit codes of ``gridgraph verify``.
+EXIT_PASS, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
 
 _DTYPES = {"float32": [torch.float32], "float64": [torch.float64], "all": [torch.float32, torch.float64]}
 
+_EXIT_CODES = f"""exit codes:
+  {EXIT_PASS}  every check passed
+  {EXIT_MISMATCH}  a mismatch: some check failed (the tables and the summary say which)
+  {EXIT_ERROR}  a usage error, or a model given with --model that could not be imported, built or run
+     (one line on stderr; --debug adds the traceback)"""
+
+
+class _UsageError(Exception):
+    """A problem with the command line or the user's model: one line on stderr, exit code 2."""
+
+
+def _version_line() -> str:
+    """``gridgraph X (torch Y, torch_geometric Z, Python W)``: what a bug report needs."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ._version import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"gridgraph {__version__} (torch {torch.__version__}, torch_geometric {installed('torch_geometric')}, "
+            f"Python {platform.python_version()})")
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gridgraph", description="A CNN is a GNN on a pixel graph, exactly.")
+    parser = argparse.ArgumentParser(prog="gridgraph", description="A CNN is a GNN on a pixel graph, exactly.",
+                                     epilog="'gridgraph verify --help' lists its options and exit codes.")
+    parser.add_argument("--version", action="version", version=_version_line(),
+                        help="print gridgraph's version (and torch's, PyG's, Python's) and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     verify = sub.add_parser(
         "verify", help="check every graph layer against torch.nn.Conv2d, and converted networks against their originals",
-        description="Layers: every graph layer against torch.nn.Conv2d over a built-in table of configurations. "
-                    "Models: the reference networks (or your own, --model) converted with gridgraph.convert "
-                    "against the originals, layer by layer, forward and gradients. Exits non-zero on any mismatch.")
+        description="Layers: every graph layer against torch.nn.Conv2d over a built-in table of configurations, "
+                    "then the beyond-the-grid cases (masked, sparse, transposed, 1-D and 3-D) and attention. Models: the "
+                    "reference networks (or your own, --model) converted with gridgraph.convert against the "
+                    "originals, layer by layer, forward and gradients. Tables and the summary go to stdout, a "
+                    "progress line per finished part to stderr.",
+        epilog=_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_argument("--device", default="all",
                         help="'cpu', 'cuda', 'cuda:N' or 'all' (every available device; default)")
-    verify.add_argument("--dtype", choices=sorted(_DTYPES), default="all", help="default: all")
+    verify.add_argument("--dtype", choices=list(_DTYPES), default="all", help="default: all")
     verify.add_argument("--seed", type=int, default=0, help="random seed of weights and inputs (default: 0)")
     verify.add_argument("--quick", action="store_true",
                         help="a representative subset of layers, and the models in training mode only "
                              "(well under a minute)")
     verify.add_argument("--only", choices=["layers", "models"],
-                        help="run only the layer table or only the models (default: both; --model implies models)")
+                        help="run only the layer tables or only the models (default: both; --model implies models)")
     verify.add_argument("--model", action="append", metavar="MODULE:ATTRIBUTE", default=[],
                         help="verify your own model: an nn.Module or a zero-argument factory, given as "
                              "'package.module:name' or 'path/to/file.py:name' (repeatable; needs --input-shape)")
@@ -40,124 +79,230 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--threads", type=int, default=1, metavar="N",
                         help="CPU threads for torch (default: 1; the checks use small tensors, for which "
                              "more threads mostly add contention, e.g. 7x slower on a busy 2-core machine)")
+    verify.add_argument("--json", metavar="PATH",
+                        help="also write the full report as JSON to PATH ('-': to stdout, the tables then go "
+                             "to stderr); written for exit codes 1 and 2 too")
+    verify.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    verify.add_argument("--debug", action="store_true",
+                        help="print the traceback of an error in your model (--model), not just its message")
     return parser
 
 
-def _error(message: str) -> int:
-    print(f"gridgraph verify: error: {message}", file=sys.stderr)
-    return 2
+def _and(words: Any) -> str:
+    """``'a'``, ``'a and b'``, ``'a, b and c'``."""
+    words = [str(w) for w in words]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def _verify(args: argparse.Namespace) -> int:
+def _dtype_words(dtypes: Sequence[torch.dtype]) -> str:
+    return _and(str(d).replace("torch.", "") for d in dtypes)
+
+
+def _device_words(devices: Sequence[Any]) -> str:
+    return _and(devices)
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise _UsageError(f"--input-shape: expected comma-separated integers such as 2,3,32,32 "
+                          f"(got {text!r})") from None
+    if any(v <= 0 for v in shape):
+        raise _UsageError(f"--input-shape: every dimension must be positive, or nothing would be compared "
+                          f"(got {text!r})")
+    return shape
+
+
+def _devices(name: str) -> list:
+    from .verify import available_devices
+
+    if name == "all":
+        return available_devices()
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise _UsageError(f"--device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _UsageError("--device cuda requested but no CUDA device is available")
+    return [device]
+
+
+class _Run:
+    """One ``gridgraph verify`` run: where its text goes, its progress lines and what the JSON report holds."""
+
+    def __init__(self, args: argparse.Namespace, argv: Sequence[str]) -> None:
+        self.args = args
+        self.start = time.perf_counter()
+        self.out: TextIO = sys.stderr if args.json == "-" else sys.stdout  # stdout carries the JSON then
+        self.sections: dict[str, dict] = {}
+        self.lines: list[tuple[str, bool, str]] = []  # (section, passed, its summary line)
+        self.report: dict = {"gridgraph": _version_line(), "command": ["gridgraph", *argv], "seed": args.seed}
+
+    def print(self, *text: str) -> None:
+        print(*text, file=self.out, flush=True)
+
+    def progress(self, text: str) -> None:
+        if not self.args.no_progress:
+            print(f"[{time.perf_counter() - self.start:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    def section(self, key: str, title: str, passed: bool, summary: str, data: dict) -> None:
+        self.lines.append((title, passed, summary))
+        self.sections[key] = data
+
+    def finish(self, code: int, error: Optional[str] = None, write_json: bool = True) -> int:
+        from .verify import _format_seconds
+
+        seconds = time.perf_counter() - self.start
+        if error is None:
+            width = max(len(title) for title, _, _ in self.lines)
+            self.print("\nSummary")
+            for title, _, summary in self.lines:
+                self.print(f"  {title:<{width}}  {summary}")
+            failed = [title for title, passed, _ in self.lines if not passed]
+            total = _format_seconds(seconds)
+            self.print(f"FAIL in {_and(failed)} (exit code {code}); total {total}" if failed else
+                       f"PASS: {_and(t for t, _, _ in self.lines)}; total {total}")
+        if self.args.json and write_json:
+            self.report.update(passed=code == EXIT_PASS, exit_code=code, seconds=seconds, error=error,
+                               sections=self.sections)
+            text = json.dumps(self.report, indent=1)
+            if self.args.json == "-":
+                print(text, flush=True)
+            else:
+                try:
+                    with open(self.args.json, "w") as f:
+                        f.write(text + "\n")
+                except OSError as err:
+                    print(f"gridgraph verify: error: --json: cannot write {self.args.json!r}: {err}",
+                          file=sys.stderr)
+                    return EXIT_ERROR
+        return code
+
+
+def _verify(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    run = _Run(args, argv)
+    try:
+        return _verify_run(args, run)
+    except _UsageError as err:
+        message = str(err)
+        print(f"gridgraph verify: error: {message}", file=sys.stderr, flush=True)
+        if args.debug and err.__cause__ is not None:
+            traceback.print_exception(err.__cause__, file=sys.stderr)
+        return run.finish(EXIT_ERROR, error=message, write_json=not message.startswith("--json"))
+
+
+def _verify_run(args: argparse.Namespace, run: _Run) -> int:
     from .models import REFERENCE_MODELS
-    from .verify import (BEYOND_CASES, LAYER_CASES, QUICK_BEYOND_CASES, QUICK_LAYER_CASES, available_devices,
-                         check_model, load_model, models_summary, verify_beyond, verify_layers,
-                         verify_reference_models)
+    from .verify import (ATTENTION_CASES, BEYOND_CASES, LAYER_CASES, QUICK_BEYOND_CASES, QUICK_LAYER_CASES, _count,
+                         _format_seconds, check_model, load_model, models_summary, verify_attention, verify_beyond,
+                         verify_layers)
 
-    start = time.perf_counter()
     if args.threads < 1:
-        return _error(f"--threads must be at least 1 (got {args.threads})")
+        raise _UsageError(f"--threads must be at least 1 (got {args.threads})")
+    if args.json not in (None, "-") and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise _UsageError(f"--json: the folder of {args.json!r} does not exist")
     torch.set_num_threads(args.threads)
-    if args.device == "all":
-        devices = available_devices()
-    else:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as err:
-            return _error(f"--device: {err}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            return _error("--device cuda requested but no CUDA device is available")
-        devices = [device]
+    devices = _devices(args.device)
     dtypes = _DTYPES[args.dtype]
     run_layers = args.only != "models" and not args.model
     run_models = args.only != "layers"
     if args.only == "layers" and (args.model or args.reference):
-        return _error("--only layers cannot be combined with --model or --reference")
+        raise _UsageError("--only layers cannot be combined with --model or --reference")
+    if args.model and args.reference:
+        raise _UsageError("--model and --reference cannot be combined: verify your models or reference networks")
     unknown = [n for n in args.reference if n not in REFERENCE_MODELS]
     if unknown:
-        return _error(f"--reference: unknown network(s) {', '.join(unknown)}; choose from {', '.join(REFERENCE_MODELS)}")
+        raise _UsageError(f"--reference: unknown network(s) {', '.join(unknown)}; "
+                          f"choose from {', '.join(REFERENCE_MODELS)}")
     user_models = []
     if args.model:
         if not args.input_shape:
-            return _error("--model needs --input-shape (e.g. --input-shape 2,3,32,32)")
-        try:
-            shape = tuple(int(v) for v in args.input_shape.replace("x", ",").split(","))
-        except ValueError:
-            return _error(f"--input-shape: expected comma-separated integers such as 2,3,32,32 (got {args.input_shape!r})")
+            raise _UsageError("--model needs --input-shape (e.g. --input-shape 2,3,32,32)")
+        shape = _parse_shape(args.input_shape)
         for spec in args.model:
             try:
-                user_models.append((spec, load_model(spec), shape))
+                user_models.append((spec, load_model(spec)))
             except Exception as err:  # import errors, bad attribute, factory failures: all reported the same way
-                return _error(f"--model {spec}: {type(err).__name__}: {err}")
+                raise _UsageError(f"--model {spec}: {type(err).__name__}: {err}") from err
+    run.report.update(devices=[str(d) for d in devices], dtypes=[str(d).replace("torch.", "") for d in dtypes])
+    where = f"{_dtype_words(dtypes)}, on {_device_words(devices)}"
 
-    summaries: list[str] = []
+    def layer_section(key: str, title: str, verify, cases: Sequence[Any], what: str) -> bool:
+        run.print(f"{what}: {_count(len(cases), 'configuration')}, {where} (seed {args.seed}, TF32 off)\n")
+        report = verify(cases, dtypes, devices, seed=args.seed,
+                        progress=lambda part: run.progress(
+                            f"{title}, {_dtype_words([part.results[0].dtype])} on {part.results[0].device}: "
+                            f"{'PASS' if part.passed else 'FAIL'}, {_count(len(part.results), 'check')} in "
+                            f"{_format_seconds(part.seconds)}"))
+        run.print(report.table())
+        run.section(key, title, report.passed, report.summary(), report.to_dict())
+        return report.passed
+
     passed = True
     if run_layers:
-        cases = QUICK_LAYER_CASES if args.quick else LAYER_CASES
-        print(f"gridgraph verify: {len(cases)} Conv2d configurations x {args.dtype} x "
-              f"{', '.join(map(str, devices))} (seed {args.seed}, TF32 off)\n", flush=True)
-        report = verify_layers(cases, dtypes, devices, seed=args.seed)
-        print(report.table())
-        print()
-        print(report.summary(), flush=True)
-        summaries.append("layers: " + report.summary().split(": ", 1)[1])
-        passed &= report.passed
-        cases = QUICK_BEYOND_CASES if args.quick else BEYOND_CASES
-        print(f"\nBeyond the grid: {len(cases)} masked, sparse, transposed, 1-D and 3-D configurations\n", flush=True)
-        beyond = verify_beyond(cases, dtypes, devices, seed=args.seed)
-        print(beyond.table())
-        print()
-        print(beyond.summary(), flush=True)
-        summaries.append("beyond the grid: " + beyond.summary().split(": ", 1)[1])
-        passed &= beyond.passed
+        passed &= layer_section("layers", "layers", verify_layers, QUICK_LAYER_CASES if args.quick else LAYER_CASES,
+                                "Layers: GridConv2d against torch.nn.Conv2d, both computation paths")
+        run.print()
+        passed &= layer_section("beyond", "beyond the grid", verify_beyond,
+                                QUICK_BEYOND_CASES if args.quick else BEYOND_CASES,
+                                "Beyond the grid: masked, sparse, transposed, 1-D and 3-D layers against torch")
+        run.print()
+        passed &= layer_section("attention", "attention", verify_attention,
+                                ATTENTION_CASES[::2] if args.quick else ATTENTION_CASES,
+                                "Attention: PixelAttention against torch.nn.MultiheadAttention (global and local)")
     if run_models:
         grads = not args.no_grads
+        checked = "forward and gradients" if grads else "forward only"
+        if run_layers:
+            run.print()
         if user_models:
-            reports = []
-            for spec, model, shape in user_models:
-                for device in devices:
-                    for dtype in dtypes:
-                        try:
-                            reports.append(check_model(model, shape, name=spec, dtype=dtype, device=device,
-                                                       seed=args.seed, grads=grads))
-                        except (ValueError, TypeError, RuntimeError) as err:
-                            return _error(f"--model {spec} on input {shape}: {type(err).__name__}: {err}")
-                        _print_model(reports[-1])
+            jobs = [(spec, model, shape, None) for spec, model in user_models]
+            run.print(f"Your models converted with gridgraph.convert, on input {shape}: {where}, {checked} "
+                      f"(seed {args.seed}, TF32 off)")
         else:
-            names = args.reference or None
             modes = ("train",) if args.quick else ("train", "eval")
-            print(f"\ngridgraph verify: {len(args.reference or REFERENCE_MODELS)} reference networks converted with "
-                  f"gridgraph.convert x {args.dtype} x {', '.join(map(str, devices))} x {'/'.join(modes)} mode "
-                  f"({'forward and gradients' if grads else 'forward'}, seed {args.seed}, TF32 off)", flush=True)
-            reports = []
-            for device in devices:
-                for dtype in dtypes:
-                    for name in names or REFERENCE_MODELS:
-                        for report in verify_reference_models([name], [dtype], [device], seed=args.seed,
-                                                              grads=grads, modes=modes):
-                            _print_model(report)
-                            reports.append(report)
+            names = args.reference or list(REFERENCE_MODELS)
+            jobs = [(name, REFERENCE_MODELS[name], REFERENCE_MODELS[name].input_shape, modes) for name in names]
+            run.print(f"Models: {_count(len(names), 'reference network')} converted with gridgraph.convert, {where}, "
+                      f"{' and '.join(modes)} mode, {checked} (seed {args.seed}, TF32 off)")
+        reports = []
+        for device in devices:
+            for dtype in dtypes:
+                for name, source, shape, modes in jobs:
+                    if modes is None:  # the user's model, in the mode it comes in
+                        try:
+                            found = [check_model(source, shape, name=name, dtype=dtype, device=device,
+                                                 seed=args.seed, grads=grads)]
+                        except Exception as err:  # whatever their forward raises: not a mismatch
+                            raise _UsageError(f"--model {name} on input {shape}: {type(err).__name__}: "
+                                              f"{err}") from err
+                    else:
+                        model = source.build(seed=args.seed)
+                        found = [check_model(model, shape, name=name, dtype=dtype, device=device, seed=args.seed,
+                                             grads=grads, training=mode == "train") for mode in modes]
+                    for report in found:
+                        run.print(f"\n### {report.name} [{str(report.dtype).replace('torch.', '')}, {report.device}]\n")
+                        run.print(str(report))
+                        run.progress(f"{report.name} [{_dtype_words([report.dtype])}, {report.device}]: "
+                                     f"{'PASS' if report.passed else 'FAIL'} in {_format_seconds(report.seconds)}")
+                        reports.append(report)
         summary = models_summary(reports)
-        print()
-        print(summary)
-        summaries.append("models: " + summary.split(": ", 1)[1])
-        passed &= all(r.passed for r in reports)
-    if len(summaries) > 1:
-        print()
-        print(f"{'PASS' if passed else 'FAIL'}: {' | '.join(summaries)} | total {time.perf_counter() - start:.1f}s")
-    return 0 if passed else 1
-
-
-def _print_model(report) -> None:
-    print(f"\n### {report.name} [{str(report.dtype).replace('torch.', '')}, {report.device}]\n")
-    print(report, flush=True)
+        models_passed = all(r.passed for r in reports)
+        run.section("models", "models", models_passed, summary,
+                    {"passed": models_passed, "seconds": sum(r.seconds for r in reports), "summary": summary,
+                     "reports": [r.to_dict() for r in reports]})
+        passed &= models_passed
+    return run.finish(EXIT_PASS if passed else EXIT_MISMATCH)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     if args.command == "verify":
-        return _verify(args)
-    return 2  # pragma: no cover - argparse requires a command
+        return _verify(args, argv)
+    return EXIT_ERROR  # pragma: no cover - argparse requires a command
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -124,8 +124,8 @@ class ImageGridConv2d(_ImageGridConv, GridConv2d):
     and ``state_dict`` keys are ``nn.Conv2d``'s; :func:`convert` puts it in place of every ``nn.Conv2d``.
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-        device, dtype: as in ``nn.Conv2d``.
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype:
+            as in ``nn.Conv2d``.
 
     Shapes:
         - **input:** :math:`(B, C_{in}, H, W)` or :math:`(C_{in}, H, W)`

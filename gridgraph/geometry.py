@@ -25,8 +25,10 @@ import torch
 __all__ = ["ConvGeometry", "TransposedGeometry", "PADDING_MODES"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-_VALID_PADDING_MODES = {"zeros", "reflect", "replicate", "circular"}
-_VALID_PADDING_STRINGS = {"same", "valid"}
+# Tuples, not sets: the messages below list the choices, and a set's order changes with PYTHONHASHSEED.
+# (nn.Conv2d's own messages print a set; ours read the same with the choices in this fixed order.)
+_VALID_PADDING_MODES = PADDING_MODES
+_VALID_PADDING_STRINGS = ("same", "valid")
 
 
 def _ntuple(value: Any, ndim: int, name: str) -> tuple[int, ...]:
@@ -158,7 +160,7 @@ class ConvGeometry:
 
     @property
     def is_pointwise(self) -> bool:
-        """True for a 1x1 kernel with unit stride and no padding: a graph of self-loops only."""
+        """bool: ``True`` for a 1x1 kernel with unit stride and no padding (a graph of self-loops only)."""
         return (all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride)
                 and all(p == (0, 0) for p in self.padding))
 

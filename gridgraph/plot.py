@@ -1,4 +1,4 @@
-"""Drawings of the analogy (matplotlib + networkx); every function returns its ``matplotlib`` Figure.
+"""Drawings of the analogy (matplotlib); every function returns its ``matplotlib`` Figure.
 
 * :func:`draw_pixel_graph`: a pixel graph on its grid, edges coloured by kernel tap, optionally
   with one target pixel and its incoming messages highlighted (:func:`draw_messages`);
@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .graph import PixelGraph, to_networkx
+from .graph import PixelGraph
 
 __all__ = ["draw_pixel_graph", "draw_messages", "plot_receptive_field", "plot_mixing_matrix",
            "plot_mixing_matrices", "plot_cost_ratio", "plot_singular_values", "plot_channels"]
@@ -48,14 +48,54 @@ def _tap_colours(num_taps: int) -> list:
     return [cmap(t / (num_taps - 1)) for t in range(num_taps)]
 
 
+def _node_xy(graph: PixelGraph):
+    """Drawing positions ``(x, y) = (col, -row)`` of the input and output nodes (numpy arrays), as
+    :func:`~gridgraph.to_networkx` places them: outputs on the input grid when both grids agree, else at
+    their anchors ``(col * stride_w + 0.3, -(row * stride_h) - 0.3)``."""
+    import numpy as np
+
+    rows_cols = graph.pos.detach().cpu().numpy().astype(float)
+    src_xy = np.stack([rows_cols[:, 1], -rows_cols[:, 0]], axis=1)
+    if tuple(graph.in_size) == tuple(graph.out_size):
+        return src_xy, src_xy, True
+    h_out, w_out = graph.out_size
+    s_h, s_w = graph.geometry.stride
+    out_pos = getattr(graph, "out_pos", None)  # a masked graph's active outputs
+    if out_pos is not None:
+        out_rc = out_pos.detach().cpu().numpy().astype(float)
+    else:
+        ids = np.arange(graph.num_dst)
+        out_rc = np.stack([(ids % (h_out * w_out)) // w_out, ids % w_out], axis=1).astype(float)
+    return np.stack([out_rc[:, 1] * s_w + 0.3, -(out_rc[:, 0] * s_h) - 0.3], axis=1), src_xy, False
+
+
+def _check_window(window: Any, size: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    try:
+        (r0, r1), (c0, c1) = ((int(a), int(b)) for a, b in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"window must be ((row_start, row_stop), (col_start, col_stop)) (got {window!r})") from None
+    h, w = size
+    if not (0 <= r0 < r1 <= h and 0 <= c0 < c1 <= w):
+        raise ValueError(f"window {((r0, r1), (c0, c1))} must be non-empty and lie inside the input grid "
+                         f"{(h, w)}: 0 <= row_start < row_stop <= {h}, 0 <= col_start < col_stop <= {w}")
+    return (r0, r1), (c0, c1)
+
+
 def draw_pixel_graph(graph: PixelGraph, ax: Any = None, *, target: Optional[Sequence[int]] = None,
                      only_target: bool = False, legend: bool = True, title: Optional[str] = None,
-                     node_size: float = 160.0):
+                     node_size: Optional[float] = None, window: Optional[Sequence[Sequence[int]]] = None):
     """Draw a pixel graph on its grid, each edge ``j -> i`` coloured by its kernel tap.
 
     Input pixels are circles at ``(col, -row)``; when the output grid differs (stride, no padding)
-    output pixels are squares at their anchors. Self-loops (the only edges of a 1x1 graph) are drawn
-    as small loops.
+    output pixels are squares at their anchors. An edge is a straight line from source to target,
+    shifted a little to its left (so that ``j -> i`` and ``i -> j`` stay apart) and ending in an
+    arrowhead; a self-loop (the only edges of a 1x1 graph) is a small ring above its pixel.
+
+    The edges of one tap are one :class:`~matplotlib.collections.LineCollection` (and one collection
+    of arrowheads), so the number of artists grows with the taps, not the edges: a 64x64 graph with a
+    3x3 kernel (36,100 edges) draws in well under two seconds. To read a large graph, zoom with
+    ``window``: only the pixels inside it and the edges into them are drawn (edges from outside the
+    window run to its border).
 
     Args:
         graph (PixelGraph): from :func:`~gridgraph.image_to_graph`, one image.
@@ -64,8 +104,11 @@ def draw_pixel_graph(graph: PixelGraph, ax: Any = None, *, target: Optional[Sequ
         only_target (bool, optional): draw only the target's incoming edges (default: ``False``:
             every other edge is drawn faded).
         legend (bool, optional): a legend of taps and their offsets ``(dy, dx)`` (default: ``True``).
-        title (str, optional): the axes title (default: the geometry).
-        node_size (float, optional): marker area of a pixel (default: ``160``).
+        title (str, optional): the axes title (default: the geometry, the edge count and the window).
+        node_size (float, optional): marker area of a pixel in points^2 (default: scaled to the grid,
+            a pixel's disc about a third of the spacing between pixels).
+        window (tuple, optional): ``((row_start, row_stop), (col_start, col_stop))`` of the input
+            grid to draw (default: all of it).
 
     Returns:
         matplotlib.figure.Figure
@@ -74,8 +117,13 @@ def draw_pixel_graph(graph: PixelGraph, ax: Any = None, *, target: Optional[Sequ
         >>> fig = draw_pixel_graph(image_to_graph(torch.zeros(1, 3, 3), kernel_size=1, padding=0))
         >>> type(fig).__name__, len(fig.axes)
         ('Figure', 1)
+        >>> big = image_to_graph(torch.zeros(1, 64, 64), kernel_size=3, padding=1)
+        >>> fig = draw_pixel_graph(big, window=((0, 8), (0, 8)))
+        >>> fig.axes[0].get_title()
+        'pixel graph k3x3 s1x1 p1x1 d1x1 zeros, 36100 edges; rows 0:8, cols 0:8 shown'
     """
-    import networkx as nx
+    import numpy as np
+    from matplotlib.collections import LineCollection, PolyCollection
     from matplotlib.patches import Patch
 
     if not isinstance(graph, PixelGraph) or getattr(graph, "in_size", None) is None:
@@ -84,51 +132,101 @@ def draw_pixel_graph(graph: PixelGraph, ax: Any = None, *, target: Optional[Sequ
         raise ValueError(f"draw one image at a time (got a graph of {graph.num_images} images)")
     if graph.geometry.ndim != 2:
         raise ValueError(f"only 2-d pixel graphs can be drawn (got a {graph.geometry.ndim}-d one)")
+    if node_size is not None and not (isinstance(node_size, (int, float)) and node_size > 0):
+        raise ValueError(f"node_size must be a positive number (got {node_size!r})")
     fig, ax = _new_axes(ax, (5.8, 4.0) if legend else (4.0, 4.0))
-    nxg = to_networkx(graph)
-    pos = nx.get_node_attributes(nxg, "pos")
-    same_grid = tuple(graph.in_size) == tuple(graph.out_size)
-    shift = 0 if same_grid else graph.num_src
+    dst_xy, src_xy, same_grid = _node_xy(graph)
+    if window is not None:
+        (r0, r1), (c0, c1) = _check_window(window, graph.in_size)
+    else:  # everything: the output grid may reach past the input grid (padding)
+        every = np.concatenate([src_xy, dst_xy]) if len(src_xy) + len(dst_xy) else np.zeros((1, 2))
+        r0, r1 = int(math.floor(-every[:, 1].max() + 0.5)), int(math.ceil(-every[:, 1].min() + 0.5))
+        c0, c1 = int(math.floor(every[:, 0].min() + 0.5)), int(math.ceil(every[:, 0].max() + 0.5))
+
+    def inside(xy):
+        if window is None:
+            return np.ones(len(xy), dtype=bool)
+        return (xy[:, 0] > c0 - 0.5) & (xy[:, 0] < c1 - 0.5) & (-xy[:, 1] > r0 - 0.5) & (-xy[:, 1] < r1 - 0.5)
+
     target_node = None
     if target is not None:
         h_out, w_out = graph.out_size
         r, c = (int(t) for t in target)
         if not (0 <= r < h_out and 0 <= c < w_out):
             raise ValueError(f"target {tuple(target)} lies outside the output grid {tuple(graph.out_size)}")
-        target_node = r * w_out + c + shift
+        target_node = r * w_out + c
+    src, dst = graph.edge_index.detach().cpu().numpy()
+    taps = graph.edge_type.detach().cpu().numpy()
+    shown = inside(dst_xy)[dst]
+    focus = dst == target_node if target_node is not None else np.zeros_like(shown)
+    if only_target and target_node is not None:
+        shown &= focus
+
+    # Sizes in data units: a pixel's disc spans about a third of the spacing between pixels.
+    fig_w, fig_h = fig.get_size_inches()
+    box = ax.get_position()
+    points_per_unit = 72 * min(fig_w * box.width / (c1 - c0 + 0.6), fig_h * box.height / (r1 - r0 + 0.6))
+    if node_size is None:
+        node_size = (0.34 * points_per_unit) ** 2
+    radius = math.sqrt(node_size) / 2 / points_per_unit
+    width = float(np.clip(points_per_unit / 40, 0.25, 1.0))
+
+    p, q = src_xy[src], dst_xy[dst]
+    d = q - p
+    length = np.hypot(d[:, 0], d[:, 1])
+    loop = length == 0
+    unit = np.divide(d, length[:, None], out=np.zeros_like(d), where=~loop[:, None])
+    normal = np.stack([-unit[:, 1], unit[:, 0]], axis=1)
+    shift = 0.08 * normal
+    head = np.minimum(0.16, 0.3 * np.maximum(length - 2 * radius, 0.1))[:, None]
+    tip = q + shift - unit * radius
+    heads = np.stack([tip, tip - unit * head + normal * head * 0.35, tip - unit * head - normal * head * 0.35], axis=1)
+    ring = np.linspace(0, 2 * np.pi, 17)
+    ring = 0.12 * np.stack([np.cos(ring), np.sin(ring)], axis=1) + [0.0, radius + 0.12]
+
     colours = _tap_colours(graph.geometry.num_taps)
-    inputs = [n for n, d in nxg.nodes(data=True) if d["side"] == "input"]
-    outputs = [n for n, d in nxg.nodes(data=True) if d["side"] == "output"]
-    nx.draw_networkx_nodes(nxg, pos, nodelist=inputs, ax=ax, node_size=node_size, node_color="#9fb7cf",
-                           edgecolors="#34495e")
-    if outputs:
-        nx.draw_networkx_nodes(nxg, pos, nodelist=outputs, ax=ax, node_size=node_size * 0.7, node_shape="s",
-                               node_color="#f5cba7", edgecolors="#a04000")
-    edges = list(nxg.edges(data=True))
-    focus = [(j, i, d) for j, i, d in edges if i == target_node]
-    rest = [] if only_target and target_node is not None else [(j, i, d) for j, i, d in edges if i != target_node]
     faded = target_node is not None
-    for group, width, alpha in ((rest, 1.0, 0.18 if faded else 0.9), (focus, 2.6, 1.0)):
-        if not group:
-            continue
-        colour = [(*colours[d["tap"]][:3], alpha) for _, _, d in group]
-        nx.draw_networkx_edges(nxg, pos, edgelist=[(j, i) for j, i, _ in group], ax=ax, edge_color=colour,
-                               width=width, arrows=True, arrowsize=9, node_size=node_size,
-                               connectionstyle="arc3,rad=0.15")
+    for group, line_width, alpha in ((shown & ~focus, width, 0.18 if faded else 0.9), (shown & focus, 2.6, 1.0)):
+        for t in np.unique(taps[group]):
+            colour = (*colours[t][:3], alpha)
+            edges = group & (taps == t)
+            straight, loops = edges & ~loop, edges & loop
+            if straight.any():
+                segments = np.stack([p[straight] + shift[straight], q[straight] + shift[straight]], axis=1)
+                ax.add_collection(LineCollection(segments, colors=[colour], linewidths=line_width, zorder=1,
+                                                 label=f"tap {t}"))
+                ax.add_collection(PolyCollection(heads[straight], facecolors=[colour], edgecolors="none", zorder=1,
+                                                 label=f"tap {t} arrowheads"))
+            if loops.any():
+                rings = p[loops][:, None, :] + ring[None, :, :]
+                ax.add_collection(LineCollection(rings, colors=[colour], linewidths=line_width, zorder=1,
+                                                 label=f"tap {t} self-loops"))
+
+    show_in = inside(src_xy)
+    ax.scatter(src_xy[show_in, 0], src_xy[show_in, 1], s=node_size, c="#9fb7cf", edgecolors="#34495e",
+               linewidths=min(1.0, width), zorder=2, label="input pixels")
+    if not same_grid:
+        show_out = inside(dst_xy)
+        ax.scatter(dst_xy[show_out, 0], dst_xy[show_out, 1], s=node_size * 0.7, marker="s", c="#f5cba7",
+                   edgecolors="#a04000", linewidths=min(1.0, width), zorder=2, label="output pixels")
     if target_node is not None:
-        nx.draw_networkx_nodes(nxg, pos, nodelist=[target_node], ax=ax, node_size=node_size * 1.8,
-                               node_color="none", edgecolors="#c0392b", linewidths=2.5)
+        ax.scatter(dst_xy[target_node, :1], dst_xy[target_node, 1:], s=node_size * 1.8, facecolors="none",
+                   edgecolors="#c0392b", linewidths=2.5, zorder=3, label="target")
     if legend:
         offsets = graph.geometry.offsets().tolist()
         k_w = graph.geometry.kernel_size[1]
-        used = sorted({d["tap"] for _, _, d in (focus if only_target and target_node is not None else edges)})
         handles = [Patch(color=colours[t], label=f"tap ({t // k_w},{t % k_w}): ({offsets[t][0]:+d},{offsets[t][1]:+d})")
-                   for t in used]
+                   for t in np.unique(taps[shown]).tolist()]
         if handles:
             ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False,
                       title="tap (u,v): offset (dy,dx)", title_fontsize=6)
-    ax.set_title(title if title is not None else f"pixel graph {graph.geometry.describe()}, "
-                 f"{graph.edge_index.size(1)} edges", fontsize=8)
+    if title is None:
+        title = f"pixel graph {graph.geometry.describe()}, {graph.edge_index.size(1)} edges"
+        if window is not None:
+            title += f"; rows {r0}:{r1}, cols {c0}:{c1} shown"
+    ax.set_title(title, fontsize=8)
+    ax.set_xlim(c0 - 0.8, c1 - 0.2)
+    ax.set_ylim(-(r1 - 0.2), -(r0 - 0.8))
     ax.set_aspect("equal")
     ax.set_axis_off()
     return fig
@@ -199,7 +297,8 @@ def plot_receptive_field(field: Tensor, ax: Any = None, *, target: Optional[Sequ
 
 
 def plot_mixing_matrix(matrix: Tensor, ax: Any = None, *, groups: Optional[int] = None,
-                       title: Optional[str] = None, annotate: Optional[bool] = None):
+                       title: Optional[str] = None, annotate: Optional[bool] = None, colorbar: bool = True,
+                       vmax: Optional[float] = None):
     """A ``C_out x C_in`` mixing matrix as a heat map (red positive, blue negative, white zero).
 
     Args:
@@ -208,21 +307,29 @@ def plot_mixing_matrix(matrix: Tensor, ax: Any = None, *, groups: Optional[int] 
         groups (int, optional): draw the ``groups`` diagonal blocks' borders.
         title (str, optional): the axes title.
         annotate (bool, optional): write each value in its cell (default: when at most 8x8).
+        colorbar (bool, optional): a colour bar beside the matrix (default: ``True``).
+        vmax (float, optional): the colour scale runs from ``-vmax`` to ``vmax`` (default: the largest
+            absolute entry), so that several matrices can share one scale.
 
     Example:
         >>> fig = plot_mixing_matrix(torch.tensor([[1., -1.]]), title="channel 1 minus channel 2")
-        >>> fig.axes[0].get_title()
-        'channel 1 minus channel 2'
+        >>> [ax.get_title() or ax.get_label() for ax in fig.axes]
+        ['channel 1 minus channel 2', '<colorbar>']
     """
     from matplotlib.patches import Rectangle
 
     if not isinstance(matrix, Tensor) or matrix.dim() != 2:
         raise ValueError(f"matrix must be a 2-d tensor (C_out, C_in) (got "
                          f"{getattr(matrix, 'shape', type(matrix).__name__)})")
-    fig, ax = _new_axes(ax, (3.0, 3.0))
+    if vmax is not None and not (isinstance(vmax, (int, float)) and vmax > 0):
+        raise ValueError(f"vmax must be a positive number (got {vmax!r})")
+    fig, ax = _new_axes(ax, (3.6, 3.0) if colorbar else (3.0, 3.0))
     data = matrix.detach().to(torch.float64).cpu()
-    scale = max(float(data.abs().max()), 1e-12)
-    ax.imshow(data.numpy(), cmap="RdBu_r", vmin=-scale, vmax=scale, interpolation="nearest")
+    scale = vmax if vmax is not None else max(float(data.abs().max()) if data.numel() else 0.0, 1e-12)
+    image = ax.imshow(data.numpy(), cmap="RdBu_r", vmin=-scale, vmax=scale, interpolation="nearest")
+    if colorbar:
+        bar = fig.colorbar(image, ax=ax, shrink=0.8)
+        bar.ax.tick_params(labelsize=6)
     c_out, c_in = data.shape
     if annotate is None:
         annotate = c_out <= 8 and c_in <= 8
@@ -247,7 +354,8 @@ def plot_mixing_matrix(matrix: Tensor, ax: Any = None, *, groups: Optional[int] 
 
 def plot_mixing_matrices(matrices: Tensor, kernel_size: Optional[Sequence[int]] = None, *,
                          groups: Optional[int] = None, title: Optional[str] = None):
-    """The mixing matrix of every tap on the kernel's grid, and their sum.
+    """The mixing matrix of every tap on the kernel's grid (one colour scale, its bar on the left), and
+    their sum (with its own colour bar).
 
     Args:
         matrices (Tensor): ``(num_taps, C_out, C_in)`` from :func:`~gridgraph.analysis.mixing_matrices`.
@@ -257,8 +365,8 @@ def plot_mixing_matrices(matrices: Tensor, kernel_size: Optional[Sequence[int]] 
 
     Example:
         >>> fig = plot_mixing_matrices(torch.randn(9, 4, 4))
-        >>> len(fig.axes)  # 9 taps and the sum
-        10
+        >>> len(fig.axes)  # 9 taps, the sum and two colour bars
+        12
     """
     from matplotlib.figure import Figure
 
@@ -274,17 +382,22 @@ def plot_mixing_matrices(matrices: Tensor, kernel_size: Optional[Sequence[int]] 
     k_h, k_w = kernel_size
     if k_h * k_w != taps:
         raise ValueError(f"kernel_size {tuple(kernel_size)} has {k_h * k_w} taps, matrices has {taps}")
-    fig = Figure(figsize=(1.5 * (k_w + 1.4), 1.5 * k_h + 0.5), dpi=80, layout="constrained")
+    fig = Figure(figsize=(1.5 * (k_w + 2.2), 1.5 * k_h + 0.5), dpi=80, layout="constrained")
     grid = fig.add_gridspec(k_h, k_w + 2, width_ratios=[1] * k_w + [0.2, 1.3])
-    scale = max(float(matrices.abs().max()), 1e-12)
+    scale = max(float(matrices.abs().max()) if matrices.numel() else 0.0, 1e-12)  # one scale for every tap
+    tap_axes = []
     for t in range(taps):
         ax = fig.add_subplot(grid[t // k_w, t % k_w])
-        plot_mixing_matrix(matrices[t] / scale, ax, groups=groups, annotate=False)
+        plot_mixing_matrix(matrices[t], ax, groups=groups, annotate=False, colorbar=False, vmax=scale)
         ax.set_title(f"tap ({t // k_w},{t % k_w})", fontsize=7)
         ax.set_xlabel("")
         ax.set_ylabel("")
         ax.set_xticks([])
         ax.set_yticks([])
+        tap_axes.append(ax)
+    bar = fig.colorbar(tap_axes[0].images[0], ax=tap_axes, shrink=0.8, location="left")
+    bar.ax.tick_params(labelsize=6)
+    bar.set_label("weight (every tap)", fontsize=7)
     ax = fig.add_subplot(grid[:, k_w + 1])
     plot_mixing_matrix(matrices.sum(0), ax, groups=groups, annotate=False, title="sum over taps")
     if title is not None:
@@ -379,12 +492,12 @@ def plot_singular_values(operators: Mapping[str, Tensor], ax: Any = None, *, tit
 
 
 def plot_channels(image: Tensor, *, titles: Optional[Sequence[str]] = None, title: Optional[str] = None):
-    """The channels of one image ``(C, H, W)`` side by side (grey scale, shared range).
+    """The channels of one image ``(C, H, W)`` side by side (grey scale, shared range, one colour bar).
 
     Example:
         >>> fig = plot_channels(torch.zeros(2, 4, 4), titles=["channel 1", "channel 2"])
-        >>> [ax.get_title() for ax in fig.axes]
-        ['channel 1', 'channel 2']
+        >>> [ax.get_title() or ax.get_label() for ax in fig.axes]
+        ['channel 1', 'channel 2', '<colorbar>']
     """
     from matplotlib.figure import Figure
 
@@ -395,13 +508,18 @@ def plot_channels(image: Tensor, *, titles: Optional[Sequence[str]] = None, titl
         raise ValueError(f"titles must name the {channels} channels (got {len(titles)})")
     data = image.detach().to(torch.float64).cpu()
     lo, hi = float(data.min()), float(data.max())
-    fig = Figure(figsize=(1.9 * channels, 2.1), dpi=80, layout="constrained")
+    fig = Figure(figsize=(1.9 * channels + 0.6, 2.1), dpi=80, layout="constrained")
+    axes = []
     for c in range(channels):
         ax = fig.add_subplot(1, channels, c + 1)
-        ax.imshow(data[c].numpy(), cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
+        image = ax.imshow(data[c].numpy(), cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1,
+                          interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(titles[c] if titles is not None else f"channel {c + 1}", fontsize=8)
+        axes.append(ax)
+    bar = fig.colorbar(image, ax=axes, shrink=0.8)
+    bar.ax.tick_params(labelsize=6)
     if title is not None:
         fig.suptitle(title, fontsize=9)
     return fig

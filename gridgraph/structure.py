@@ -147,7 +147,7 @@ def clear_cache() -> None:
 
 
 def cache_info() -> dict:
-    """``{'entries', 'bytes', 'max_bytes', 'max_entries'}`` of the cache (:data:`REGISTRY`).
+    """``{'entries', 'bytes', 'max_bytes', 'max_entries'}`` of the cache (``gridgraph.structure.REGISTRY``).
 
     Example:
         >>> clear_cache(); cache_info()['entries']
@@ -514,12 +514,12 @@ class GraphPart:
 
     @property
     def conv_geometry(self) -> ConvGeometry:
-        """The convolution whose taps the edges carry (a transposed part: the one it reverses)."""
+        """The convolution whose taps the edges carry (for a transposed part, the one it reverses)."""
         return self.geometry.conv if isinstance(self.geometry, TransposedGeometry) else self.geometry
 
     @property
     def key(self) -> str:
-        """The canonical string of a grid part: ``'<kind>|<geometry key>|<in_size>|<num_images>'``."""
+        """The canonical string of a grid part, ``'<kind>|<geometry key>|<in_size>|<num_images>'``."""
         if not self.is_grid:
             raise ValueError("a sparse part has no key: its edges depend on the data")
         return f"{self.kind}|{self.geometry.key()}|{','.join(map(str, self.in_size))}|{self.num_images}"

@@ -14,10 +14,11 @@ does it for the networks of :mod:`gridgraph.models`; :func:`check_model` and :fu
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -55,6 +56,7 @@ class LayerCase:
                     dilation=self.dilation, groups=self.groups, bias=self.bias, padding_mode=self.padding_mode)
 
     def describe(self) -> str:
+        """The configuration, e.g. ``'4->6 k3 s2 p1 d1 g2 reflect'``."""
         k = self.kernel_size if isinstance(self.kernel_size, int) else "x".join(map(str, self.kernel_size))
         s = f"{self.in_channels}->{self.out_channels} k{k} s{self.stride} p{self.padding!r} d{self.dilation}"
         if self.groups != 1:
@@ -63,12 +65,16 @@ class LayerCase:
             s += " nobias"
         if self.padding_mode != "zeros":
             s += f" {self.padding_mode}"
-        return s + f" | B{self.batch} {self.image[0]}x{self.image[1]}"
+        return s
+
+    def describe_input(self) -> str:
+        """The input it is checked on: batch and image size, e.g. ``'B2 9x11'``."""
+        return f"B{self.batch} {self.image[0]}x{self.image[1]}"
 
 
 C = LayerCase
-#: The built-in table: kernels 1, 2, 3, 5, 7 and rectangular; strides; paddings; dilations; groups;
-#: all four padding modes; bias off; odd, non-square, tiny images and batch 0.
+#: The built-in table of layer configurations (kernels 1, 2, 3, 5, 7 and rectangular; strides; paddings;
+#: dilations; groups; all four padding modes; bias off; odd, non-square, tiny images and batch 0).
 LAYER_CASES: tuple[LayerCase, ...] = (
     C(4, 6, 3, padding=1),
     C(4, 6, 1),
@@ -100,6 +106,7 @@ LAYER_CASES: tuple[LayerCase, ...] = (
     C(2, 3, 3, padding=1, image=(2, 7), batch=1),
     C(4, 6, 3, padding=1, batch=0),
 )
+#: The representative subset of :data:`LAYER_CASES` that ``gridgraph verify --quick`` checks.
 QUICK_LAYER_CASES: tuple[LayerCase, ...] = tuple(LAYER_CASES[i] for i in (0, 1, 6, 8, 10, 13, 16, 18, 19, 21, 22, 28))
 
 
@@ -140,20 +147,41 @@ class LayerReport:
         return _max_by_dtype(self.results, "gradient_error")
 
     def table(self) -> str:
-        head = "| configuration | device | dtype | path | max err fwd | max err grad | result |"
-        rows = [head, "|" + "---|" * 7]
-        for r in self.results:
-            rows.append(f"| {r.case.describe()} | {r.device} | {_short(r.dtype)} | {r.path} | "
-                        f"{r.forward_error:.2e} | {r.gradient_error:.2e} | {'pass' if r.passed else 'FAIL'} |")
-        return "\n".join(rows)
+        """A markdown table, one row per result, its columns padded to line up in a terminal.
+
+        Example:
+            >>> print(verify_layers(LAYER_CASES[:1], dtypes=[torch.float64], devices=['cpu']).table())
+            ... # doctest: +ELLIPSIS
+            | configuration    | input   | device | dtype   | path  | max err fwd | max err grad | result |
+            |------------------|---------|--------|---------|-------|------------:|-------------:|--------|
+            | 4->6 k3 s1 p1 d1 | B2 9x11 | cpu    | float64 | table |    ...e-16 |     ...e-16 | pass   |
+            | 4->6 k3 s1 p1 d1 | B2 9x11 | cpu    | float64 | edges |    ...e-16 |     ...e-16 | pass   |
+        """
+        rows = [(r.case.describe(), r.case.describe_input(), r.device, _short(r.dtype), r.path,
+                 f"{r.forward_error:.2e}", f"{r.gradient_error:.2e}", "pass" if r.passed else "FAIL")
+                for r in self.results]
+        return _format_table(["configuration", "input", "device", "dtype", "path", "max err fwd", "max err grad",
+                             "result"], rows, numeric=[5, 6])
 
     def summary(self) -> str:
+        """One line: the verdict, how many checks of how many configurations, the time, the largest errors."""
         failed = sum(not r.passed for r in self.results)
-        worst = ", ".join(f"{_short(d)} fwd {self.max_forward_error[d]:.1e} grad {self.max_gradient_error[d]:.1e}"
+        worst = ", ".join(f"{_short(d)} {self.max_forward_error[d]:.1e} / {self.max_gradient_error[d]:.1e}"
                           for d in self.max_forward_error)
-        verdict = "PASS" if failed == 0 else f"FAIL ({failed} mismatches)"
-        return (f"{verdict}: {len(self.results)} checks of {len({r.case for r in self.results})} layer "
-                f"configurations in {self.seconds:.1f}s; largest relative errors: {worst}")
+        verdict = "PASS" if failed == 0 else f"FAIL ({failed} {'mismatch' if failed == 1 else 'mismatches'})"
+        return (f"{verdict}: {_count(len(self.results), 'check')} of "
+                f"{_count(len({r.case for r in self.results}), 'configuration')} "
+                f"in {_format_seconds(self.seconds)}; max relative error (fwd / grad): "
+                f"{worst or 'none'}")
+
+    def to_dict(self) -> dict:
+        """The report as plain data for JSON (non-finite numbers as the strings ``'inf'`` / ``'nan'``)."""
+        return {"passed": self.passed, "seconds": self.seconds, "summary": self.summary(),
+                "results": [{"configuration": r.case.describe(), "input": r.case.describe_input(),
+                             "device": r.device, "dtype": _short(r.dtype), "path": r.path,
+                             "forward_error": _json_number(r.forward_error),
+                             "gradient_error": _json_number(r.gradient_error), "tolerance": r.tolerance,
+                             "passed": r.passed} for r in self.results]}
 
     def __str__(self) -> str:
         return self.table() + "\n\n" + self.summary()
@@ -161,6 +189,54 @@ class LayerReport:
 
 def _short(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def _count(n: int, noun: str) -> str:
+    """``'1 check'``, ``'2 checks'``."""
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
+def _json_number(value: float) -> Any:
+    """``value``, or ``'inf'`` / ``'nan'`` where it is not finite (JSON has no such numbers)."""
+    return value if math.isfinite(value) else str(value)
+
+
+def _format_seconds(seconds: float) -> str:
+    """A duration that reads well at every scale: ``'4.2 ms'``, ``'31 ms'``, ``'1.6 s'``.
+
+    Example:
+        >>> _format_seconds(0.0042), _format_seconds(0.0314), _format_seconds(1.62)
+        ('4.2 ms', '31 ms', '1.6 s')
+    """
+    if seconds < 0.01:
+        return f"{seconds * 1e3:.1f} ms"
+    if seconds < 1:
+        return f"{seconds * 1e3:.0f} ms"
+    return f"{seconds:.1f} s"
+
+
+def _format_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[int] = ()) -> str:
+    """A markdown table whose columns are padded to a common width (numeric columns right-aligned), so that
+    it reads as a table in a terminal too.
+
+    Example:
+        >>> print(_format_table(["name", "error"], [["a", "1.0e-16"], ["longer", "3e-7"]], numeric=[1]))
+        | name   |   error |
+        |--------|--------:|
+        | a      | 1.0e-16 |
+        | longer |    3e-7 |
+    """
+    for row in rows:
+        if len(row) != len(header):
+            raise ValueError(f"a row has {len(row)} cells, the header {len(header)}: {list(row)}")
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + ":" if i in numeric else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule] + [line(row) for row in rows])
 
 
 def _max_by_dtype(results: Sequence[CaseResult], attr: str) -> dict:
@@ -244,27 +320,36 @@ def _zero_if_none(t: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> to
 
 
 def verify_layers(cases: Sequence[LayerCase] = LAYER_CASES, dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64),
-                  devices: Optional[Sequence[Any]] = None, seed: int = 0) -> LayerReport:
+                  devices: Optional[Sequence[Any]] = None, seed: int = 0,
+                  progress: Optional[Callable[[LayerReport], None]] = None) -> LayerReport:
     """Run :func:`check_layer_case` over ``cases`` x ``dtypes`` x ``devices`` (default: every available one).
+
+    ``progress``, if given, is called with the report of each device and dtype as it finishes.
 
     Example:
         >>> report = verify_layers(LAYER_CASES[:2], dtypes=[torch.float64], devices=['cpu'])
         >>> report.passed, len(report.results)
         (True, 4)
     """
-    return _run_cases(check_layer_case, cases, dtypes, devices, seed)
+    return _run_cases(check_layer_case, cases, dtypes, devices, seed, progress)
 
 
 def _run_cases(check, cases: Sequence[Any], dtypes: Sequence[torch.dtype], devices: Optional[Sequence[Any]],
-               seed: int) -> LayerReport:
-    """``check(case, dtype, device, seed=...)`` over every case, dtype and device, gathered in one report."""
-    start = time.perf_counter()
+               seed: int, progress: Optional[Callable[[LayerReport], None]] = None) -> LayerReport:
+    """``check(case, dtype, device, seed=...)`` over every case, dtype and device, gathered in one report;
+    ``progress(part)`` after each device and dtype, ``part`` being the report of that group alone."""
     report = LayerReport()
     for device in devices or available_devices():
         for dtype in dtypes:
+            part = LayerReport()
+            start = time.perf_counter()
             for i, case in enumerate(cases):
-                report.results.extend(check(case, dtype, device, seed=seed + i))
-    report.seconds = time.perf_counter() - start
+                part.results.extend(check(case, dtype, device, seed=seed + i))
+            part.seconds = time.perf_counter() - start
+            report.results.extend(part.results)
+            report.seconds += part.seconds
+            if progress is not None:
+                progress(part)
     return report
 
 
@@ -318,7 +403,9 @@ class ModelReport:
 
     ``str(report)`` is a table (layer name, configuration, grid, max abs error alone and in the network,
     gradient errors, tolerance, pass/fail) followed by the output and gradient comparisons and a
-    one-line summary.
+    one-line summary. ``seconds`` is the wall time of the whole check: both models run forward (and
+    backward with ``grads``), every layer replayed alone, every comparison; :func:`check_model` adds
+    the copy and the conversion of the model.
     """
 
     name: str
@@ -350,18 +437,20 @@ class ModelReport:
         return max((c.error for c in self.gradients), default=float("nan"))
 
     def table(self) -> str:
-        head = ("| layer | configuration | grid | err alone | err in network | grad err (w, b) | tol | result |")
-        rows = [head, "|" + "---|" * 8]
+        """A markdown table, one row per converted layer call, its columns padded to line up."""
+        rows = []
         for r in self.layers:
             grads = ", ".join(f"{g:.1e}" for g in (r.weight_grad, r.bias_grad) if g == g) or "-"
-            rows.append(f"| {r.name} | {r.configuration} | {r.grid} | {r.alone:.1e} | {r.in_network:.1e} | "
-                        f"{grads} | {r.tolerance:.1e} | {'pass' if r.passed else 'FAIL'} |")
-        return "\n".join(rows)
+            rows.append((r.name, r.configuration, r.grid, f"{r.alone:.1e}", f"{r.in_network:.1e}", grads,
+                         f"{r.tolerance:.1e}", "pass" if r.passed else "FAIL"))
+        return _format_table(["layer", "configuration", "grid", "err alone", "err in network", "grad err (w, b)",
+                              "tol", "result"], rows, numeric=[3, 4, 5, 6])
 
     def details(self) -> str:
+        """The output and gradient comparisons (and any convolution left unconverted), one line each."""
         lines = []
         for c in self.outputs:
-            lines.append(f"output {c.name}: max abs error {c.error:.2e} (tol {c.tolerance:.1e}) "
+            lines.append(f"{c.name}: max abs error {c.error:.2e} (tol {c.tolerance:.1e}) "
                          f"{'pass' if c.passed else 'FAIL'}")
         if self.gradients:
             worst = max(self.gradients, key=lambda c: c.error / c.tolerance if c.tolerance else c.error)
@@ -375,12 +464,33 @@ class ModelReport:
         return "\n".join(lines)
 
     def summary(self) -> str:
+        """One line: verdict, name, dtype and device, layer calls, largest errors and the time taken."""
         failed = sum(not r.passed for r in self.layers)
         verdict = "PASS" if self.passed else "FAIL"
         grads = f", gradients {self.max_gradient_error:.1e}" if self.gradients else ""
         return (f"{verdict} {self.name} [{_short(self.dtype)}, {self.device}]: {len(self.layers)} converted layer "
                 f"calls, {failed} failing; largest abs errors: layers {self.max_layer_error:.1e}, outputs "
-                f"{self.max_output_error:.1e}{grads} ({self.seconds:.1f}s)")
+                f"{self.max_output_error:.1e}{grads}; {_format_seconds(self.seconds)}")
+
+    def to_dict(self) -> dict:
+        """The report as plain data for JSON (errors not checked are ``None``; infinite ones ``'inf'``)."""
+        def number(value: float) -> Any:
+            return None if value != value else _json_number(value)
+
+        def comparison(c: Comparison) -> dict:
+            return {"name": c.name, "error": number(c.error), "scale": c.scale, "tolerance": c.tolerance,
+                    "passed": c.passed}
+
+        return {"name": self.name, "dtype": _short(self.dtype), "device": self.device, "tol": self.tol,
+                "passed": self.passed, "seconds": self.seconds, "summary": self.summary(),
+                "layers": [{"name": r.name, "configuration": r.configuration, "grid": r.grid,
+                            "alone": number(r.alone), "in_network": number(r.in_network),
+                            "tolerance": r.tolerance, "weight_grad": number(r.weight_grad),
+                            "bias_grad": number(r.bias_grad), "grad_tolerance": number(r.grad_tolerance),
+                            "passed": r.passed} for r in self.layers],
+                "outputs": [comparison(c) for c in self.outputs],
+                "gradients": [comparison(c) for c in self.gradients],
+                "unconverted": list(self.unconverted)}
 
     def __str__(self) -> str:
         return "\n".join(p for p in (self.table(), self.details(), self.summary()) if p)
@@ -512,14 +622,18 @@ def verify_model(original: torch.nn.Module, converted: torch.nn.Module, example_
     handles = []
 
     def recorder(layer_name: str, side: str):
+        # Copies, not views: the model may overwrite a recorded tensor in place after the hook has run
+        # (nn.ReLU(inplace=True) after a convolution), which would change what is compared.
+        def keep(v: Any) -> Any:
+            return v.detach().clone() if isinstance(v, torch.Tensor) else v
+
         def hook(module, args, kwargs, output):
             rec = records[layer_name]
             if side == "ref":  # the call's arguments (e.g. a transposed convolution's output_size) too
-                detach = (lambda v: v.detach() if isinstance(v, torch.Tensor) else v)
-                rec["ref_in"].append(([detach(a) for a in args], {k: detach(v) for k, v in kwargs.items()}))
-                rec["ref_out"].append(output.detach())
+                rec["ref_in"].append(([keep(a) for a in args], {k: keep(v) for k, v in kwargs.items()}))
+                rec["ref_out"].append(keep(output))
             else:
-                rec["out"].append(output.detach())
+                rec["out"].append(keep(output))
         return hook
 
     for layer_name, ref, twin in pairs:
@@ -689,6 +803,7 @@ def check_model(model: torch.nn.Module, input_shape: Sequence[int], *, name: str
     """
     import copy
 
+    start = time.perf_counter()
     original = copy.deepcopy(model).to(device=device, dtype=dtype)
     if training is not None:
         original.train(training)
@@ -696,7 +811,9 @@ def check_model(model: torch.nn.Module, input_shape: Sequence[int], *, name: str
     generator = torch.Generator().manual_seed(seed)
     example = torch.randn(tuple(input_shape), generator=generator, dtype=dtype).to(device)
     mode = "train" if original.training else "eval"
-    return verify_model(original, converted, example, grads=grads, seed=seed, name=f"{name} ({mode})")
+    report = verify_model(original, converted, example, grads=grads, seed=seed, name=f"{name} ({mode})")
+    report.seconds = time.perf_counter() - start  # the copy and the conversion included
+    return report
 
 
 def verify_reference_models(names: Optional[Sequence[str]] = None,
@@ -737,16 +854,20 @@ def models_summary(reports: Sequence[ModelReport]) -> str:
     failed = [r.name + f" [{_short(r.dtype)}]" for r in reports if not r.passed]
     worst: dict = {}
     for r in reports:
-        w = worst.setdefault(r.dtype, [0.0, 0.0, 0.0])
+        w = worst.setdefault(r.dtype, [0.0, 0.0, None])
         w[0] = max(w[0], r.max_layer_error)
         w[1] = max(w[1], r.max_output_error)
         if r.gradients:
-            w[2] = max(w[2], r.max_gradient_error)
-    errors = "; ".join(f"{_short(d)} layers {w[0]:.1e}, outputs {w[1]:.1e}, gradients {w[2]:.1e}"
+            w[2] = max(w[2] or 0.0, r.max_gradient_error)
+    grads = any(w[2] is not None for w in worst.values())
+    errors = ", ".join(f"{_short(d)} {w[0]:.1e} / {w[1]:.1e}" + (f" / {w[2]:.1e}" if grads else "")
                        for d, w in worst.items())
     verdict = "PASS" if not failed else f"FAIL ({len(failed)}: {', '.join(failed)})"
     layers = sum(len(r.layers) for r in reports)
-    return (f"{verdict}: {len(reports)} model checks, {layers} converted layer calls; largest abs errors: {errors}")
+    seconds = sum(r.seconds for r in reports)
+    return (f"{verdict}: {_count(len(reports), 'model check')}, {_count(layers, 'layer call')} in "
+            f"{_format_seconds(seconds)}; "
+            f"max abs error (layers / outputs{' / grads' if grads else ''}): {errors or 'none'}")
 
 
 # ================================================================================ beyond the grid
@@ -769,10 +890,14 @@ class BeyondCase:
     occupancy: float = 1.0
 
     def describe(self) -> str:
+        """The configuration, e.g. ``'conv1d 3->4 kernel_size=5 padding=2 stride=2'``."""
         kw = " ".join(f"{k}={v}" for k, v in self.kwargs)
         extra = f" occ {self.occupancy:.0%}" if self.kind in ("masked2d", "sparse2d") else ""
-        return (f"{self.kind} {self.in_channels}->{self.out_channels} {kw}{extra} | B{self.batch} "
-                f"{'x'.join(map(str, self.grid))}")
+        return f"{self.kind} {self.in_channels}->{self.out_channels} {kw}{extra}"
+
+    def describe_input(self) -> str:
+        """The input it is checked on: batch and grid size, e.g. ``'B2 5x6x4'``."""
+        return f"B{self.batch} {'x'.join(map(str, self.grid))}"
 
 
 def _bc(kind, c_in, c_out, grid, batch=2, occupancy=1.0, **kwargs) -> BeyondCase:
@@ -869,15 +994,18 @@ def check_beyond_case(case: BeyondCase, dtype: torch.dtype = torch.float64, devi
 
 def verify_beyond(cases: Sequence[BeyondCase] = BEYOND_CASES,
                   dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64),
-                  devices: Optional[Sequence[Any]] = None, seed: int = 0) -> LayerReport:
+                  devices: Optional[Sequence[Any]] = None, seed: int = 0,
+                  progress: Optional[Callable[[LayerReport], None]] = None) -> LayerReport:
     """Run :func:`check_beyond_case` over ``cases`` x ``dtypes`` x ``devices`` (default: every available one).
+
+    ``progress``, if given, is called with the report of each device and dtype as it finishes.
 
     Example:
         >>> report = verify_beyond(QUICK_BEYOND_CASES, dtypes=[torch.float64], devices=['cpu'])
         >>> report.passed, len(report.results)
         (True, 12)
     """
-    return _run_cases(check_beyond_case, cases, dtypes, devices, seed)
+    return _run_cases(check_beyond_case, cases, dtypes, devices, seed, progress)
 
 
 # ================================================================================ attention
@@ -902,7 +1030,11 @@ class AttentionCase:
         graph = self.graph if self.graph == "complete" else f"local k{self.kernel_size}"
         s = f"attention E{self.embed_dim} h{self.num_heads} {graph}"
         s += (" tap-bias" if self.tap_bias else "") + ("" if self.bias else " nobias")
-        return s + ("" if self.batch_first else " seq-first") + f" | B{self.batch} {self.image[0]}x{self.image[1]}"
+        return s + ("" if self.batch_first else " seq-first")
+
+    def describe_input(self) -> str:
+        """The input it is checked on: batch and image size, e.g. ``'B2 4x5'``."""
+        return f"B{self.batch} {self.image[0]}x{self.image[1]}"
 
 
 #: Global and local attention, with and without biases and a tap bias, both sequence layouts.
@@ -970,7 +1102,8 @@ def check_attention_case(case: AttentionCase, dtype: torch.dtype = torch.float64
 
 def verify_attention(cases: Sequence[AttentionCase] = ATTENTION_CASES,
                      dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64),
-                     devices: Optional[Sequence[Any]] = None, seed: int = 0) -> LayerReport:
+                     devices: Optional[Sequence[Any]] = None, seed: int = 0,
+                     progress: Optional[Callable[[LayerReport], None]] = None) -> LayerReport:
     """Run :func:`check_attention_case` over ``cases`` x ``dtypes`` x ``devices`` (default: every available one).
 
     Example:
@@ -978,4 +1111,4 @@ def verify_attention(cases: Sequence[AttentionCase] = ATTENTION_CASES,
         >>> report.passed, len(report.results)
         (True, 6)
     """
-    return _run_cases(check_attention_case, cases, dtypes, devices, seed)
+    return _run_cases(check_attention_case, cases, dtypes, devices, seed, progress)

@@ -1,10 +1,11 @@
 """Build the tutorial notebooks from their sources and execute them, so they are committed with outputs.
 
-Each notebook is written as a plain Python file in ``notebooks/src/NN-title.py`` ("percent" format:
-a line ``# %%`` starts a code cell, ``# %% [markdown]`` a markdown cell whose lines are ``# `` comments).
-This script turns each into ``notebooks/NN-title.ipynb``, runs it top to bottom in a fresh kernel
-(the interpreter running this script, whatever ``python`` is on PATH), stores the outputs and prints
-the run time. A failing cell (every claim is an ``assert``) stops the build with the error.
+Each notebook is written as a plain Python file in ``notebooks/src/NN-title.py`` (jupytext's "percent"
+format: a line ``# %%`` starts a code cell, ``# %% [markdown]`` a markdown cell whose lines are ``# ``
+comments). This script reads each with jupytext, writes it as ``notebooks/NN-title.ipynb``, runs it
+top to bottom in a fresh kernel (the interpreter running this script, whatever ``python`` is on
+PATH), stores the outputs and prints the run time. A failing cell (every claim is an ``assert``)
+stops the build with the error.
 
 Usage::
 
@@ -22,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import jupytext
 import nbformat
 
 HERE = Path(__file__).resolve().parent
@@ -34,42 +36,12 @@ def sources() -> list[Path]:
     return sorted(SOURCES.glob("[0-9][0-9]-*.py"))
 
 
-def parse(text: str) -> list[tuple[str, str]]:
-    """Split percent-format source into ``(kind, source)`` cells, ``kind`` being 'code' or 'markdown'."""
-    cells: list[tuple[str, list[str]]] = []
-    for line in text.splitlines():
-        if line.startswith("# %%"):
-            cells.append(("markdown" if "[markdown]" in line else "code", []))
-            continue
-        if not cells:
-            if line.strip():
-                raise ValueError(f"text before the first '# %%' cell marker: {line!r}")
-            continue
-        kind, lines = cells[-1]
-        if kind == "markdown":
-            if line.strip() and not line.startswith("#"):
-                raise ValueError(f"markdown cell lines must be comments (got {line!r})")
-            line = line[2:] if line.startswith("# ") else line[1:]
-        lines.append(line)
-    out = []
-    for kind, lines in cells:
-        while lines and not lines[-1].strip():
-            lines.pop()
-        while lines and not lines[0].strip():
-            lines.pop(0)
-        if lines:
-            out.append((kind, "\n".join(lines)))
-    return out
-
-
 def build(source: Path) -> nbformat.NotebookNode:
-    """The (unexecuted) notebook of one source file."""
-    nb = nbformat.v4.new_notebook()
+    """The (unexecuted) notebook of one source file, read by jupytext."""
+    nb = jupytext.read(source, fmt="py:percent")
+    nb.metadata.pop("jupytext", None)  # the pairing lives here, not in the committed notebooks
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
-    for kind, text in parse(source.read_text()):
-        cell = nbformat.v4.new_markdown_cell(text) if kind == "markdown" else nbformat.v4.new_code_cell(text)
-        nb.cells.append(cell)
     for i, cell in enumerate(nb.cells):  # stable ids, so rebuilding does not churn the files
         cell["id"] = f"{source.stem[:2]}-{i:02d}"
     return nb
@@ -96,10 +68,14 @@ def execute(nb: nbformat.NotebookNode, cwd: Path = HERE, timeout: int = TIMEOUT)
     """Execute ``nb`` in place in a fresh kernel; return the wall time in seconds. Raises on a cell error."""
     from nbclient import NotebookClient
 
-    client = NotebookClient(nb, km=kernel_manager(), timeout=timeout, allow_errors=False,
-                            resources={"metadata": {"path": str(cwd)}})
+    km = kernel_manager()
+    client = NotebookClient(nb, km=km, timeout=timeout, allow_errors=False, resources={"metadata": {"path": str(cwd)}})
     start = time.perf_counter()
-    client.execute()
+    try:
+        client.execute()
+    finally:  # a kernel manager passed in is not shut down by nbclient: each kernel would outlive its notebook
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     return time.perf_counter() - start
 
 

@@ -16,6 +16,8 @@ silently stand in for the other.
 """
 from __future__ import annotations
 
+import ast
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -28,6 +30,23 @@ from gridgraph.pixel_graph import PixelEdgeIndex
 
 PATHS = ("table", "edges", "shuffled")
 DTYPES = (torch.float64, torch.float32)
+
+
+def assert_same_message(ours: str, theirs: str) -> None:
+    """``ours`` reads exactly as torch's message ``theirs``, except that where torch prints a Python set of
+    choices (``{'zeros', ...}``, in an order that changes with ``PYTHONHASHSEED``) ours prints the same
+    choices as a tuple in the fixed order of :data:`gridgraph.geometry.PADDING_MODES` or
+    ``('same', 'valid')``."""
+    found = re.search(r"\{([^{}]*)\}", theirs)
+    if found is None:
+        assert ours == theirs
+        return
+    prefix, suffix = theirs[:found.start()], theirs[found.end():]
+    assert ours.startswith(prefix) and ours.endswith(suffix), f"{ours!r} does not read as {theirs!r}"
+    choices = ast.literal_eval(ours[len(prefix):len(ours) - len(suffix)])
+    assert isinstance(choices, tuple), f"choices in {ours!r} are not a tuple (fixed order)"
+    assert set(choices) == ast.literal_eval(found.group(0)), f"{ours!r} names other choices than {theirs!r}"
+    assert choices in (gridgraph.geometry.PADDING_MODES, ("same", "valid")), choices
 
 
 def tolerances(dtype: torch.dtype, scale: float) -> dict[str, float]:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gridgraph import DepthwiseConv2d, GridConv2d
-from _conv_reference import DTYPES, PATHS, check_conv, randomise_
+from _conv_reference import DTYPES, PATHS, assert_same_message, check_conv, randomise_
 
 # (id, channels, depth multiplier, Conv2d geometry keywords, batch, height, width)
 CASES = [
@@ -94,5 +94,6 @@ def test_rejects_bad_depth_multiplier(multiplier):
 def test_rejects_what_conv2d_rejects(kwargs):
     with pytest.raises(ValueError) as theirs:
         nn.Conv2d(3, 3, 3, groups=3, **kwargs)
-    with pytest.raises(ValueError, match=f"^{re.escape(str(theirs.value))}$"):
+    with pytest.raises(ValueError) as ours:
         DepthwiseConv2d(3, 3, **kwargs)
+    assert_same_message(str(ours.value), str(theirs.value))

@@ -14,6 +14,7 @@ from torch import nn
 
 from gridgraph import (DepthwiseConv2d, GridConv2d, PointwiseConv2d, SeparableConv2d, graph_to_image,
                        image_to_graph)
+from _conv_reference import assert_same_message
 
 
 @pytest.fixture
@@ -307,12 +308,13 @@ BAD_CONSTRUCTOR = [
 def test_constructor_messages_are_conv2ds(args, kwargs):
     with pytest.raises(ValueError) as theirs:
         nn.Conv2d(*args, **kwargs)
-    message = f"^{re.escape(str(theirs.value))}$"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError) as ours:
         GridConv2d(*args, **kwargs)
+    assert_same_message(str(ours.value), str(theirs.value))
     if "groups" not in kwargs:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError) as ours:
             SeparableConv2d(*args, **kwargs)
+        assert_same_message(str(ours.value), str(theirs.value))
 
 
 CONV2D_FAILS_LATER = [  # accepted by nn.Conv2d's constructor, refused by its forward; gridgraph refuses at once

@@ -165,3 +165,27 @@ def test_output_size_needs_matching_dimensions():
         ConvGeometry.from_keywords(2, 3).output_size((5,))
     with pytest.raises(ValueError, match="image size must be positive"):
         ConvGeometry.from_keywords(2, 1).output_size((0, 4))
+
+
+def test_choice_lists_in_messages_do_not_depend_on_the_hash_seed():
+    """The same bad keyword gives the same message under any ``PYTHONHASHSEED`` (choices in a fixed order)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("from gridgraph.geometry import ConvGeometry\n"
+              "for kw in (dict(padding_mode='zero'), dict(padding='full')):\n"
+              "    try:\n"
+              "        ConvGeometry.from_keywords(2, 3, **kw)\n"
+              "    except ValueError as err:\n"
+              "        print(err)\n")
+    messages = set()
+    for seed in ("0", "3", "7"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        messages.add(proc.stdout)
+    assert len(messages) == 1, messages
+    assert messages.pop().splitlines() == [
+        "padding_mode must be one of ('zeros', 'reflect', 'replicate', 'circular'), but got padding_mode='zero'",
+        "Invalid padding string 'full', should be one of ('same', 'valid')"]

@@ -5,7 +5,6 @@ The reference is ``torch.nn.Conv2d`` itself; the graph layer gets its weights wi
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from torch import nn
 
 import gridgraph
 from gridgraph import GridConv2d, graph_to_image, image_to_graph
-from _conv_reference import DTYPES, PATHS, check_conv, graph_edges, randomise_
+from _conv_reference import DTYPES, PATHS, assert_same_message, check_conv, graph_edges, randomise_
 
 # (id, Conv2d keyword arguments, in_channels, out_channels, batch, height, width)
 CONFIGS = [
@@ -436,8 +435,9 @@ BAD_CONSTRUCTOR = [
 def test_constructor_rejects_what_conv2d_rejects_with_its_message(args, kwargs):
     with pytest.raises(Exception) as theirs:
         nn.Conv2d(*args, **kwargs)
-    with pytest.raises(theirs.type, match=f"^{re.escape(str(theirs.value))}$"):
+    with pytest.raises(theirs.type) as ours:
         GridConv2d(*args, **kwargs)
+    assert_same_message(str(ours.value), str(theirs.value))
 
 
 # ------------------------------------------------------------------------------- torch.compile

@@ -31,6 +31,20 @@ def test_the_numbered_tutorials_exist_with_sources():
         assert (build.SOURCES / f"{name}.py").exists(), f"notebooks/src/{name}.py is missing"
 
 
+@pytest.mark.parametrize("source", build.sources(), ids=lambda p: p.stem)
+def test_sources_are_in_jupytexts_percent_format(source):
+    """Each source is exactly what jupytext writes for the notebook it reads from it (no header, magics
+    commented out), so the sources stay plain Python and round-trip through jupytext unchanged."""
+    import jupytext
+
+    nb = build.build(source)
+    assert nb.cells and {c.cell_type for c in nb.cells} == {"markdown", "code"}
+    nb.metadata["jupytext"] = {"notebook_metadata_filter": "-all", "cell_metadata_filter": "-all"}
+    assert jupytext.writes(nb, fmt="py:percent") == source.read_text(), \
+        f"{source.name} is not in jupytext's percent format (e.g. a magic not commented out: '# %matplotlib')"
+    assert build.build(source).cells[1].source.startswith("%matplotlib inline")  # the magic, uncommented
+
+
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
 def test_notebook_is_committed_executed_and_up_to_date(path):
     committed = nbformat.read(path, as_version=4)

@@ -7,9 +7,11 @@ no recompile), NaN/Inf parity and DistributedDataParallel. The reference is alwa
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -334,16 +336,19 @@ def _ddp_worker(rank: int, world: int, port: int, state: dict, x: torch.Tensor, 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = convert(_ddp_net())
-        model.load_state_dict(state)
-        ddp = DistributedDataParallel(model)
-        half = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
-        torch.nn.functional.mse_loss(ddp(x[half]), y[half]).backward()
-        if rank == 0:
-            torch.save({n: p.grad for n, p in model.named_parameters()}, path)
-    finally:
-        dist.destroy_process_group()
+    model = convert(_ddp_net())
+    model.load_state_dict(state)
+    ddp = DistributedDataParallel(model)
+    half = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    torch.nn.functional.mse_loss(ddp(x[half]), y[half]).backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters()}, path)
+    # Tear down in order (all work done, the reducer gone, then the group): gloo's destructor otherwise
+    # can wait for its worker thread while holding the GIL the thread needs.
+    dist.barrier()
+    del ddp
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def _ddp_net() -> nn.Module:
@@ -359,7 +364,14 @@ def test_distributed_data_parallel_step_equals_the_full_batch(tmp_path):
     net = _ddp_net()
     x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randn(4, 2, 3, 3, dtype=torch.float64)
     path = str(tmp_path / "grads.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), copy.deepcopy(net.state_dict()), x, y, path), nprocs=2, join=True)
+    context = mp.spawn(_ddp_worker, args=(2, _free_port(), copy.deepcopy(net.state_dict()), x, y, path), nprocs=2,
+                       join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the DistributedDataParallel workers did not finish within 120 s")
     got = torch.load(path)
     torch.nn.functional.mse_loss(net(x), y).backward()
     for name, p in net.named_parameters():

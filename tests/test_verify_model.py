@@ -17,6 +17,7 @@ from gridgraph.cli import main
 from gridgraph.conversion import convert
 from gridgraph.models import REFERENCE_MODELS
 from gridgraph.verify import ModelReport, check_model, load_model, verify_model, verify_reference_models
+from _text import assert_aligned
 
 
 @pytest.fixture(autouse=True)
@@ -45,9 +46,11 @@ def test_report_passes_exact_twins_with_a_row_per_layer():
     assert names == [n for n, _ in net.named_parameters()] + ["input"]  # every parameter, then the input
     assert report.max_gradient_error < 1e-12 and report.max_output_error < 1e-12
     text = str(report)
-    assert text.splitlines()[0] == ("| layer | configuration | grid | err alone | err in network | "
-                                    "grad err (w, b) | tol | result |")
-    assert text.count("| pass |") == 3 and text.splitlines()[-1].startswith("PASS small [float64, cpu]")
+    (table,) = assert_aligned(text)
+    assert table[0] == ["layer", "configuration", "grid", "err alone", "err in network", "grad err (w, b)", "tol",
+                        "result"]
+    assert [row[0] for row in table[1:]] == ["0", "3", "5"] and [row[-1] for row in table[1:]] == ["pass"] * 3
+    assert text.splitlines()[-1].startswith("PASS small [float64, cpu]")
 
 
 def test_a_wrong_layer_fails_and_is_pinpointed():
@@ -61,7 +64,9 @@ def test_a_wrong_layer_fails_and_is_pinpointed():
     assert rows["0"].passed
     assert not rows["3"].passed and rows["3"].alone > 1e-4  # wrong by itself
     assert rows["5"].alone < 1e-5 < rows["5"].in_network  # only wrong because its input is
-    assert "| 3 |" in report.table() and "FAIL" in report.table() and report.summary().startswith("FAIL")
+    (table,) = assert_aligned(report.table())
+    assert [(row[0], row[-1]) for row in table[1:]] == [("0", "pass"), ("3", "FAIL"), ("5", "FAIL")]
+    assert report.summary().startswith("FAIL")
 
 
 def test_a_wrong_gradient_fails_although_the_forward_is_exact():
@@ -150,6 +155,19 @@ def _user_module(tmp_path) -> str:
 
         instance = build()
         not_a_model = 3
+
+        class Picky(nn.Module):
+            # its forward raises a KeyError: an error of the user's model, not a mismatch
+
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 4, 3)
+
+            def forward(self, x):
+                return {"features": self.conv(x)}["logits"]
+
+        def broken_factory():
+            raise KeyError("weights")
         """))
     return str(path)
 
@@ -173,8 +191,10 @@ def test_cli_model_mode_with_a_user_model(tmp_path, capsys):
     assert main(["verify", "--model", f"{path}:build", "--input-shape", "2,3,8,8", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert f"### {path}:build (train) [float32, cpu]" in out and f"### {path}:build (train) [float64, cpu]" in out
-    assert "| 0 | 3->4 k3x3 s1x1 p1x1 d1x1 zeros | 8x8 -> 8x8 |" in out
-    assert out.strip().splitlines()[-1].startswith("PASS: 2 model checks, 4 converted layer calls")
+    tables = assert_aligned(out)
+    assert len(tables) == 2 and tables[0][1][:3] == ["0", "3->4 k3x3 s1x1 p1x1 d1x1 zeros", "8x8 -> 8x8"]
+    assert "  models  PASS: 2 model checks, 4 layer calls in " in out
+    assert out.strip().splitlines()[-1].startswith("PASS: models; total ")
 
 
 def test_cli_reference_subset_and_exit_code_on_failure(capsys, monkeypatch):
@@ -185,7 +205,8 @@ def test_cli_reference_subset_and_exit_code_on_failure(capsys, monkeypatch):
     monkeypatch.setitem(verify_module.TOLERANCES, torch.float32, 0.0)  # every rounding difference now fails
     assert main(args) == 1
     out = capsys.readouterr().out
-    assert "FAIL" in out and out.strip().splitlines()[-1].startswith("FAIL (1: resnext (train) [float32])")
+    assert "  models  FAIL (1: resnext (train) [float32]): 1 model check," in out
+    assert out.strip().splitlines()[-1].startswith("FAIL in models (exit code 1)")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -195,11 +216,75 @@ def test_cli_reference_subset_and_exit_code_on_failure(capsys, monkeypatch):
     (["--reference", "vgg"], "--reference: unknown network(s) vgg"),
     (["--only", "layers", "--reference", "resnet"], "--only layers cannot be combined with --model or --reference"),
     (["--threads", "0"], "--threads must be at least 1 (got 0)"),
+    (["--json", "/no/such/folder/report.json"], "--json: the folder of '/no/such/folder/report.json' does not exist"),
     (["--model", "gridgraph.models:ResNetish", "--input-shape", "1,4,8,8"], "on input (1, 4, 8, 8): RuntimeError"),
 ])
 def test_cli_model_mode_errors(argv, message, capsys):
     assert main(["verify", "--device", "cpu", "--dtype", "float64"] + argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("attribute, message", [
+    ("Picky", "--model {path}:Picky on input (2, 3, 8, 8): KeyError: 'logits'"),   # raised by its forward
+    ("broken_factory", "--model {path}:broken_factory: KeyError: 'weights'"),     # raised while building it
+])
+def test_cli_any_error_of_the_users_model_exits_2_with_one_line(tmp_path, capsys, attribute, message):
+    path = _user_module(tmp_path)
+    argv = ["verify", "--device", "cpu", "--model", f"{path}:{attribute}", "--input-shape", "2,3,8,8", "--no-progress"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"gridgraph verify: error: {message.format(path=path)}\n"
+    assert "PASS" not in captured.out and "FAIL" not in captured.out
+    assert main(argv + ["--debug"]) == 2  # the same exit code, with the traceback
+    err = capsys.readouterr().err
+    assert err.startswith(f"gridgraph verify: error: {message.format(path=path)}\n")
+    assert "Traceback (most recent call last)" in err and err.rstrip().splitlines()[-1].startswith("KeyError")
+
+
+def test_cli_an_import_error_of_the_users_module_exits_2(tmp_path, capsys):
+    path = tmp_path / "broken.py"
+    path.write_text("import torch\nraise RuntimeError('no GPU here')\n")
+    assert main(["verify", "--model", f"{path}:net", "--input-shape", "1,3,8,8"]) == 2
+    assert capsys.readouterr().err == f"gridgraph verify: error: --model {path}:net: RuntimeError: no GPU here\n"
+
+
+@pytest.mark.parametrize("shape", ["0,3,8,8", "2,3,0,8", "2,-3,8,8"])
+def test_cli_refuses_an_input_shape_with_nothing_to_compare(tmp_path, capsys, shape):
+    path = _user_module(tmp_path)
+    assert main(["verify", "--device", "cpu", "--model", f"{path}:build", "--input-shape", shape]) == 2
+    captured = capsys.readouterr()
+    assert f"--input-shape: every dimension must be positive, or nothing would be compared (got '{shape}')" in \
+        captured.err
+    assert "PASS" not in captured.out
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU(inplace=True), nn.SiLU(inplace=True), nn.Hardtanh(inplace=True)],
+                         ids=lambda m: type(m).__name__)
+def test_in_place_activations_after_a_convolution_pass(activation):
+    """The hooks record copies: an in-place activation that overwrites a convolution's output later in the
+    forward must not change what is compared (it made exact twins FAIL with an 'alone' error of ~1)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), activation, nn.Conv2d(4, 4, 3, groups=2),
+                        nn.ReLU(inplace=True), nn.Conv2d(4, 2, 1)).double()
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    report = verify_model(net, convert(net), x, grads=True)
+    assert report.passed, str(report)
+    assert [r.name for r in report.layers] == ["0", "2", "4"]
+    assert all(r.alone < 1e-12 and r.in_network < 1e-12 for r in report.layers)
+    # the recorded outputs are the convolutions' own: before the activation overwrote them
+    assert report.max_gradient_error < 1e-12
+
+
+def test_cli_in_place_activations(tmp_path, capsys):
+    path = tmp_path / "inplace.py"
+    path.write_text("from torch import nn\n"
+                    "def build():\n"
+                    "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True),\n"
+                    "                         nn.Conv2d(4, 4, 3), nn.SiLU(inplace=True))\n")
+    assert main(["verify", "--device", "cpu", "--model", f"{path}:build", "--input-shape", "2,3,8,8",
+                 "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("PASS: models")
 
 
 def test_reference_registry_is_what_the_cli_verifies(capsys):

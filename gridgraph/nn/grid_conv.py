@@ -167,7 +167,7 @@ class GridConvNd(MessagePassing):
 
     @property
     def num_taps(self) -> int:
-        """Number of kernel taps: the number of edge types this layer has a weight for."""
+        """int: the number of kernel taps, that is of the edge types this layer has a weight for."""
         return math.prod(self.weight.shape[2:])
 
     # ------------------------------------------------------------------ forward
@@ -342,8 +342,8 @@ class GridConv1d(GridConvNd):
         \qquad \texttt{edge\_type}(j \to i) = u .
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-        device, dtype: as in ``nn.Conv1d`` (default: ``1, 0, 1, 1, True, 'zeros', None, None``).
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype:
+            as in ``nn.Conv1d`` (default: ``1, 0, 1, 1, True, 'zeros', None, None``).
 
     Shapes:
         - **input:** node features :math:`(B \cdot L, C_{in})`, ``edge_index`` :math:`(2, |\mathcal{E}|)`,
@@ -386,8 +386,8 @@ class GridConv3d(GridConvNd):
         \mathbf{x}'_i = \mathbf{b} + \sum_{(j \to i) \in \mathcal{E}} \mathbf{W}_{:, :, u, v, w} \, \mathbf{x}_j .
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-        device, dtype: as in ``nn.Conv3d`` (default: ``1, 0, 1, 1, True, 'zeros', None, None``).
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype:
+            as in ``nn.Conv3d`` (default: ``1, 0, 1, 1, True, 'zeros', None, None``).
 
     Shapes:
         - **input:** node features :math:`(B \cdot D \cdot H \cdot W, C_{in})`, ``edge_index``,

@@ -61,7 +61,7 @@ class SeparableConv2d(torch.nn.Module):
 
     @property
     def geometry(self):
-        """The geometry of the depthwise step: the pixel graph this layer runs on."""
+        """ConvGeometry: the geometry of the depthwise step, the pixel graph this layer runs on."""
         return self.depthwise.geometry
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_type: Tensor,

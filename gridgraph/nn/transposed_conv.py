@@ -178,8 +178,9 @@ class GridConvTranspose2d(GridConvTransposeNd):
     :func:`~gridgraph.image_to_graph` given this layer).
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias, dilation,
-        padding_mode, device, dtype: as in ``nn.ConvTranspose2d`` (default: ``1, 0, 0, 1, True, 1, 'zeros'``).
+        in_channels, out_channels, kernel_size: as in ``nn.ConvTranspose2d``.
+        stride, padding, output_padding, groups, bias, dilation, padding_mode, device, dtype: as in
+            ``nn.ConvTranspose2d`` (default: ``1, 0, 0, 1, True, 1, 'zeros'``).
 
     Shapes:
         - **input:** node features :math:`(B \cdot H \cdot W, C_{in})`, ``edge_index``, ``edge_type``
@@ -220,8 +221,9 @@ class GridConvTranspose1d(GridConvTransposeNd):
         \qquad q = i s + u d - p .
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias, dilation,
-        padding_mode, device, dtype: as in ``nn.ConvTranspose1d``.
+        in_channels, out_channels, kernel_size: as in ``nn.ConvTranspose1d``.
+        stride, padding, output_padding, groups, bias, dilation, padding_mode, device, dtype: as in
+            ``nn.ConvTranspose1d``.
 
     Shapes:
         - **input:** :math:`(B \cdot L, C_{in})`, ``edge_index``, ``edge_type``
@@ -257,8 +259,9 @@ class GridConvTranspose3d(GridConvTransposeNd):
     ``nn.ConvTranspose3d`` (the n-d layer of :class:`GridConvTranspose2d` with three spatial dimensions).
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias, dilation,
-        padding_mode, device, dtype: as in ``nn.ConvTranspose3d``.
+        in_channels, out_channels, kernel_size: as in ``nn.ConvTranspose3d``.
+        stride, padding, output_padding, groups, bias, dilation, padding_mode, device, dtype: as in
+            ``nn.ConvTranspose3d``.
 
     Shapes:
         - **input:** :math:`(B \cdot D H W, C_{in})`, ``edge_index``, ``edge_type``

@@ -12,7 +12,7 @@
 # and against autograd on the real `nn.Conv2d` stack.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's notice, printed on import

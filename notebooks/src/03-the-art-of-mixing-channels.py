@@ -11,7 +11,7 @@
 # *channel 1 minus channel 2* keeps them apart. Finally a tiny model learns such a layer from data.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's notice, printed on import

@@ -17,7 +17,7 @@
 # FLOPs that `torch.utils.flop_counter` counts on real `nn.Conv2d` layers; then the layers are timed.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's notice, printed on import

@@ -14,7 +14,7 @@
 # Then: exactly which full kernels can a separable block reach, and how close can it get to the rest?
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's notice, printed on import

@@ -14,7 +14,7 @@
 # unless channels are shuffled between two grouped layers (the ShuffleNet trick).
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's notice, printed on import

@@ -17,7 +17,7 @@
 # with a stride, an output pixel is active when any input in its window is.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's notice, printed on import

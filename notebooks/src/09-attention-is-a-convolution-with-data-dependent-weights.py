@@ -23,7 +23,7 @@
 # the `k x k` graph (local attention) are counted.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's notice, printed on import

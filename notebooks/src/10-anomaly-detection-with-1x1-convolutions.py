@@ -18,7 +18,7 @@
 # (k x k message passing) to show the receptive-field trade-off. Every claim is an `assert`.
 
 # %%
-%matplotlib inline
+# %matplotlib inline
 import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's notice, printed on import
