@@ -416,8 +416,9 @@ USE_ONEDNN = True
 def _linear(x: Tensor, w_nk: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ w_nk^T (+ bias)``: a GEMM (``x`` ``[M, K]``, ``w_nk`` ``[N, K]`` contiguous)."""
     if (USE_ONEDNN and _ONEDNN is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and x.size(0) and x.size(1) and not x.requires_grad and not w_nk.requires_grad):
-        return _ONEDNN(x, w_nk, bias, "none", [], "")
+            and x.size(0) and x.size(1)):
+        with torch.no_grad():  # the kernels run inside operators: autograd is the operators' own
+            return _ONEDNN(x, w_nk, bias, "none", [], "")
     return torch.addmm(bias, x, w_nk.t()) if bias is not None else x @ w_nk.t()
 
 
@@ -650,8 +651,6 @@ def grid_input_grad(g: Tensor, weight: Tensor, key: str, groups: int) -> Tensor:
         return _depthwise_flat_input_grad(flat, g, taps.reshape(taps.size(0), c_in))
     split = part.split_centre(kind)
     reverse = part.reverse(split)
-    if reverse is not None and len(reverse) > 1 and kind == "dense":
-        reverse = None  # strided dense graph: one scatter-add beats a gather per stride phase
     if reverse is None:
         return _input_grad_scatter(part.forward(split), g, m_fwd, kind, part.num_src)
     covered = sum(r.num_rows for r in reverse) == part.num_src
