@@ -51,9 +51,7 @@ def _anchor(heading: str) -> str:
 def test_readme_links_lead_somewhere():
     text = README.read_text()
     anchors = {_anchor(h) for h in re.findall(r"^#+ (.*)$", text, flags=re.M)}
-    # 'PyG workflow' is the section issue 12's work adds to this README; drop this exception once it is here.
-    pending = {"pyg-workflow"} - anchors
     for target in re.findall(r"\]\(#([^)]+)\)", text):
-        assert target in anchors | pending, f"README link #{target} has no heading"
+        assert target in anchors, f"README link #{target} has no heading"
     for path in re.findall(r"\]\((?!https?:|#)([^)#]+)\)", text):
         assert (README.parent / path).exists(), f"README links to {path}, which does not exist"
