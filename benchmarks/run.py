@@ -8,9 +8,15 @@ Run from the repository root::
 For every shape it measures, in one process and one run, forward and forward+backward (inputs and
 parameters all require grad):
 
-* ``conv2d``     ``F.conv2d`` on an NCHW batch: the reference, every ratio is to it;
+* ``conv2d``     ``F.conv2d`` on an NCHW batch; ``conv2d-cl`` the same on a channels-last batch. The
+  reference of every ratio is the faster of the two (per shape and per mode, "best layout"); the
+  ratios to NCHW alone are kept beside them;
 * ``gridgraph``  ``GridConv2d(g.x, g.edge_index, g.edge_type)`` on node features, graph built beforehand
-  (its neighbour table is cached with it: the fast path);
+  (its ``edge_index`` carries the structure: the neighbour-table kernels);
+* ``gg-loader``  the same call on a graph that went through PyG's ``DataLoader`` (a batch of the images'
+  one-image graphs) and ``.to(device)``: the structure travels with it, so it must cost the same;
+* ``gg-compiled`` the same call under ``torch.compile`` (``--compile-backend``, default inductor;
+  compilation before timing): the registered operators, not an edge-list fallback;
 * ``gg-image``   the image-level path: NCHW image -> ``image_to_graph`` (cached structure, one layout
   copy) -> ``GridConv2d`` -> ``graph_to_image`` (a view, channels-last strides);
 * ``gg-edges``   the same layer on a copy of ``edge_index`` that carries no table: the general
@@ -64,8 +70,9 @@ from torch_geometric.nn import MessagePassing, RGCNConv
 import gridgraph
 from gridgraph import GridConv2d, clear_cache, graph_to_image, image_to_graph
 
-METHODS = ("conv2d", "gridgraph", "gg-image", "gg-edges", "rgcn", "naive")
-FAST_METHODS = ("conv2d", "gridgraph", "gg-image")
+METHODS = ("conv2d", "conv2d-cl", "gridgraph", "gg-loader", "gg-compiled", "gg-image", "gg-edges", "rgcn", "naive")
+FAST_METHODS = ("conv2d", "conv2d-cl", "gridgraph", "gg-loader", "gg-compiled", "gg-image")
+REFERENCES = ("conv2d", "conv2d-cl")
 
 
 @dataclass(frozen=True)
@@ -203,11 +210,12 @@ class Case:
     grad_of_input: Optional[Callable[[], torch.Tensor]] = None  # the input gradient as an NCHW image
 
 
-def build_cases(shape: Shape, methods: tuple[str, ...], naive_max_bytes: float, seed: int = 0):
+def build_cases(shape: Shape, methods: tuple[str, ...], naive_max_bytes: float, seed: int = 0,
+                device: str = "cpu", compile_backend: str = "inductor"):
     torch.manual_seed(seed)
     conv = torch.nn.Conv2d(shape.in_channels, shape.out_channels, shape.kernel_size, shape.stride,
-                           shape.padding, shape.dilation, shape.groups)
-    image = torch.randn(shape.batch, shape.in_channels, shape.size, shape.size)
+                           shape.padding, shape.dilation, shape.groups).to(device)
+    image = torch.randn(shape.batch, shape.in_channels, shape.size, shape.size).to(device)
     layer = GridConv2d.from_conv2d(conv)
     graph = image_to_graph(image, layer)
     h_out, w_out = graph.out_size
@@ -224,9 +232,24 @@ def build_cases(shape: Shape, methods: tuple[str, ...], naive_max_bytes: float, 
     num_edges = graph.edge_index.size(1)
     size = graph.size()
     for method in methods:
-        if method == "conv2d":
-            x = image.clone().requires_grad_()
+        if method in ("conv2d", "conv2d-cl"):
+            layout = torch.channels_last if method == "conv2d-cl" else torch.contiguous_format
+            x = image.clone().contiguous(memory_format=layout).requires_grad_()
             cases[method] = Case(lambda x=x: conv(x), [x, *conv.parameters()], lambda y: y, lambda x=x: x.grad)
+        elif method == "gg-loader":
+            from torch_geometric.loader import DataLoader
+
+            singles = [image_to_graph(image[b].cpu(), layer.cpu()) for b in range(shape.batch)]
+            layer.to(device)
+            loaded = next(iter(DataLoader(singles, batch_size=shape.batch))).to(device)
+            x = loaded.x.clone().requires_grad_()
+            cases[method] = Case(lambda x=x, g=loaded: layer(x, g.edge_index, g.edge_type, size=g.size()),
+                                 [x, *layer.parameters()], node_to_image, x_grad_image(x))
+        elif method == "gg-compiled":
+            compiled = torch.compile(layer, backend=compile_backend)
+            x = graph.x.clone().requires_grad_()
+            cases[method] = Case(lambda x=x, c=compiled: c(x, graph.edge_index, graph.edge_type, size=size),
+                                 [x, *layer.parameters()], node_to_image, x_grad_image(x))
         elif method == "gridgraph":
             x = graph.x.clone().requires_grad_()
             cases[method] = Case(lambda x=x: layer(x, graph.edge_index, graph.edge_type),
@@ -361,6 +384,12 @@ def summarise(results: list[dict]) -> dict:
 
     fwd = ratios("gridgraph", "fwd_ratio")
     fb = ratios("gridgraph", "fb_ratio")
+    fwd_nchw = ratios("gridgraph", "fwd_ratio_nchw")
+    fb_nchw = ratios("gridgraph", "fb_ratio_nchw")
+    loader = [r["methods"]["gg-loader"]["fwd_ms"] / r["methods"]["gridgraph"]["fwd_ms"] for r in results
+              if "gg-loader" in r["methods"] and "gridgraph" in r["methods"]]
+    compiled = [r["methods"]["gg-compiled"]["fwd_ms"] / r["methods"]["gridgraph"]["fwd_ms"] for r in results
+                if "gg-compiled" in r["methods"] and "gridgraph" in r["methods"]]
     fwd_best = ratios("gridgraph", "fwd_min_ratio")
     fb_best = ratios("gridgraph", "fb_min_ratio")
     speedup = [r["methods"]["rgcn"]["fwd_ms"] / r["methods"]["gridgraph"]["fwd_ms"] for r in results
@@ -370,7 +399,11 @@ def summarise(results: list[dict]) -> dict:
     mem_fb = [r["methods"]["gridgraph"]["fb_mem_ratio"] for r in results
               if r["methods"].get("gridgraph", {}).get("fb_mem_ratio") is not None]
     return {"fwd_geomean": geomean(fwd), "fwd_max": max(fwd, default=float("nan")),
-            "fb_geomean": geomean(fb), "fwd_best_geomean": geomean(fwd_best),
+            "fb_geomean": geomean(fb), "fb_max": max(fb, default=float("nan")),
+            "fwd_geomean_nchw": geomean(fwd_nchw), "fb_geomean_nchw": geomean(fb_nchw),
+            "loader_over_graph_max": max(loader, default=float("nan")),
+            "compiled_over_eager_max": max(compiled, default=float("nan")),
+            "fwd_best_geomean": geomean(fwd_best),
             "fwd_best_max": max(fwd_best, default=float("nan")), "fb_best_geomean": geomean(fb_best),
             "rgcn_speedup_geomean": geomean(speedup),
             "mem_ratio_max": max(mem, default=float("nan")), "fb_mem_ratio_max": max(mem_fb, default=float("nan"))}
@@ -384,20 +417,28 @@ def markdown(results: list[dict], summary: dict, construction: Optional[dict], i
              f"torch_geometric {info['torch_geometric']}; float32; medians (and best) of "
              f"torch.utils.benchmark.Timer blocks",
              "",
-             "| shape | method | fwd ms | fwd x conv | (best-of) | fwd+bwd ms | f+b x conv | (best-of) | "
-             "peak MB fwd | x conv | peak MB f+b | x conv |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "Ratios are to the faster layout of F.conv2d (NCHW or channels-last) per shape and mode; "
+             "`x NCHW` to the NCHW one alone.",
+             "",
+             "| shape | method | fwd ms | fwd x best | (best-of) | x NCHW | fwd+bwd ms | f+b x best | (best-of) | "
+             "x NCHW | peak MB fwd | x conv | peak MB f+b | x conv |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         for method, m in r["methods"].items():
             lines.append(f"| {r['shape']} | {method} | {fmt(m.get('fwd_ms'))} | {fmt(m.get('fwd_ratio'))} | "
-                         f"{fmt(m.get('fwd_min_ratio'))} | {fmt(m.get('fb_ms'))} | {fmt(m.get('fb_ratio'))} | "
-                         f"{fmt(m.get('fb_min_ratio'))} | {fmt(m.get('mem_mb'), '.1f')} | "
-                         f"{fmt(m.get('mem_ratio'))} | {fmt(m.get('fb_mem_mb'), '.1f')} | {fmt(m.get('fb_mem_ratio'))} |")
+                         f"{fmt(m.get('fwd_min_ratio'))} | {fmt(m.get('fwd_ratio_nchw'))} | {fmt(m.get('fb_ms'))} | "
+                         f"{fmt(m.get('fb_ratio'))} | {fmt(m.get('fb_min_ratio'))} | {fmt(m.get('fb_ratio_nchw'))} | "
+                         f"{fmt(m.get('mem_mb'), '.1f')} | {fmt(m.get('mem_ratio'))} | {fmt(m.get('fb_mem_mb'), '.1f')} | "
+                         f"{fmt(m.get('fb_mem_ratio'))} |")
         for method, why in r.get("skipped", {}).items():
             lines.append(f"| {r['shape']} | {method} | skipped: {why} | | | | | | | | | |")
     lines += ["",
-              f"gridgraph vs F.conv2d: forward geometric mean {summary['fwd_geomean']:.2f}x "
+              f"gridgraph vs F.conv2d (best layout): forward geometric mean {summary['fwd_geomean']:.2f}x "
               f"(worst {summary['fwd_max']:.2f}x), forward+backward geometric mean {summary['fb_geomean']:.2f}x "
+              f"(worst {summary['fb_max']:.2f}x); against NCHW alone {summary['fwd_geomean_nchw']:.2f}x and "
+              f"{summary['fb_geomean_nchw']:.2f}x; "
+              f"after DataLoader + .to(device) at most {summary['loader_over_graph_max']:.2f}x the graph's own "
+              f"forward, under torch.compile at most {summary['compiled_over_eager_max']:.2f}x eager; "
               f"(best-of times: {summary['fwd_best_geomean']:.2f}x, worst {summary['fwd_best_max']:.2f}x; "
               f"{summary['fb_best_geomean']:.2f}x); "
               f"vs RGCNConv: {summary['rgcn_speedup_geomean']:.1f}x faster (forward, geometric mean); "
@@ -442,10 +483,14 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def run_shape(shape: Shape, methods: tuple[str, ...], *, timing: bool = True, naive_max_bytes: float = 2 * 2**30,
-              rounds: int = 3, budget_s: float = 1.5, threads: int = 2, backward: bool = True) -> dict:
+              rounds: int = 3, budget_s: float = 1.5, threads: int = 2, backward: bool = True, device: str = "cpu",
+              compile_backend: str = "inductor") -> dict:
     """Check every method on ``shape`` against ``F.conv2d``; with ``timing``, also time it (forward and
-    forward+backward) and measure its peak memory, with ratios to ``conv2d``. Returns the result row."""
-    conv, image, cases, skipped = build_cases(shape, methods, naive_max_bytes)
+    forward+backward) and measure its peak memory, with ratios to the faster layout of ``conv2d``.
+    Returns the result row."""
+    methods = tuple(dict.fromkeys(REFERENCES + tuple(methods)))  # both layouts of the reference, always
+    conv, image, cases, skipped = build_cases(shape, methods, naive_max_bytes, device=device,
+                                              compile_backend=compile_backend)
     x_ref = image.clone().requires_grad_()
     ref = conv(x_ref)
     ref.backward(torch.ones_like(ref))
@@ -473,21 +518,35 @@ def run_shape(shape: Shape, methods: tuple[str, ...], *, timing: bool = True, na
             if fb:
                 m.update(fb_ms=statistics.median(fb[name]) * 1e3, fb_samples=len(fb[name]),
                          fb_min_ms=min(fb[name]) * 1e3)
-            m["mem_mb"] = peak_extra_bytes(_fwd(case)) / 2**20
-            if fb:
-                m["fb_mem_mb"] = peak_extra_bytes(_fb(case, grads[name])) / 2**20
+            if device == "cpu":
+                m["mem_mb"] = peak_extra_bytes(_fwd(case)) / 2**20
+                if fb:
+                    m["fb_mem_mb"] = peak_extra_bytes(_fb(case, grads[name])) / 2**20
         del group_cases, grads
     if timing:
-        base = row["methods"]["conv2d"]
+        refs = [row["methods"][n] for n in REFERENCES if n in row["methods"]]
+        nchw = row["methods"]["conv2d"]
+
+        def best(key):
+            values = [r[key] for r in refs if r.get(key) is not None]
+            return min(values) if values else None
+
+        row["reference"] = {key: best(key) for key in ("fwd_ms", "fwd_min_ms", "fb_ms", "fb_min_ms", "mem_mb",
+                                                      "fb_mem_mb")}
+        row["best_layout"] = {mode: min(refs, key=lambda r: r.get(f"{mode}_ms", float("inf"))) is nchw
+                              and "NCHW" or "channels-last" for mode in ("fwd", "fb")}
+        base = row["reference"]
         for m in row["methods"].values():
             m["fwd_ratio"] = m["fwd_ms"] / base["fwd_ms"]
             m["fwd_min_ratio"] = m["fwd_min_ms"] / base["fwd_min_ms"]
+            m["fwd_ratio_nchw"] = m["fwd_ms"] / nchw["fwd_ms"]
             if "fb_ms" in m:
                 m["fb_ratio"] = m["fb_ms"] / base["fb_ms"]
                 m["fb_min_ratio"] = m["fb_min_ms"] / base["fb_min_ms"]
+                m["fb_ratio_nchw"] = m["fb_ms"] / nchw["fb_ms"]
             for key, ratio in (("mem_mb", "mem_ratio"), ("fb_mem_mb", "fb_mem_ratio")):
-                if m.get(key) is not None and base.get(key):
-                    m[ratio] = m[key] / base[key]
+                if m.get(key) is not None and nchw.get(key):
+                    m[ratio] = m[key] / nchw[key]
     return row
 
 
@@ -521,8 +580,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="skip the naive layer where its per-edge weights exceed this (default: 2)")
     parser.add_argument("--no-backward", action="store_true", help="time the forward pass only")
     parser.add_argument("--no-construction", action="store_true", help="skip the graph construction timing")
+    parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (TF32 off; default: cpu)")
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend of gg-compiled (default: inductor; aot_eager with --quick)")
     parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available")
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    compile_backend = args.compile_backend or ("aot_eager" if args.quick else "inductor")
 
     _malloc_for_timing()
     torch.set_num_threads(args.threads)
@@ -530,8 +598,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {METHODS}")
-    if "conv2d" not in methods:
-        methods = ("conv2d",) + methods
+    methods = tuple(dict.fromkeys(REFERENCES + methods))  # both layouts of the reference, always
     if args.rounds < 1 or args.budget <= 0:
         parser.error(f"--rounds must be at least 1 and --budget positive (got {args.rounds}, {args.budget})")
     shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -546,7 +613,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = []
     for shape in shapes:
         row = run_shape(shape, methods, timing=not args.quick, naive_max_bytes=args.naive_max_gb * 2**30,
-                        rounds=args.rounds, budget_s=args.budget, threads=args.threads, backward=not args.no_backward)
+                        rounds=args.rounds, budget_s=args.budget, threads=args.threads, backward=not args.no_backward,
+                        device=args.device, compile_backend=compile_backend)
         results.append(row)
         if args.quick:
             print(f"  {shape.name}: every method matches F.conv2d", file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "run.py"
-METHODS = {"conv2d", "gridgraph", "gg-image", "gg-edges", "rgcn", "naive"}
+METHODS = {"conv2d", "conv2d-cl", "gridgraph", "gg-loader", "gg-compiled", "gg-image", "gg-edges", "rgcn", "naive"}
 TIMING_WORDS = re.compile(r"\d(\.\d+)?x\b|faster|slower|\bms\b|geometric mean")  # ratios, speed claims, times
 
 
@@ -45,7 +45,7 @@ def test_quick_run_checks_every_method_on_every_shape(quick_run):
         for name, m in row["methods"].items():
             assert m["max_rel_error"] <= 1e-4, (row["shape"], name)
             assert not any(k.endswith(("_ms", "_ratio", "_mb")) for k in m), (row["shape"], name, sorted(m))
-        for name in ("gridgraph", "gg-image", "gg-edges"):
+        for name in ("gridgraph", "gg-loader", "gg-compiled", "gg-image", "gg-edges"):
             assert row["methods"][name]["grad_rel_error"] <= 1e-4, (row["shape"], name)
     assert "summary" not in payload and "graph_construction" not in payload
     for key in ("torch", "torch_geometric", "threads", "cpu"):
@@ -71,9 +71,12 @@ def test_timed_path_reports_times_ratios_and_draws_the_chart(tmp_path):
         assert 0 < m["fwd_min_ms"] <= m["fwd_ms"] and 0 < m["fb_min_ms"] <= m["fb_ms"]
         assert m["fwd_samples"] >= 2 and m["fb_samples"] >= 2  # Timer blocks, from both rounds
         assert m["fwd_ratio"] > 0 and m["mem_mb"] >= 0
-    assert row["methods"]["conv2d"]["fwd_ratio"] == 1.0
+    refs = (row["methods"]["conv2d"]["fwd_ms"], row["methods"]["conv2d-cl"]["fwd_ms"])
+    assert row["reference"]["fwd_ms"] == min(refs)  # the faster layout is the reference
+    assert min(row["methods"][n]["fwd_ratio"] for n in ("conv2d", "conv2d-cl")) == 1.0
+    assert row["methods"]["conv2d"]["fwd_ratio_nchw"] == 1.0
     table = bench.markdown([row], bench.summarise([row]), None, bench.machine())
-    assert "| shape | method | fwd ms | fwd x conv |" in table and "forward geometric mean" in table
+    assert "| shape | method | fwd ms | fwd x best |" in table and "forward geometric mean" in table
     bench.plot([row], tmp_path / "ratios.png")
     png = (tmp_path / "ratios.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -36,7 +36,7 @@ def check_graph_inputs(layer: Any, x: Tensor, edge_index: Any, edge_type: Any, s
             edge_type.dtype == torch.long and torch.equal(edge_type, edge_index.edge_type))
         if own:
             for part in carried.parts:
-                if part.geometry != geometry:
+                if not _same_geometry(part.geometry, geometry):
                     raise ValueError(
                         f"{type(layer).__name__} computes the convolution {geometry.describe()}, but this is the pixel "
                         f"graph of another one ({part.describe()}); build the graph with "
@@ -58,6 +58,17 @@ def check_graph_inputs(layer: Any, x: Tensor, edge_index: Any, edge_type: Any, s
             size = (edge_index.structure.num_src, edge_index.structure.num_dst)
         edge_index = edge_index.as_tensor()  # edited in place: its current edges, as a plain graph
     return _check_edges(layer, x, edge_index, edge_type, size)
+
+
+def _same_geometry(a: Any, b: Any) -> bool:
+    """Field-by-field equality of two geometries (traceable by torch.compile, whose sizes may be symbolic)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, TransposedGeometry):
+        return tuple(a.output_padding) == tuple(b.output_padding) and _same_geometry(a.conv, b.conv)
+    return (tuple(a.kernel_size) == tuple(b.kernel_size) and tuple(a.stride) == tuple(b.stride)
+            and tuple(a.padding) == tuple(b.padding) and tuple(a.dilation) == tuple(b.dilation)
+            and a.padding_mode == b.padding_mode)
 
 
 def _check_edges(layer: Any, x: Tensor, edge_index: Any, edge_type: Any, size: Any) -> EdgeList:
