@@ -64,7 +64,15 @@ def _run_graph_layer(conv, images, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c[0]}-{c[1]}-k{c[2]}-s{c[3]}-p{c[4]}-d{c[5]}-g{c[6]}-{c[7]}-b{c[8]}")
 @pytest.mark.parametrize("block_bytes", [None, 256], ids=["one-block", "tiny-blocks"])
-def test_table_path_matches_conv2d(config, dtype, device, block_bytes, monkeypatch):
+@pytest.mark.parametrize("loops", ["compiled", "torch"])
+def test_table_path_matches_conv2d(config, dtype, device, block_bytes, loops, monkeypatch):
+    """Every branch against nn.Conv2d, with numba's compiled loops (where installed) and with torch's ops only."""
+    from gridgraph.nn import compiled
+
+    if loops == "torch":
+        monkeypatch.setattr(compiled, "ENABLED", False)
+    elif not compiled.available(torch.zeros(1)):
+        pytest.skip("numba is not installed: the compiled loops are not used")
     if block_bytes is not None:
         monkeypatch.setattr(kernels, "CPU_BLOCK_BYTES", block_bytes)
         monkeypatch.setattr(kernels, "DEVICE_BLOCK_BYTES", block_bytes)

@@ -41,11 +41,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..structure import REGISTRY, NeighbourTable, _remap, cached_table, parse_key, tensor_bytes, unravel
+from ..structure import REGISTRY, NeighbourTable, cached_table, parse_key, tensor_bytes
+from . import compiled
 
 __all__ = ["tap_weights", "apply_tap", "grid_forward", "grid_input_grad", "grid_weight_grad", "edge_forward",
            "edge_input_grad", "edge_weight_grad", "CPU_BLOCK_BYTES", "DEVICE_BLOCK_BYTES"]
 
+#: Rows of at most this many channels are gathered by the compiled loop (:mod:`gridgraph.nn.compiled`).
+NARROW = 16
 #: Bytes of gathered rows per block on CPU (fits the caches; one buffer reused across blocks).
 CPU_BLOCK_BYTES = 8 << 20
 #: Bytes of gathered rows per block on an accelerator (few, large blocks: kernel launches cost more).
@@ -100,10 +103,12 @@ class _Gather:
         flat = index.masked_fill(holes, 0).reshape(-1)
         self.index = flat.to(torch.int32) if num_src < 2 ** 31 - 1 else flat
         self.holes = holes.reshape(-1).nonzero().squeeze(1) if bool(holes.any()) else None
+        # The same table for the compiled loops: int32, -1 where a slot is empty (CPU only).
+        self.table = index.to(torch.int32) if index.device.type == "cpu" and num_src < 2 ** 31 - 1 else None
         self._cuts: dict[int, list[int]] = {}  # block size -> hole ranges per block (plain ints)
 
     def tensors(self) -> tuple[Optional[Tensor], ...]:
-        return self.index, self.holes, self.rows
+        return self.index, self.holes, self.rows, self.table
 
     def blocks(self, block_rows: int) -> list[tuple[int, int, Optional[Tensor]]]:
         """``(start, stop, holes)`` per block of ``block_rows`` rows; holes relative to the block."""
@@ -129,6 +134,9 @@ class _Gather:
         entries zero, or ``fill[slot]`` (the absent edge's value for its tap) when given."""
         n = stop - start
         cols = buf[:n * self.slots]
+        if fill is None and self.table is not None and src.size(1) <= NARROW and compiled.available(src):
+            # narrow rows (a few channels): one compiled pass instead of a copy per row
+            return compiled.gather_rows(src, self.table[start:stop], cols.view(n, -1))
         torch.index_select(src, 0, self.index[start * self.slots:stop * self.slots], out=cols)
         if holes is not None:
             if fill is None:
@@ -263,143 +271,6 @@ class _Part:
             gathers.append(_Gather(_batched(sub, self.num_images, n_dst), taps, centre, batched_rows,
                                    self.num_dst))
         return gathers
-
-
-# --------------------------------------------------------------------------- shifted-view layouts
-class _Flat:
-    """A full grid part as per-tap shifted views of its zero-padded, channels-last features.
-
-    In the padded grid (``P = in_size + padding``, flattened row-major, ``[B * prod(P) + tail, C]``) the
-    source of tap ``t`` of the target whose anchor sits at padded position ``p`` is ``p + shift[t]``,
-    ``shift[t] = sum_a u_a * d_a * prod(P[a+1:])``: at stride 1 every tap is one contiguous slice of rows,
-    and a kernel is a few multiply-adds over slices, with no index read. ``out_pos`` are the padded
-    positions of the targets; ``pad_src`` the source node of every padded position (-1: zero padding).
-    Built from the geometry and checked against the part's neighbour table (the edges themselves)."""
-
-    def __init__(self, part: "_Part") -> None:
-        table, b = part.table, part.num_images
-        geometry = table.geometry
-        device = table.device
-        self.in_size, self.out_size, self.num_images = table.in_size, table.out_size, b
-        lo = [a for a, _ in geometry.padding]
-        self.padded = tuple(n + a + c for n, (a, c) in zip(table.in_size, geometry.padding))
-        strides = [math.prod(self.padded[a + 1:]) for a in range(len(self.padded))]
-        per_image = math.prod(self.padded)
-        offsets = geometry.offsets().tolist()
-        self.shifts = [sum((o + lo[a]) * strides[a] for a, o in enumerate(off)) for off in offsets]
-        self.tail = max(self.shifts)
-        self.rows = b * per_image
-        # padded position of each target's anchor, and the source node of every padded position
-        _, out_coords = unravel(torch.arange(table.num_dst, device=device), table.out_size)
-        anchor = (out_coords * torch.tensor(geometry.stride, device=device) * torch.tensor(strides, device=device)).sum(1)
-        _, padded_coords = unravel(torch.arange(per_image, device=device), self.padded)
-        src = torch.zeros(per_image, dtype=torch.long, device=device)
-        inside = torch.ones(per_image, dtype=torch.bool, device=device)
-        in_strides = [math.prod(table.in_size[a + 1:]) for a in range(len(table.in_size))]
-        for a, n in enumerate(table.in_size):
-            coord, ok = _remap(padded_coords[:, a] - lo[a], n, geometry.padding_mode)
-            src += coord * in_strides[a]
-            inside &= ok
-        pad_src = torch.where(inside, src, -1)
-        # The layout is the graph: every (target, tap) slot reads the padded position's source.
-        implied = pad_src[anchor[:, None] + torch.tensor(self.shifts, device=device)[None, :]]
-        if not torch.equal(implied, table.index):  # pragma: no cover - a bug in the layout, never silent
-            raise AssertionError(f"shifted-view layout disagrees with the neighbour table of {part.key}")
-        images = torch.arange(b, device=device)[:, None]
-        self.out_pos = (anchor[None, :] + images * per_image).reshape(-1)
-        self.zero_padded = geometry.padding_mode == "zeros"
-        self.lo = tuple(lo)
-        self.pad_src = None if self.zero_padded else \
-            (pad_src[None, :] + images * table.num_src).reshape(-1)
-
-    def tensors(self) -> tuple[Optional[Tensor], ...]:
-        return self.out_pos, self.pad_src
-
-    def pad(self, x: Tensor) -> Tensor:
-        """``[rows + tail, C]``: the features at every padded position (zeros beyond)."""
-        c = x.size(1)
-        xp = x.new_zeros(self.rows + self.tail, c) if self.zero_padded else x.new_empty(self.rows + self.tail, c)
-        if self.zero_padded:
-            inner = xp[:self.rows].view(self.num_images, *self.padded, c)
-            inner[(slice(None), *(slice(a, a + n) for a, n in zip(self.lo, self.in_size)))] = \
-                x.view(self.num_images, *self.in_size, c)
-        else:
-            torch.index_select(x, 0, self.pad_src, out=xp[:self.rows])
-            xp[self.rows:].zero_()
-        return xp
-
-    def unpad(self, grad_xp: Tensor) -> Tensor:
-        """The adjoint of :meth:`pad`: ``[B * prod(in_size), C]``."""
-        c = grad_xp.size(1)
-        if self.zero_padded:
-            inner = grad_xp[:self.rows].view(self.num_images, *self.padded, c)
-            inner = inner[(slice(None), *(slice(a, a + n) for a, n in zip(self.lo, self.in_size)))]
-            return inner.reshape(-1, c)
-        out = grad_xp.new_zeros(self.num_images * math.prod(self.in_size), c)
-        return out.index_add_(0, self.pad_src, grad_xp[:self.rows])
-
-
-def _flat_plan(part: "_Part") -> Optional[_Flat]:
-    """The shifted-view layout of a full grid at stride 1 (None for other parts)."""
-    if part.kind != "grid" or any(s != 1 for s in part.table.geometry.stride):
-        return None
-    return part._cached(("flat",), lambda: _Flat(part))
-
-
-def _depthwise(kind: str, m: Tensor) -> bool:
-    """One input channel per output channel: the weights are a ``[T, C]`` table."""
-    return kind == "elementwise" and m.size(2) == 1 and m.size(3) == 1
-
-
-def _block_slices(rows: int, width: int, element_size: int, device: torch.device) -> list[tuple[int, int]]:
-    n = max(256, (CPU_BLOCK_BYTES if device.type == "cpu" else DEVICE_BLOCK_BYTES) // max(1, width * element_size))
-    return [(r, min(rows, r + n)) for r in range(0, rows, n)]
-
-
-def _depthwise_flat_forward(flat: _Flat, x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Depthwise forward at stride 1: ``out[p] = b + sum_t x[p + shift_t] * w_t``, slice by slice."""
-    xp = flat.pad(x)
-    out_p = x.new_empty(flat.rows, x.size(1))
-    for r0, r1 in _block_slices(flat.rows, x.size(1), x.element_size(), x.device):
-        o = out_p[r0:r1]
-        s = flat.shifts[0]
-        torch.mul(xp[r0 + s:r1 + s], w[0], out=o)
-        for t in range(1, len(flat.shifts)):
-            s = flat.shifts[t]
-            o.addcmul_(xp[r0 + s:r1 + s], w[t])
-        if bias is not None:
-            o.add_(bias)
-    return out_p.index_select(0, flat.out_pos)
-
-
-def _depthwise_flat_input_grad(flat: _Flat, g: Tensor, w: Tensor) -> Tensor:
-    """``grad_xp[q] = sum_t g[q - shift_t] * w_t`` (g at the targets' padded positions, zero elsewhere)."""
-    c = g.size(1)
-    tail = flat.tail
-    gp = g.new_zeros(tail + flat.rows + tail, c)
-    gp[tail:tail + flat.rows].index_copy_(0, flat.out_pos, g)
-    grad_xp = g.new_empty(flat.rows + tail, c)
-    for r0, r1 in _block_slices(flat.rows + tail, c, g.element_size(), g.device):
-        o = grad_xp[r0:r1]
-        s = tail - flat.shifts[0]
-        torch.mul(gp[r0 + s:r1 + s], w[0], out=o)
-        for t in range(1, len(flat.shifts)):
-            s = tail - flat.shifts[t]
-            o.addcmul_(gp[r0 + s:r1 + s], w[t])
-    return flat.unpad(grad_xp)
-
-
-def _depthwise_flat_weight_grad(flat: _Flat, x: Tensor, g: Tensor) -> Tensor:
-    """``grad_w[t] = sum_p x[p + shift_t] * g[p]``: ``[T, C]``."""
-    xp = flat.pad(x)
-    gp = g.new_zeros(flat.rows, g.size(1))
-    gp.index_copy_(0, flat.out_pos, g)
-    grad = x.new_zeros(len(flat.shifts), x.size(1))
-    for r0, r1 in _block_slices(flat.rows, x.size(1), x.element_size(), x.device):
-        gb = gp[r0:r1]
-        for t, s in enumerate(flat.shifts):
-            grad[t] += (xp[r0 + s:r1 + s] * gb).sum(0)
-    return grad
 
 
 # ------------------------------------------------------------------------------- block kernels
@@ -551,6 +422,11 @@ def _transform_then_gather(gather: _Gather, x: Tensor, m_taps: Tensor, out: Tens
     messages = _linear(x, m_taps[:, 0].permute(0, 2, 1).reshape(num_taps * c_out, c_in).contiguous())
     messages = messages.view(-1, c_out)  # row j*T + t: tap t's message from source j
     fill = None if _all_finite(m_taps) else _hole_values(m_taps)
+    if fill is None and gather.table is not None and compiled.available(x):
+        compiled.gather_sum(messages, gather.table, out)
+        if bias is not None:
+            out.add_(bias)
+        return
     n_rows = _block_rows(num_taps, c_out, x.element_size(), x.device)
     buf = x.new_empty(min(n_rows, gather.num_rows) * num_taps, c_out)
     for start, stop, holes in gather.blocks(n_rows):
@@ -615,6 +491,34 @@ def _input_grad_scatter(gather: _Gather, g: Tensor, m_taps: Tensor, kind: str, n
     return grad_x
 
 
+# ----------------------------------------------------------------------------- compiled depthwise
+def _depthwise(kind: str, m: Tensor) -> bool:
+    """One input channel per output channel (depthwise, multiplier 1): the weights are a ``[T, C]`` table."""
+    return kind == "elementwise" and m.size(2) == 1 and m.size(3) == 1
+
+
+def _compiled_depthwise(gathers: list[_Gather], src: Tensor, w: Tensor, bias: Optional[Tensor], out: Tensor) -> bool:
+    """``out[rows] = bias + sum_t src[table[rows, t]] * w[t]`` in one compiled pass per gather (False: not here)."""
+    if not gathers or any(gth.table is None for gth in gathers) or not compiled.available(src, w) or \
+            not _all_finite(w):  # non-finite weights: the torch path, which keeps nn.Conv2d's NaNs at holes
+        return False
+    covered = 0
+    for gather in gathers:
+        w_slots = w[gather.taps].contiguous()
+        if gather.rows is None:
+            compiled.depthwise(src, gather.table, w_slots, bias, out[:gather.num_rows])
+        else:
+            tmp = out.new_empty(gather.num_rows, out.size(1))
+            out.index_copy_(0, gather.rows, compiled.depthwise(src, gather.table, w_slots, bias, tmp))
+        covered += gather.num_rows
+    if covered < out.size(0):  # rows no gather wrote (sources no tap reads): zero
+        seen = torch.zeros(out.size(0), dtype=torch.bool)
+        for gather in gathers:
+            seen[gather.rows if gather.rows is not None else slice(0, gather.num_rows)] = True
+        out[~seen] = 0
+    return True
+
+
 # ----------------------------------------------------------------------------- grid entry points
 def grid_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], key: str, groups: int) -> Tensor:
     """``F(x, W) + b`` on the grid part ``key``: ``[N_dst, C_out]``."""
@@ -626,9 +530,9 @@ def grid_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], key: str, gr
     num_taps, c_out, c_in = m_fwd.size(0), weight.size(0), x.size(1)
     if part.num_dst == 0:
         return out
-    flat = _flat_plan(part) if _depthwise(kind, m_fwd) else None
-    if flat is not None:
-        return _depthwise_flat_forward(flat, x, m_fwd.reshape(num_taps, c_out), bias)
+    if _depthwise(kind, m_fwd) and _compiled_depthwise([part.forward(False)], x, m_fwd.reshape(num_taps, c_out),
+                                                        bias, out):
+        return out
     if kind == "dense" and num_taps > 1 and 2 * num_taps * c_out <= c_in:
         _transform_then_gather(part.transformed(), x, m_fwd, out, bias)
     else:
@@ -646,9 +550,11 @@ def grid_input_grad(g: Tensor, weight: Tensor, key: str, groups: int) -> Tensor:
     c_in = weight.size(1) * groups
     if part.num_dst == 0:
         return g.new_zeros(part.num_src, c_in)
-    flat = _flat_plan(part) if _depthwise(kind, m_fwd) else None
-    if flat is not None:
-        return _depthwise_flat_input_grad(flat, g, taps.reshape(taps.size(0), c_in))
+    if _depthwise(kind, m_fwd):
+        reverse = part.reverse(False)
+        grad_x = g.new_empty(part.num_src, c_in)
+        if reverse is not None and _compiled_depthwise(reverse, g, taps.reshape(taps.size(0), c_in), None, grad_x):
+            return grad_x
     split = part.split_centre(kind)
     reverse = part.reverse(split)
     if reverse is None:
@@ -672,9 +578,12 @@ def grid_weight_grad(x: Tensor, g: Tensor, key: str, groups: int, weight_shape: 
     kind = _kind(groups, c_in_g, c_out // groups)
     if part.num_dst == 0:
         return x.new_zeros(weight_shape)
-    flat = _flat_plan(part) if c_in_g == 1 and c_out == groups else None
-    if flat is not None:
-        return _depthwise_flat_weight_grad(flat, x, g).t().reshape(weight_shape).contiguous()
+    if c_in_g == 1 and c_out == groups and compiled.available(x, g):  # depthwise: one compiled pass
+        gather = part.forward(False)
+        if gather.table is not None:
+            grad = x.new_zeros(num_taps, c_out)
+            grad[gather.taps] = compiled.depthwise_weight_grad(x, gather.table, g)
+            return grad.t().reshape(weight_shape).contiguous()
     grad_m = _weight_grad(part.forward(part.split_centre(kind)), x, g, m_shape, kind)
     # grad_m [T, G, C_in/G, C_out/G] -> weight (C_out, C_in/G, *kernel)
     return grad_m.permute(1, 3, 2, 0).reshape(weight_shape).contiguous()

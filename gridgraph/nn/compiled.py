@@ -1,0 +1,98 @@
+"""Compiled CPU loops for the kernels that torch's operators serve badly: numba, when it is installed.
+
+Some of the table kernels read rows much narrower than a cache line (a 3-channel stem gathers 3 floats
+per slot) or do a few multiply-adds per row over many rows (depthwise layers): as torch operations they
+cost a pass over memory per tap. Each loop here does the same arithmetic in one pass, reading the same
+neighbour table (``index[i, t]`` = the source that slot ``t`` of row ``i`` reads, ``-1``: none), so the
+honesty rule holds: gathers by the table, no convolution or unfold. They run only on CPU tensors of
+float32/float64, only where they return exactly what the torch path returns up to rounding, and only when
+numba imports (``pip install gridgraph[fast]``); :data:`ENABLED` turns them off. Every caller keeps its
+torch path as the fallback, and the tests run both.
+
+* :func:`gather_rows`: ``out[i, s*C:(s+1)*C] = src[index[i, s]]`` (zeros where ``index`` is ``-1``);
+* :func:`gather_sum`: ``out[i] = sum_s src[index[i, s]]`` (``-1`` skipped; the transform-then-gather
+  sums, forward and input gradient);
+* :func:`depthwise`: ``out[i, c] = bias[c] + sum_s src[index[i, s], c] * w[s, c]`` (depthwise forward,
+  and its input gradient on the reverse table);
+* :func:`depthwise_weight_grad`: ``grad[s, c] = sum_i src[index[i, s], c] * g[i, c]``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["ENABLED", "available", "gather_rows", "gather_sum", "depthwise", "depthwise_weight_grad"]
+
+#: Use the compiled loops where numba is installed (set False, or GRIDGRAPH_COMPILED=0, to use torch's ops).
+ENABLED = os.environ.get("GRIDGRAPH_COMPILED", "1") != "0"
+
+_KERNELS = None
+_FAILED = False
+
+
+def _build():
+    from . import _numba_kernels as k
+
+    return {"gather_rows": k.gather_rows, "gather_sum": k.gather_sum, "depthwise": k.depthwise,
+            "depthwise_weight_grad": k.depthwise_weight_grad}
+
+
+def available(*tensors: Tensor) -> bool:
+    """Whether the compiled loops can run on ``tensors`` (numba importable, CPU, float32/float64)."""
+    global _KERNELS, _FAILED
+    if not ENABLED or _FAILED or torch.compiler.is_compiling():
+        return False
+    if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64)
+           for t in tensors if t is not None and t.is_floating_point()):
+        return False
+    if _KERNELS is None:
+        try:
+            _KERNELS = _build()
+        except Exception:  # numba missing or unusable here: the torch path
+            _FAILED = True
+            return False
+    return True
+
+
+def _np(t: Tensor):
+    return t.detach().contiguous().numpy()
+
+
+def _threads() -> None:
+    import numba
+
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))
+
+
+def gather_rows(src: Tensor, index: Tensor, out: Tensor) -> Tensor:
+    """``out[i] = concat_s src[index[i, s]]`` (``out`` ``[n, S*C]``, contiguous; zeros for ``-1``)."""
+    _threads()
+    _KERNELS["gather_rows"](_np(src), index.numpy(), out.numpy())
+    return out
+
+
+def gather_sum(src: Tensor, index: Tensor, out: Tensor) -> Tensor:
+    """``out[i] = sum_s src[index[i, s]]`` (``-1`` skipped; ``out`` ``[n, C]`` contiguous)."""
+    _threads()
+    _KERNELS["gather_sum"](_np(src), index.numpy(), out.numpy())
+    return out
+
+
+def depthwise(src: Tensor, index: Tensor, w: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
+    """``out[i, c] = bias[c] + sum_s src[index[i, s], c] * w[s, c]`` (``w`` ``[S, C]``)."""
+    _threads()
+    b = bias if bias is not None else src.new_zeros(src.size(1))
+    _KERNELS["depthwise"](_np(src), index.numpy(), _np(w), _np(b), out.numpy())
+    return out
+
+
+def depthwise_weight_grad(src: Tensor, index: Tensor, g: Tensor) -> Tensor:
+    """``grad[s, c] = sum_i src[index[i, s], c] * g[i, c]``: ``[S, C]``."""
+    _threads()
+    parts = max(1, min(torch.get_num_threads() * 4, index.size(0) // 256 or 1))
+    partial = src.new_zeros(parts, index.size(1), src.size(1))
+    _KERNELS["depthwise_weight_grad"](_np(src), index.numpy(), _np(g), partial.numpy())
+    return partial.sum(0)
