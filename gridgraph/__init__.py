@@ -14,7 +14,8 @@ from .conversion import (CONVERSIONS, ImageGridConv1d, ImageGridConv2d, ImageGri
 from .domains import sparse_to_graph, transposed_image_to_graph
 from .geometry import ConvGeometry, TransposedGeometry
 from .graph import graph_to_image, grid_to_graph, image_to_graph, sequence_to_graph, to_networkx, volume_to_graph
-from .pixel_graph import MaskedPixelGraph, PixelEdgeIndex, PixelGraph, TransposedPixelGraph
+from .pixel_graph import MaskedPixelGraph, PixelEdgeIndex, PixelGraph, PointGraph, TransposedPixelGraph
+from .positions import positions_to_graph
 from .structure import (GraphPart, NeighbourTable, PixelStructure, SparseTable, cache_info, clear_cache,
                         neighbour_table)
 from .transforms import ToPixelGraph
@@ -27,11 +28,11 @@ from .verify import ModelReport, verify_layers, verify_model
 from ._version import __version__
 
 __all__ = [
-    # geometry and pixel graphs (grids, masked and sparse domains, transposed graphs)
-    "ConvGeometry", "TransposedGeometry", "PixelGraph", "MaskedPixelGraph", "TransposedPixelGraph",
+    # geometry and pixel graphs (grids, masked and sparse domains, point positions, transposed graphs)
+    "ConvGeometry", "TransposedGeometry", "PixelGraph", "MaskedPixelGraph", "PointGraph", "TransposedPixelGraph",
     "PixelEdgeIndex", "PixelStructure", "GraphPart", "NeighbourTable", "SparseTable", "image_to_graph",
     "graph_to_image", "grid_to_graph", "sequence_to_graph", "volume_to_graph", "sparse_to_graph",
-    "transposed_image_to_graph", "neighbour_table", "to_networkx", "ToPixelGraph", "clear_cache", "cache_info",
+    "positions_to_graph", "transposed_image_to_graph", "neighbour_table", "to_networkx", "ToPixelGraph", "clear_cache", "cache_info",
     # layers
     "GridConvNd", "GridConv1d", "GridConv2d", "GridConv3d", "PointwiseConv2d", "DepthwiseConv2d",
     "SeparableConv2d", "GridConvTransposeNd", "GridConvTranspose1d", "GridConvTranspose2d", "GridConvTranspose3d",

@@ -55,8 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     verify = sub.add_parser(
         "verify", help="check every graph layer against torch.nn.Conv2d, and converted networks against their originals",
         description="Layers: every graph layer against torch.nn.Conv2d over a built-in table of configurations, "
-                    "then the beyond-the-grid cases (masked, sparse, transposed, 1-D and 3-D) and attention. Models: the "
-                    "reference networks (or your own, --model) converted with gridgraph.convert against the "
+                    "then the beyond-the-grid cases (masked, sparse, point positions, transposed, 1-D and 3-D) and "
+                    "attention. Models: the reference networks (or your own, --model) converted with gridgraph.convert against the "
                     "originals, layer by layer, forward and gradients. Tables and the summary go to stdout, a "
                     "progress line per finished part to stderr.",
         epilog=_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,7 +246,7 @@ def _verify_run(args: argparse.Namespace, run: _Run) -> int:
         run.print()
         passed &= layer_section("beyond", "beyond the grid", verify_beyond,
                                 QUICK_BEYOND_CASES if args.quick else BEYOND_CASES,
-                                "Beyond the grid: masked, sparse, transposed, 1-D and 3-D layers against torch")
+                                "Beyond the grid: masked, sparse, point, transposed, 1-D and 3-D layers against torch")
         run.print()
         passed &= layer_section("attention", "attention", verify_attention,
                                 ATTENTION_CASES[::2] if args.quick else ATTENTION_CASES,

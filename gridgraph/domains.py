@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from .geometry import ConvGeometry, TransposedGeometry
-from .pixel_graph import (MaskedPixelGraph, PixelEdgeIndex, TransposedPixelGraph, check_image, full_grid_graph)
+from .pixel_graph import (MaskedPixelGraph, PixelEdgeIndex, PointGraph, TransposedPixelGraph, check_image,
+                          full_grid_graph)
 from .structure import (DENSE_MAP_LIMIT, GraphPart, PixelStructure, SparseTable, active_outputs, ravel,
                         sparse_table, transposed_table, unravel)
 
@@ -235,6 +236,8 @@ def masked_graph_to_image(x: Tensor, graph: MaskedPixelGraph, side: Optional[str
     keys, grid = sides[side]
     if x.size(0) != keys.numel():
         raise ValueError(f"x has {x.size(0)} rows, but the graph has {keys.numel()} active {side} nodes")
+    if isinstance(graph, PointGraph):  # points sharing a cell have no image
+        graph.check_image_keys(keys)
     flat = x.new_zeros(graph.num_images * math.prod(grid), x.size(1)).index_copy(0, keys, x)
     n = len(grid)
     image = flat.view(graph.num_images, *grid, x.size(1)).permute(0, n + 1, *range(1, n + 1))

@@ -29,7 +29,8 @@ from .geometry import ConvGeometry, TransposedGeometry
 from .structure import (GraphPart, NeighbourTable, PixelStructure, SparseTable, cached_table, edge_template,
                         unravel)
 
-__all__ = ["PixelEdgeIndex", "PixelGraph", "MaskedPixelGraph", "TransposedPixelGraph", "pixel_structure", "check_image",
+__all__ = ["PixelEdgeIndex", "PixelGraph", "MaskedPixelGraph", "PointGraph", "TransposedPixelGraph", "pixel_structure",
+           "check_image",
            "node_features", "full_grid_graph", "grid_pos"]
 
 aten = torch.ops.aten
@@ -410,6 +411,71 @@ class MaskedPixelGraph(PixelGraph):
         return super().__inc__(key, value, *args, **kwargs)
 
 
+class PointGraph(MaskedPixelGraph):
+    """The :class:`MaskedPixelGraph` of points with real-valued positions (see :func:`~gridgraph.positions_to_graph`).
+
+    Targets are the points, in the caller's order. Sources are the points, then (``reduce='mean'`` only)
+    one *virtual node* per (target, tap) that several points share, holding their mean. Stored:
+    ``x`` ``[N_src, C]`` (the source features), ``pos`` ``[N, ndim]`` (the given positions, float),
+    ``cells`` ``[N, ndim]`` (the nearest lattice cell of each point, ``floor(pos / spacing + 1/2)``),
+    ``pool_index`` ``[2, N + M]`` (point ``pool_index[0]`` feeds source node ``pool_index[1]``: each point
+    its own node, and each member of a virtual node that node), ``batch`` (the image of each point), and
+    ``in_keys``/``out_keys`` (each point's pixel in the rasterised grid ``in_size``, for
+    :func:`~gridgraph.graph_to_image`, which works while no two points of an image share a cell).
+    """
+
+    def source_features(self, y: Tensor) -> Tensor:
+        """The source node features ``[N_src, C]`` for features ``y`` ``[N, C]`` on the points (for example a
+        layer's output, to feed the next layer): ``y`` itself, then each virtual node's mean of its points.
+
+        Example:
+            >>> pos = torch.tensor([[0.0, 0.0], [0.0, 0.7], [0.0, 1.3]])  # 1 and 2: on tap (0, +1) of 0
+            >>> g = positions_to_graph(pos, torch.tensor([[1.0], [2.0], [4.0]]), reduce='mean')
+            >>> g.size(), g.source_features(torch.tensor([[1.0], [2.0], [4.0]])).flatten().tolist()
+            ((5, 3), [1.0, 2.0, 4.0, 3.0, 1.5])
+            >>> g.edge_index.tolist()  # virtual node 3 (mean of 1 and 2) feeds 0; 4 (mean of 0 and 1) feeds 2
+            [[0, 3, 0, 1, 2, 4, 2], [0, 0, 1, 1, 1, 2, 2]]
+        """
+        num_src, num_dst = self.size()
+        if not isinstance(y, Tensor):
+            raise TypeError(f"y must be a torch.Tensor (got {type(y).__name__})")
+        if y.dim() != 2 or y.size(0) != num_dst:
+            raise ValueError(f"expected y of shape [{num_dst}, C], one row per point (got {tuple(y.shape)})")
+        if num_src == num_dst:  # no virtual nodes: the sources are the points
+            return y
+        point, node = self.pool_index[0], self.pool_index[1]
+        sums = y.new_zeros(num_src, y.size(1)).index_add_(0, node, y.index_select(0, point))
+        return sums / torch.bincount(node, minlength=num_src).to(sums.dtype)[:, None]
+
+    @property
+    def table(self) -> SparseTable:  # type: ignore[override]
+        """The :class:`~gridgraph.structure.SparseTable` of the edges, when every (target, tap) has at most one
+        (a ``ValueError`` for a ``reduce='sum'`` graph in which several points share a tap of a target)."""
+        part = self._part()
+        slots = self.edge_index.as_tensor()[1] * part.geometry.num_taps + self.edge_type
+        if slots.numel() > 1 and torch.unique(slots).numel() != slots.numel():
+            raise ValueError("several points share a tap of one target in this graph (reduce='sum'): its edges "
+                             "are no table; build it with reduce='nearest' or 'mean' for one edge per tap")
+        return super().table
+
+    def check_image_keys(self, keys: Tensor) -> None:
+        """Raise a ``ValueError`` when two points of one image share a cell (then there is no image)."""
+        if keys.numel() > 1:
+            ordered = torch.sort(keys).values
+            same = ordered[1:] == ordered[:-1]
+            if bool(same.any()):
+                key = ordered[1:][same][:1]
+                b, cell = unravel(key, self.in_size)
+                raise ValueError(f"several points share the cell {cell[0].tolist()} of image {int(b[0])}: a point set "
+                                 "has an image only while each cell holds at most one point; read the results at "
+                                 "the points (the node features) instead")
+
+    def __inc__(self, key: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+        if key == "pool_index":
+            return torch.tensor([[self.num_dst], [self.num_src]])
+        return super().__inc__(key, value, *args, **kwargs)
+
+
 def _coords(grid: tuple[int, ...], device: torch.device) -> Tensor:
     """``[prod(grid), ndim]`` long: each grid point's coordinates, row-major."""
     ids = torch.arange(math.prod(grid), device=device)
@@ -421,8 +487,8 @@ def grid_pos(grid: tuple[int, ...], num_images: int, device: torch.device) -> Te
     return _coords(grid, device).repeat(num_images, 1)
 
 
-_SAFE = [PixelEdgeIndex, _rebuild, PixelGraph, MaskedPixelGraph, TransposedPixelGraph, PixelStructure, GraphPart,
-         ConvGeometry, TransposedGeometry]
+_SAFE = [PixelEdgeIndex, _rebuild, PixelGraph, MaskedPixelGraph, PointGraph, TransposedPixelGraph, PixelStructure,
+         GraphPart, ConvGeometry, TransposedGeometry]
 if hasattr(torch.serialization, "add_safe_globals"):  # torch.load(weights_only=True) may load pixel graphs
     torch.serialization.add_safe_globals(_SAFE)
 

@@ -874,11 +874,13 @@ def models_summary(reports: Sequence[ModelReport]) -> str:
 @dataclass(frozen=True)
 class BeyondCase:
     """One case beyond the dense 2-D grid: a 1-D or 3-D convolution, a transposed convolution, or a
-    2-D convolution on a masked or sparse domain, with the input it is checked on.
+    2-D convolution on a masked or sparse domain or on point positions, with the input it is checked on.
 
-    ``kind`` is ``'conv1d'``, ``'conv3d'``, ``'transposed1d/2d/3d'``, ``'masked2d'`` or ``'sparse2d'``; ``kwargs``
-    are the torch module's keyword arguments (as a tuple of pairs, so the case is hashable);
-    ``occupancy`` is the fraction of active pixels of the masked and sparse kinds.
+    ``kind`` is ``'conv1d'``, ``'conv3d'``, ``'transposed1d/2d/3d'``, ``'masked2d'``, ``'sparse2d'`` or
+    ``'points2d'`` (the active pixels as real positions, jittered by less than a quarter pixel:
+    :func:`~gridgraph.positions_to_graph`); ``kwargs`` are the torch module's keyword arguments (as a tuple
+    of pairs, so the case is hashable); ``occupancy`` is the fraction of active pixels of the masked,
+    sparse and point kinds.
     """
 
     kind: str
@@ -892,7 +894,7 @@ class BeyondCase:
     def describe(self) -> str:
         """The configuration, e.g. ``'conv1d 3->4 kernel_size=5 padding=2 stride=2'``."""
         kw = " ".join(f"{k}={v}" for k, v in self.kwargs)
-        extra = f" occ {self.occupancy:.0%}" if self.kind in ("masked2d", "sparse2d") else ""
+        extra = f" occ {self.occupancy:.0%}" if self.kind in _MASKED_KINDS else ""
         return f"{self.kind} {self.in_channels}->{self.out_channels} {kw}{extra}"
 
     def describe_input(self) -> str:
@@ -904,7 +906,9 @@ def _bc(kind, c_in, c_out, grid, batch=2, occupancy=1.0, **kwargs) -> BeyondCase
     return BeyondCase(kind, c_in, c_out, tuple(sorted(kwargs.items())), tuple(grid), batch, occupancy)
 
 
-#: 1-D, 3-D, transposed, masked and sparse configurations checked by :func:`verify_beyond`.
+_MASKED_KINDS = ("masked2d", "sparse2d", "points2d")
+
+#: 1-D, 3-D, transposed, masked, sparse and point configurations checked by :func:`verify_beyond`.
 BEYOND_CASES: tuple[BeyondCase, ...] = (
     _bc("conv1d", 3, 4, (17,), kernel_size=5, stride=2, padding=2),
     _bc("conv1d", 4, 4, (12,), kernel_size=3, padding=2, dilation=2, groups=2, padding_mode="reflect"),
@@ -921,15 +925,17 @@ BEYOND_CASES: tuple[BeyondCase, ...] = (
     _bc("masked2d", 3, 3, (9, 9), occupancy=0.5, kernel_size=5, padding=2, groups=3),
     _bc("sparse2d", 3, 4, (16, 16), occupancy=0.05, kernel_size=3, padding=1),
     _bc("sparse2d", 3, 4, (16, 15), occupancy=0.1, kernel_size=3, stride=2, padding=1),
+    _bc("points2d", 3, 4, (12, 10), occupancy=0.4, kernel_size=3, padding=1),
+    _bc("points2d", 4, 6, (11, 13), occupancy=0.3, kernel_size=3, padding=2, dilation=2, groups=2),
 )
 QUICK_BEYOND_CASES: tuple[BeyondCase, ...] = tuple(BEYOND_CASES[i] for i in (0, 3, 4, 7, 9, 12))
 
 
 def _beyond_window(mask: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
     """The active outputs of a zero-padded masked domain, computed densely from the mask (the reference)."""
-    if conv.stride == (1, 1) and conv.kernel_size[0] == 2 * conv.padding[0] + 1 and \
-            conv.kernel_size[1] == 2 * conv.padding[1] + 1 and conv.dilation == (1, 1):
-        return mask  # submanifold: outputs on the active inputs
+    if conv.stride == (1, 1) and all(d * (k - 1) == 2 * p for k, p, d in zip(conv.kernel_size, conv.padding,
+                                                                          conv.dilation)):
+        return mask  # submanifold (the output grid is the input grid): outputs on the active inputs
     ones = torch.ones(1, 1, *conv.kernel_size, dtype=torch.float64, device=mask.device)
     window = torch.nn.functional.conv2d(mask[:, None].double(), ones, stride=conv.stride, padding=conv.padding,
                                         dilation=conv.dilation)
@@ -940,10 +946,11 @@ def check_beyond_case(case: BeyondCase, dtype: torch.dtype = torch.float64, devi
                       paths: Iterable[str] = ("table", "edges")) -> list[CaseResult]:
     """Check one :class:`BeyondCase` against its torch reference, forward and gradients, per path.
 
-    The reference of a masked or sparse case is ``nn.Conv2d`` on the image with inactive pixels zeroed,
-    read at the active output pixels (zeros elsewhere on both sides).
+    The reference of a masked, sparse or point case is ``nn.Conv2d`` on the image with inactive pixels
+    zeroed, read at the active output pixels (zeros elsewhere on both sides).
     """
     from .domains import TransposedGeometry, sparse_to_graph, transposed_grid_to_graph
+    from .positions import positions_to_graph
     from .graph import grid_to_graph
     from .nn import GridConv1d, GridConv3d, GridConvTranspose1d, GridConvTranspose2d, GridConvTranspose3d
 
@@ -956,14 +963,15 @@ def check_beyond_case(case: BeyondCase, dtype: torch.dtype = torch.float64, devi
                        "transposed2d": (torch.nn.ConvTranspose2d, GridConvTranspose2d.from_conv_transpose2d),
                        "transposed3d": (torch.nn.ConvTranspose3d, GridConvTranspose3d.from_conv_transpose3d),
                        "masked2d": (torch.nn.Conv2d, GridConv2d.from_conv2d),
-                       "sparse2d": (torch.nn.Conv2d, GridConv2d.from_conv2d)}[case.kind]
+                       "sparse2d": (torch.nn.Conv2d, GridConv2d.from_conv2d),
+                       "points2d": (torch.nn.Conv2d, GridConv2d.from_conv2d)}[case.kind]
     with no_tf32():
         torch.manual_seed(seed)
         conv = torch_cls(case.in_channels, case.out_channels, **kwargs).to(device, dtype)
         layer = twin(conv)
         image = torch.randn(case.batch, case.in_channels, *case.grid, generator=gen, dtype=dtype).to(device)
         image.requires_grad_(True)
-        masked = case.kind in ("masked2d", "sparse2d")
+        masked = case.kind in _MASKED_KINDS
         if masked:
             mask = (torch.rand(case.batch, *case.grid, generator=gen) < case.occupancy).to(device)
             ref = conv(image * mask[:, None])
@@ -986,6 +994,11 @@ def check_beyond_case(case: BeyondCase, dtype: torch.dtype = torch.float64, devi
                 b, r, c = mask.nonzero(as_tuple=True)
                 g = sparse_to_graph(torch.stack([b, r, c], 1), image[b, :, r, c], case.grid, layer,
                                     num_images=case.batch)
+            elif case.kind == "points2d":
+                b, r, c = mask.nonzero(as_tuple=True)
+                jitter = (torch.rand(b.numel(), 2, generator=gen, dtype=torch.float64) - 0.5) * 0.49
+                pos = torch.stack([r, c], 1).double() + jitter.to(device)
+                g = positions_to_graph(pos, image[b, :, r, c], layer, batch=b, num_images=case.batch, size=case.grid)
             else:
                 g = grid_to_graph(image, layer.geometry)
             results.append(_compare_path(case, layer, g, path, image, upstream, ref, ref_grads, device, dtype))

@@ -2,13 +2,15 @@
 # # 8. Beyond the grid: holes, irregular regions, point sets, upsampling
 #
 # A dense convolution needs a full rectangle of pixels. A graph does not: the same weights run on
-# whatever pixels exist. This notebook takes three kinds of domain a `Conv2d` cannot hold directly:
+# whatever pixels exist. This notebook takes four kinds of domain a `Conv2d` cannot hold directly:
 #
 # 1. **an image with holes / an irregular region** (`image_to_graph(image, conv, mask=mask)`): only the
 #    pixels inside the region become nodes, and edges join them only;
 # 2. **a sparse point set** (`sparse_to_graph(coords, features, size, conv)`), as sparse-convolution
 #    users hold it: a list of active coordinates with features;
-# 3. and, for completeness, **transposed convolution** (upsampling), whose graph is a strided
+# 3. **points with real positions** (`positions_to_graph(pos, features, conv, spacing=s)`): no grid at
+#    all, only positions; each edge takes the tap nearest to its relative offset;
+# 4. and, for completeness, **transposed convolution** (upsampling), whose graph is a strided
 #    convolution's graph with every edge reversed.
 #
 # Each time the graph layer is checked (with `assert`) against the torch layer it mirrors:
@@ -205,7 +207,168 @@ for ax in axes:
 fig
 
 # %% [markdown]
-# ## 3. Upsampling: transposed convolution on reversed edges
+# ## 3. Points with real positions: superpixel centroids
+#
+# A convolution's weights are indexed by *relative offset*, so they need no grid at all: only positions.
+# `positions_to_graph(pos, features, conv, spacing=s)` joins point `j` to point `i` when
+# `delta = (pos_j - pos_i) / s` lies within half a spacing of a tap's offset (per axis: `floor(delta + 1/2)`
+# is that offset), and gives the edge that tap. The outputs sit on the points.
+#
+# First the bridge to the grid: every pixel of a 128 x 128 reduction of scikit-image's astronaut photo
+# (bundled, no download) becomes a point at its position in the 512 x 512 original, jittered by up to
+# 0.24 of the 4-pixel spacing. The graph is then exactly the pixel graph, and a Sobel filter written as
+# a `Conv2d` (on the grey level, the mean of R, G and B) gives the same numbers on the points as
+# `nn.Conv2d` on the image.
+
+# %%
+from skimage import data, segmentation
+
+photo = data.astronaut()  # (512, 512, 3) uint8
+rgb = torch.from_numpy(photo).double().permute(2, 0, 1) / 255  # (3, 512, 512)
+small = F.avg_pool2d(rgb[None], 4)[0]  # (3, 128, 128): one pixel per 4 x 4 block
+
+kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=torch.float64)
+sobel_conv = torch.nn.Conv2d(3, 2, 3, padding=1, bias=False).double()  # outputs: d/dx, d/dy of the grey level
+with torch.no_grad():
+    sobel_conv.weight.copy_(torch.stack([kx, kx.t()])[:, None].expand(2, 3, 3, 3) / 3)
+sobel = gg.GridConv2d.from_conv2d(sobel_conv)
+
+cells = torch.stack(torch.meshgrid(torch.arange(128), torch.arange(128), indexing="ij"), -1).view(-1, 2)
+jitter = (torch.rand(cells.shape, dtype=torch.float64) - 0.5) * 0.48  # |jitter| < 0.24 spacing
+lattice = (cells + jitter) * 4 + 1.5  # in pixels of the original: near the centre of each 4 x 4 block
+g_lat = gg.positions_to_graph(lattice, small[:, cells[:, 0], cells[:, 1]].t(), sobel, spacing=4.0)
+out_lat = sobel(g_lat.x, g_lat.edge_index)
+ref_lat = sobel_conv(small)[:, cells[:, 0], cells[:, 1]].t()
+err_lat = (out_lat - ref_lat).abs().max().item()
+pixel_graph = gg.image_to_graph(small, sobel)
+print(f"{g_lat.num_src} jittered points, {g_lat.edge_index.size(1)} edges; max |points - Conv2d| = {err_lat:.1e}")
+assert err_lat < 1e-12
+assert torch.equal(g_lat.edge_index.as_tensor(), pixel_graph.edge_index.as_tensor())  # the same graph ...
+assert torch.equal(g_lat.edge_type, pixel_graph.edge_type)  # ... with the same taps
+
+# %% [markdown]
+# Now points that are not on any lattice: the centroids of SLIC superpixels, each carrying its mean
+# colour. The spacing is a little wider than the typical distance between centroids, `1.2 sqrt(H W / N)`,
+# so that most taps hold one. On an irregular set a tap may still hold no point (it reads zero, like zero padding) or several; `reduce` says what several do:
+# `'sum'` adds them (parallel edges), `'nearest'` keeps the one closest to the tap's offset, `'mean'`
+# averages them (through a virtual source node per shared tap, whose features are the mean). We take
+# `'mean'`: a tap then sees the average colour in its cell, whatever the local density.
+
+# %%
+labels = torch.from_numpy(segmentation.slic(photo, n_segments=600, compactness=10, start_label=0)).long()
+H, W = labels.shape
+ids = labels.view(-1)
+n_sp = int(ids.max()) + 1
+size_sp = torch.bincount(ids, minlength=n_sp).double()
+rows, cols = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
+centroids = torch.stack([torch.bincount(ids, rows.reshape(-1), n_sp), torch.bincount(ids, cols.reshape(-1), n_sp)], 1)
+centroids = centroids / size_sp[:, None]  # [N, 2] (row, col), real-valued
+colours = torch.stack([torch.bincount(ids, rgb[c].reshape(-1), n_sp) for c in range(3)], 1) / size_sp[:, None]
+spacing = 1.2 * (H * W / n_sp) ** 0.5
+
+start = time.perf_counter()
+g_sp = gg.positions_to_graph(centroids, colours, sobel, spacing=spacing, reduce="mean")
+build_ms = (time.perf_counter() - start) * 1e3
+grad_sp = sobel(g_sp.x, g_sp.edge_index)  # [N, 2]: d/dx, d/dy on the superpixels
+edge_sp = grad_sp.detach().norm(dim=1)
+taps_used = torch.bincount(torch.unique(g_sp.edge_index[1] * 9 + g_sp.edge_type) // 9, minlength=n_sp)
+print(f"{n_sp} superpixels, spacing {spacing:.1f} px: {g_sp.edge_index.size(1)} edges, "
+      f"{g_sp.num_src - g_sp.num_dst} virtual nodes (taps shared by several centroids), built in {build_ms:.0f} ms")
+print("taps holding a centroid, per superpixel (count of superpixels with 0..9):",
+      torch.bincount(taps_used, minlength=10).tolist())
+for reduce in ("sum", "nearest"):
+    g_other = gg.positions_to_graph(centroids, colours, sobel, spacing=spacing, reduce=reduce)
+    print(f"reduce={reduce!r}: {g_other.edge_index.size(1)} edges on {g_other.num_src} sources")
+
+
+# %% [markdown]
+# The graph computes exactly its definition. A direct reference written from the rule alone, over all
+# pairs of centroids: each pair's nearest offset, each tap's mean colour per target, one `einsum` with
+# the Sobel weights. Then a check that the response means something: where all nine taps hold a centroid,
+# the Sobel magnitude follows the strongest colour step to an adjacent superpixel (read off the label map).
+
+# %%
+def direct_reference(pos, x, conv, spacing):
+    """``reduce='mean'`` by the rule, O(N^2): per (target i, tap t) the mean of the points j whose
+    ``floor((pos_j - pos_i) / spacing + 1/2)`` is the tap's offset, then ``sum_t W_t mean_t``."""
+    nearest = torch.floor((pos[None, :, :] - pos[:, None, :]) / spacing + 0.5)  # [i, j, 2]
+    offsets = torch.stack(torch.meshgrid(torch.arange(-1, 2), torch.arange(-1, 2), indexing="ij"), -1).view(9, 2)
+    hit = (nearest[:, :, None, :] == offsets.double()).all(-1).double()  # [i, j, t]
+    mean = torch.einsum("ijt,jc->itc", hit, x) / hit.sum(1).clamp(min=1)[:, :, None]
+    out = torch.einsum("itc,oct->io", mean, conv.weight.reshape(conv.out_channels, conv.in_channels, 9))
+    return out if conv.bias is None else out + conv.bias
+
+
+err_sp = (grad_sp - direct_reference(centroids, colours, sobel_conv, spacing)).abs().max().item()
+print(f"max |graph - direct reference| on the superpixels: {err_sp:.1e}")
+assert err_sp < 1e-12
+
+right = torch.stack([labels[:, :-1].reshape(-1), labels[:, 1:].reshape(-1)], 1)
+below = torch.stack([labels[:-1].reshape(-1), labels[1:].reshape(-1)], 1)
+pairs = torch.cat([right, below])
+pairs = pairs[pairs[:, 0] != pairs[:, 1]]  # pixel neighbours in two superpixels: adjacent superpixels
+pairs = torch.unique(torch.cat([pairs, pairs.flip(1)]), dim=0)
+step = (colours[pairs[:, 0]] - colours[pairs[:, 1]]).norm(dim=1)
+contrast = torch.zeros(n_sp, dtype=torch.float64).scatter_reduce(0, pairs[:, 0], step, "amax")
+full = taps_used == 9
+corr = torch.corrcoef(torch.stack([edge_sp[full], contrast[full]]))[0, 1].item()
+print(f"{int(full.sum())} superpixels with all nine taps: correlation of Sobel magnitude and colour step {corr:.2f}")
+assert corr > 0.4
+
+# %% [markdown]
+# The same goes for a trained network's first layer: the stem of the ResNet-style reference network,
+# converted to message passing, runs unchanged on the centroids. On the jittered lattice it is the
+# network's own first `nn.Conv2d`; on the superpixels it equals the direct reference again.
+
+# %%
+net = gg.reference_model("resnet").double().eval()
+twin = gg.convert(net)
+stem = next(m for m in twin.modules() if isinstance(m, gg.GridConv2d))
+first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+print("the stem:", first)
+with torch.no_grad():
+    g_stem = gg.positions_to_graph(lattice, small[:, cells[:, 0], cells[:, 1]].t(), stem, spacing=4.0)
+    err_stem = (stem(g_stem.x, g_stem.edge_index) - first(small)[:, cells[:, 0], cells[:, 1]].t()).abs().max().item()
+    g_stem_sp = gg.positions_to_graph(centroids, colours, stem, spacing=spacing, reduce="mean")
+    stem_sp = stem(g_stem_sp.x, g_stem_sp.edge_index)  # [N, 16]
+    err_stem_sp = (stem_sp - direct_reference(centroids, colours, first, spacing)).abs().max().item()
+print(f"stem on the jittered lattice vs its nn.Conv2d: {err_stem:.1e}; on the superpixels vs the direct rule: "
+      f"{err_stem_sp:.1e}")
+assert err_stem < 1e-12 and err_stem_sp < 1e-12
+
+# %%
+fig = Figure(figsize=(17, 4.4), dpi=80, layout="constrained")
+axes = fig.subplots(1, 4)
+axes[0].imshow(segmentation.mark_boundaries(photo, labels.numpy()))
+axes[0].scatter(centroids[:, 1], centroids[:, 0], s=4, c="yellow")
+axes[0].set_title(f"{n_sp} SLIC superpixels and their centroids")
+axes[1].imshow(out_lat.detach().norm(dim=1).view(128, 128), cmap="magma")
+axes[1].set_title("Sobel magnitude on the 128 x 128 jittered lattice")
+axes[2].scatter(centroids[~full, 1], centroids[~full, 0], s=10, c="0.75", marker="x")  # a tap reads zero
+dots = axes[2].scatter(centroids[full, 1], centroids[full, 0], c=edge_sp[full], s=40, cmap="magma")
+axes[2].set_title("the same GridConv2d on the centroids\n(all nine taps filled; grey x: a tap is empty)")
+fig.colorbar(dots, ax=axes[2], shrink=0.8)
+channel = int(stem_sp.var(0).argmax())
+axes[3].scatter(centroids[:, 1], centroids[:, 0], c=stem_sp[:, channel], s=22, cmap="coolwarm")
+axes[3].set_title(f"ResNet stem, channel {channel}, on the centroids")
+for ax in axes[1:]:
+    ax.set_aspect("equal")
+for ax in axes[2:]:
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+for ax in axes:
+    ax.set_xticks([])
+    ax.set_yticks([])
+fig
+
+# %% [markdown]
+# Construction hashes each point into its lattice cell and looks up only the cells a tap can reach, so
+# no N x N distance matrix is ever formed: memory and time grow with the points and their edges. The
+# edges carry taps exactly as a pixel graph's do, and the layers run on them with the per-tap edge
+# kernels of masked graphs.
+
+# %% [markdown]
+# ## 4. Upsampling: transposed convolution on reversed edges
 #
 # `nn.ConvTranspose2d(k=4, s=2, p=1)` maps an `H x W` grid to `2H x 2W`; that bigger grid is exactly
 # one on which the strided `Conv2d(k=4, s=2, p=1)` has `H x W` outputs. Reverse that convolution's
