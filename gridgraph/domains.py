@@ -104,6 +104,23 @@ def sparse_grid_to_graph(in_keys: Tensor, x: Tensor, geometry: ConvGeometry, in_
     return graph
 
 
+def check_point_features(features: Any, points: Tensor, name: str, conv: Any) -> None:
+    """``features`` must be ``[N, C]``, one row per point of ``points`` (named ``name``), on its device, with
+    ``conv``'s input channels when ``conv`` has them."""
+    if not isinstance(features, Tensor):
+        raise TypeError(f"features must be a torch.Tensor (got {type(features).__name__})")
+    if features.dim() != 2 or features.size(0) != points.size(0):
+        raise ValueError(f"expected features of shape [{points.size(0)}, C], one row per point "
+                         f"(got {tuple(features.shape)})")
+    if features.device != points.device:
+        raise ValueError(f"features are on {features.device} but {name} {'is' if name == 'pos' else 'are'} on "
+                         f"{points.device}")
+    expected = getattr(conv, "in_channels", None)
+    if expected is not None and features.size(1) != expected:
+        raise ValueError(f"expected features with {expected} channels for {type(conv).__name__} "
+                         f"(got {features.size(1)})")
+
+
 def sparse_to_graph(coords: Tensor, features: Tensor, size: Sequence[int], conv: Any = None, *,
                     kernel_size: Any = 3, stride: Any = 1, padding: Any = 1, dilation: Any = 1,
                     padding_mode: str = "zeros", num_images: Optional[int] = None) -> MaskedPixelGraph:
@@ -150,17 +167,7 @@ def sparse_to_graph(coords: Tensor, features: Tensor, size: Sequence[int], conv:
     if coords.dim() != 2 or coords.size(1) not in (ndim, ndim + 1):
         raise ValueError(f"expected coords of shape [N, {ndim}] or [N, {ndim + 1}] (image index first) for a "
                          f"{ndim}-d grid (got {tuple(coords.shape)})")
-    if not isinstance(features, Tensor):
-        raise TypeError(f"features must be a torch.Tensor (got {type(features).__name__})")
-    if features.dim() != 2 or features.size(0) != coords.size(0):
-        raise ValueError(f"expected features of shape [{coords.size(0)}, C], one row per point "
-                         f"(got {tuple(features.shape)})")
-    if features.device != coords.device:
-        raise ValueError(f"features are on {features.device} but coords are on {coords.device}")
-    expected = getattr(conv, "in_channels", None)
-    if expected is not None and features.size(1) != expected:
-        raise ValueError(f"expected features with {expected} channels for {type(conv).__name__} "
-                         f"(got {features.size(1)})")
+    check_point_features(features, coords, "coords", conv)
     coords = coords.long()
     batched = coords.size(1) == ndim + 1
     b = coords[:, 0] if batched else coords.new_zeros(coords.size(0))

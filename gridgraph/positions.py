@@ -46,6 +46,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .domains import check_point_features
 from .geometry import ConvGeometry, TransposedGeometry
 from .pixel_graph import PixelEdgeIndex, PointGraph
 from .structure import DENSE_MAP_LIMIT, GraphPart, PixelStructure, ravel
@@ -116,7 +117,7 @@ def positions_to_graph(pos: Tensor, features: Tensor, conv: Any = None, *, spaci
     """
     pos, ndim = _check_pos(pos)
     geometry = _geometry(conv, ndim, kernel_size, stride, padding, dilation, padding_mode)
-    _check_features(features, pos, conv)
+    check_point_features(features, pos, "pos", conv)
     spacing_t = _spacing(spacing, ndim, pos.device)
     if reduce not in REDUCES:
         raise ValueError(f"reduce must be one of {REDUCES} (got {reduce!r})")
@@ -191,20 +192,6 @@ def _geometry(conv: Any, ndim: int, kernel_size: Any, stride: Any, padding: Any,
                          f"sit on the input points (got padding={tuple(p for p in geometry.padding)} for kernel_size="
                          f"{geometry.kernel_size}, dilation={geometry.dilation})")
     return geometry
-
-
-def _check_features(features: Any, pos: Tensor, conv: Any) -> None:
-    if not isinstance(features, Tensor):
-        raise TypeError(f"features must be a torch.Tensor (got {type(features).__name__})")
-    if features.dim() != 2 or features.size(0) != pos.size(0):
-        raise ValueError(f"expected features of shape [{pos.size(0)}, C], one row per point "
-                         f"(got {tuple(features.shape)})")
-    if features.device != pos.device:
-        raise ValueError(f"features are on {features.device} but pos is on {pos.device}")
-    expected = getattr(conv, "in_channels", None)
-    if expected is not None and features.size(1) != expected:
-        raise ValueError(f"expected features with {expected} channels for {type(conv).__name__} "
-                         f"(got {features.size(1)})")
 
 
 def _spacing(spacing: Any, ndim: int, device: torch.device) -> Tensor:
