@@ -50,7 +50,7 @@ __all__ = ["tap_weights", "apply_tap", "grid_forward", "grid_input_grad", "grid_
 #: Rows of at most this many channels are gathered by the compiled loop (:mod:`gridgraph.nn.compiled`).
 NARROW = 16
 #: Bytes of gathered rows per block on CPU (fits the caches; one buffer reused across blocks).
-CPU_BLOCK_BYTES = 8 << 20
+CPU_BLOCK_BYTES = 4 << 20
 #: Bytes of gathered rows per block on an accelerator (few, large blocks: kernel launches cost more).
 DEVICE_BLOCK_BYTES = 512 << 20
 
@@ -222,6 +222,15 @@ class _Part:
             return _Gather(batched, list(range(num_taps)), None, None, self.num_src * num_taps)
         return self._cached(("transformed",), build)
 
+    def transformed_reverse(self) -> Optional[list[_Gather]]:
+        """The input gradient's transform-then-gather, one gather per stride phase of the sources: entry
+        ``(j, s)`` reads row ``rev[j, t] * T + t`` (``t`` the slot's tap) of the per-tap messages
+        ``[N_dst * T, C_in]``, ``rev[j, t]`` being the target that reads source ``j`` through tap ``t``.
+        None when a (source, tap) pair feeds several targets (reflect / replicate padding)."""
+        def build():
+            return _Reverse(self._build_reverse(None, message_rows=True))
+        return self._cached(("transformed-reverse",), build).gathers
+
     def reverse(self, split_centre: bool) -> Optional[list[_Gather]]:
         """The input gradient's gathers, one per stride phase of the sources, or None when the reverse
         table would need two slots for one (source, tap) pair (reflect / replicate padding)."""
@@ -229,7 +238,7 @@ class _Part:
             return _Reverse(self._build_reverse(self.centre if split_centre else None))
         return self._cached(("reverse", split_centre), build).gathers
 
-    def _build_reverse(self, centre: Optional[int]) -> Optional[list[_Gather]]:
+    def _build_reverse(self, centre: Optional[int], message_rows: bool = False) -> Optional[list[_Gather]]:
         table = self.table
         index, n_src, n_dst, num_taps = table.index, table.num_src, table.num_dst, table.num_taps
         device = index.device
@@ -239,7 +248,7 @@ class _Part:
         if key.numel() and int(torch.bincount(key, minlength=n_src * num_taps).max()) > 1:
             return None  # reflect / replicate: a (source, tap) pair feeds several targets
         rev = torch.full((n_src * num_taps,), -1, dtype=torch.long, device=device)
-        rev[key] = dst
+        rev[key] = dst * num_taps + tap if message_rows else dst  # the target, or its message row for tap t
         rev = rev.view(n_src, num_taps)
         # Stride phase of every source pixel: a phase only receives from the taps that land on it.
         phase = torch.zeros(n_src, dtype=torch.long, device=device)
@@ -268,8 +277,9 @@ class _Part:
             if rows is not None:
                 offs = torch.arange(self.num_images, device=device)[:, None] * n_src
                 batched_rows = (rows[None, :] + offs).reshape(-1)
-            gathers.append(_Gather(_batched(sub, self.num_images, n_dst), taps, centre, batched_rows,
-                                   self.num_dst))
+            scale = num_taps if message_rows else 1
+            gathers.append(_Gather(_batched(sub, self.num_images, n_dst * scale), taps, centre, batched_rows,
+                                   self.num_dst * scale))
         return gathers
 
 
@@ -285,7 +295,7 @@ USE_ONEDNN = True
 
 
 def _linear(x: Tensor, w_nk: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``x @ w_nk^T (+ bias)``: a GEMM (``x`` ``[M, K]``, ``w_nk`` ``[N, K]`` contiguous)."""
+    """``x @ w_nk^T (+ bias)``: a GEMM (``x`` ``[M, K]``, ``w_nk`` ``[N, K]``, any strides)."""
     if (USE_ONEDNN and _ONEDNN is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and x.size(0) and x.size(1)):
         with torch.no_grad():  # the kernels run inside operators: autograd is the operators' own
@@ -356,7 +366,7 @@ def _mix_grad(cols: Tensor, gout: Tensor, kind: str, shape: tuple[int, int, int,
     s, g, a, b = shape
     n = cols.size(0)
     if kind == "dense":
-        acc.add_(_linear(gout.t(), cols.t().contiguous()))  # [b, S*a], as _prepare lays it out
+        acc.add_(_linear(gout.t(), cols.t()))  # [b, S*a], as _prepare lays it out (oneDNN reads the strides)
     elif kind == "elementwise":
         acc.add_((cols.view(n, s, g, a, 1) * gout.view(n, 1, g, 1, b)).sum(0))
     else:
@@ -422,18 +432,22 @@ def _transform_then_gather(gather: _Gather, x: Tensor, m_taps: Tensor, out: Tens
     messages = _linear(x, m_taps[:, 0].permute(0, 2, 1).reshape(num_taps * c_out, c_in).contiguous())
     messages = messages.view(-1, c_out)  # row j*T + t: tap t's message from source j
     fill = None if _all_finite(m_taps) else _hole_values(m_taps)
-    if fill is None and gather.table is not None and compiled.available(x):
-        compiled.gather_sum(messages, gather.table, out)
-        if bias is not None:
-            out.add_(bias)
+    _gather_sum(gather, messages, out, fill)
+    if bias is not None:
+        out.add_(bias)
+
+
+def _gather_sum(gather: _Gather, rows: Tensor, out: Tensor, fill: Optional[Tensor] = None) -> None:
+    """``out[i] = sum_s rows[index[i, s]]``; an empty slot adds nothing, or ``fill[s]`` when given."""
+    if fill is None and gather.table is not None and compiled.available(rows):
+        compiled.gather_sum(rows, gather.table, out)
         return
-    n_rows = _block_rows(num_taps, c_out, x.element_size(), x.device)
-    buf = x.new_empty(min(n_rows, gather.num_rows) * num_taps, c_out)
+    num_taps, c = gather.slots, rows.size(1)
+    n_rows = _block_rows(num_taps, c, rows.element_size(), rows.device)
+    buf = rows.new_empty(min(n_rows, gather.num_rows) * num_taps, c)
     for start, stop, holes in gather.blocks(n_rows):
-        cols = gather.gather(messages, start, stop, holes, buf, fill).view(stop - start, num_taps, c_out)
+        cols = gather.gather(rows, start, stop, holes, buf, fill).view(stop - start, num_taps, c)
         torch.sum(cols, 1, out=out[start:stop])
-        if bias is not None:
-            out[start:stop].add_(bias)
 
 
 def _weight_grad(gather: _Gather, x: Tensor, g: Tensor, m_shape: tuple[int, int, int, int], kind: str) -> Tensor:
@@ -554,6 +568,24 @@ def grid_input_grad(g: Tensor, weight: Tensor, key: str, groups: int) -> Tensor:
         reverse = part.reverse(False)
         grad_x = g.new_empty(part.num_src, c_in)
         if reverse is not None and _compiled_depthwise(reverse, g, taps.reshape(taps.size(0), c_in), None, grad_x):
+            return grad_x
+    if kind == "dense" and taps.size(0) > 1 and c_in * 4 <= weight.size(0):
+        # C_in much smaller than C_out (a stem): each target's messages to its sources first
+        # ([N_dst, T*C_in], one GEMM), then each source sums the few that reach it.
+        gathers = part.transformed_reverse()
+        if gathers is not None:
+            num_taps = taps.size(0)
+            messages = _linear(g, taps[:, 0].permute(0, 2, 1).reshape(num_taps * c_in, weight.size(0)).contiguous())
+            messages = messages.view(-1, c_in)  # row i*T + t: what target i sends back through tap t
+            covered = sum(gth.num_rows for gth in gathers) == part.num_src
+            grad_x = (g.new_empty if covered else g.new_zeros)(part.num_src, c_in)
+            for gather in gathers:
+                if gather.rows is None:
+                    _gather_sum(gather, messages, grad_x)
+                else:
+                    part_x = g.new_empty(gather.num_rows, c_in)
+                    _gather_sum(gather, messages, part_x)
+                    grad_x.index_copy_(0, gather.rows, part_x)
             return grad_x
     split = part.split_centre(kind)
     reverse = part.reverse(split)
