@@ -277,9 +277,9 @@ def cached_table(geometry: Geometry, in_size: Sequence[int], device: Any = None)
     """The cached table of one image (internal: the library never hands it out without a copy)."""
     in_size = tuple(int(n) for n in in_size)
     device = _device(device)
-    geometry.output_size(in_size)  # validates before caching anything
 
     def build():
+        geometry.output_size(in_size)  # validates before caching anything
         if isinstance(geometry, TransposedGeometry):
             table = _build_transposed_table(geometry, in_size, device)
         else:
@@ -522,6 +522,15 @@ class GraphPart:
         """The canonical string of a grid part, ``'<kind>|<geometry key>|<in_size>|<num_images>'``."""
         if not self.is_grid:
             raise ValueError("a sparse part has no key: its edges depend on the data")
+        if torch.compiler.is_compiling():
+            return self._key()
+        key = self.__dict__.get("_cached_key")
+        if key is None:
+            key = self._key()
+            object.__setattr__(self, "_cached_key", key)  # the part is immutable: its key never changes
+        return key
+
+    def _key(self) -> str:
         return f"{self.kind}|{self.geometry.key()}|{','.join(map(str, self.in_size))}|{self.num_images}"
 
     @classmethod

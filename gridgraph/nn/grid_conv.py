@@ -1,6 +1,7 @@
 """``GridConv2d``: the convolution as message passing from each neighbour in the kernel window."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -58,6 +59,12 @@ def check_graph_inputs(layer: Any, x: Tensor, edge_index: Any, edge_type: Any, s
             size = (edge_index.structure.num_src, edge_index.structure.num_dst)
         edge_index = edge_index.as_tensor()  # edited in place: its current edges, as a plain graph
     return _check_edges(layer, x, edge_index, edge_type, size)
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry(*attrs: Any) -> ConvGeometry:
+    """The geometry of a layer's attributes (cached: a layer asks for it at every call)."""
+    return ConvGeometry.from_keywords(*attrs)
 
 
 def _same_geometry(a: Any, b: Any) -> bool:
@@ -173,8 +180,10 @@ class GridConvNd(MessagePassing):
     def geometry(self) -> ConvGeometry:
         """The :class:`~gridgraph.geometry.ConvGeometry` of the current ``kernel_size``, ``stride``,
         ``padding``, ``dilation`` and ``padding_mode`` attributes."""
-        return ConvGeometry.from_keywords(self._ndim, self.kernel_size, self.stride, self.padding, self.dilation,
-                                          self.padding_mode)
+        attrs = (self._ndim, self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode)
+        if torch.compiler.is_compiling():
+            return ConvGeometry.from_keywords(*attrs)
+        return _geometry(*(tuple(a) if isinstance(a, list) else a for a in attrs))
 
     @property
     def num_taps(self) -> int:

@@ -310,9 +310,17 @@ class EdgeConvWeightGradFunction(torch.autograd.Function):
 FUNCTIONS = {"grid_conv": GridConvFunction, "grid_conv_input_grad": GridConvInputGradFunction, "grid_conv_weight_grad": GridConvWeightGradFunction, "edge_conv": EdgeConvFunction, "edge_conv_input_grad": EdgeConvInputGradFunction, "edge_conv_weight_grad": EdgeConvWeightGradFunction}
 
 
+_OPS = {"grid_conv": grid_conv, "grid_conv_input_grad": grid_conv_input_grad,
+        "grid_conv_weight_grad": grid_conv_weight_grad, "edge_conv": edge_conv,
+        "edge_conv_input_grad": edge_conv_input_grad, "edge_conv_weight_grad": edge_conv_weight_grad}
+
+
 def _apply(name: str, *args):
-    """Run operator ``name`` through its autograd.Function twin (differentiable under autograd and torch.func)."""
-    return FUNCTIONS[name].apply(*args)
+    """Run operator ``name`` through its autograd.Function twin (differentiable under autograd and torch.func);
+    the operator itself when nothing needs a gradient (the Function's argument binding costs ~30 us a call)."""
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        return FUNCTIONS[name].apply(*args)
+    return _OPS[name](*args)
 
 
 def apply(name: str, *args) -> Tensor:
