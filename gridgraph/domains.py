@@ -31,7 +31,7 @@ from torch import Tensor
 from .geometry import ConvGeometry, TransposedGeometry
 from .pixel_graph import (MaskedPixelGraph, PixelEdgeIndex, TransposedPixelGraph, check_image, full_grid_graph)
 from .structure import (DENSE_MAP_LIMIT, GraphPart, PixelStructure, SparseTable, active_outputs, ravel,
-                        sparse_table, transposed_table, unravel)
+                        sparse_table, table_edges, transposed_table, unravel)
 
 __all__ = ["TransposedGeometry", "TransposedPixelGraph", "transposed_table", "transposed_grid_to_graph",
            "transposed_image_to_graph", "SparseTable", "MaskedPixelGraph", "masked_grid_to_graph",
@@ -80,23 +80,32 @@ def transposed_image_to_graph(image: Tensor, conv: Any = None, *, kernel_size: A
 
 # ------------------------------------------------------------------------------- masked and sparse
 def sparse_grid_to_graph(in_keys: Tensor, x: Tensor, geometry: ConvGeometry, in_size: Sequence[int],
-                         num_images: int, batched: bool) -> MaskedPixelGraph:
+                         num_images: int, batched: bool, in_coords: Optional[tuple[Tensor, Tensor]] = None
+                         ) -> MaskedPixelGraph:
     """The graph of the active pixels ``in_keys`` (sorted, unique flat keys ``b*prod(size) + row-major``)
-    with features ``x`` ``[N, C]`` (in key order) under ``geometry`` (n-d)."""
+    with features ``x`` ``[N, C]`` (in key order) under ``geometry`` (n-d). ``in_coords``:
+    ``unravel(in_keys, in_size)`` when the caller has it.
+
+    The slot table (``[N_out, K]``, int32) is built once; the edges are read off it, and it seeds the
+    layers' edge plan (:func:`gridgraph.nn.kernels.seed_edge_plan`) for as long as the edges live."""
+    from .nn.kernels import seed_edge_plan  # the graph side does not import the layers at load time
+
     in_size = tuple(int(n) for n in in_size)
     out_size = geometry.output_size(in_size)
     device = in_keys.device
     submanifold = out_size == in_size and all(s == 1 for s in geometry.stride)
+    b_in, pos = in_coords if in_coords is not None else unravel(in_keys, in_size)
     out_keys = in_keys if submanifold else active_outputs(in_keys, geometry, in_size, out_size, num_images)
-    table = sparse_table(in_keys, out_keys, geometry, in_size, out_size, num_images)
-    dst, tap = (table.index >= 0).nonzero(as_tuple=True)  # target-major, taps ascending
-    data = torch.stack([table.index[dst, tap], dst])
-    part = GraphPart("sparse", geometry, in_size, num_images, in_keys.numel(), out_keys.numel(), tap.numel(), batched)
-    edge_index = PixelEdgeIndex.make(data, tap, PixelStructure.single(part))
-    edge_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
-    edge_attr = geometry.offsets().to(device=device, dtype=edge_dtype)[tap]
-    b_in, pos = unravel(in_keys, in_size)
     b_out, out_pos = (b_in, pos) if submanifold else unravel(out_keys, out_size)
+    num_src = in_keys.numel()
+    index_dtype = torch.int32 if num_src < 2 ** 31 - 1 else torch.long
+    table = sparse_table(in_keys, out_keys, geometry, in_size, out_size, num_images, index_dtype, (b_out, out_pos))
+    data, tap = table_edges(table.index)
+    part = GraphPart("sparse", geometry, in_size, num_images, num_src, out_keys.numel(), tap.numel(), batched)
+    edge_index = PixelEdgeIndex.make(data, tap, PixelStructure.single(part))
+    seed_edge_plan(data, tap, table.index, num_src)
+    edge_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+    edge_attr = geometry.offsets().to(device=device, dtype=edge_dtype).index_select(0, tap)
     graph = MaskedPixelGraph(x=x, edge_index=edge_index, edge_attr=edge_attr, pos=pos, out_pos=out_pos,
                              in_keys=in_keys, out_keys=out_keys)
     graph.batch, graph.out_batch = b_in, b_out  # the image of each node (as in a PyG batch of the images)
@@ -110,7 +119,8 @@ def sparse_to_graph(coords: Tensor, features: Tensor, size: Sequence[int], conv:
 
     Nodes are the active pixels sorted row-major (image by image); ``g.perm`` is that order, so
     ``g.x = features[g.perm]`` and a node result ``out`` goes back to the caller's order with
-    ``out[g.perm.argsort()]``. Edges join active pixels only; with stride 1 and an output grid equal to
+    ``out[g.perm.argsort()]``. Points that come sorted (as ``mask.nonzero()`` gives them) are not sorted
+    again, and then ``g.x`` is ``features`` itself (no copy, as in PyG's ``Data(x=features)``). Edges join active pixels only; with stride 1 and an output grid equal to
     the input grid the outputs are the input nodes (submanifold), otherwise the output pixels whose window
     holds an active pixel. A layer on the graph equals the dense convolution of the scattered image
     (zeros elsewhere) read at the output nodes. Memory and time scale with the number of points.
@@ -179,12 +189,17 @@ def sparse_to_graph(coords: Tensor, features: Tensor, size: Sequence[int], conv:
     elif num_images < top:
         raise ValueError(f"num_images={num_images} is smaller than the largest image index + 1 ({top})")
     keys = ravel(b, pix, size)
-    keys, perm = torch.sort(keys)
-    if keys.numel() > 1 and bool((keys[1:] == keys[:-1]).any()):
-        dup = int(keys[1:][keys[1:] == keys[:-1]][0])
-        raise ValueError(f"coords must be unique: pixel {unravel(keys.new_tensor([dup]), size)[1][0].tolist()} "
-                         "appears more than once")
-    graph = sparse_grid_to_graph(keys, features[perm], geometry, tuple(size), num_images, batched)
+    if keys.numel() < 2 or bool((keys[1:] > keys[:-1]).all()):
+        # already row-major and unique (e.g. from mask.nonzero()): no sort, and the features are the nodes'
+        perm = torch.arange(keys.numel(), device=keys.device)
+        graph = sparse_grid_to_graph(keys, features, geometry, tuple(size), num_images, batched, (b, pix))
+    else:
+        keys, perm = torch.sort(keys)
+        if bool((keys[1:] == keys[:-1]).any()):
+            dup = int(keys[1:][keys[1:] == keys[:-1]][0])
+            raise ValueError(f"coords must be unique: pixel {unravel(keys.new_tensor([dup]), size)[1][0].tolist()} "
+                             "appears more than once")
+        graph = sparse_grid_to_graph(keys, features[perm], geometry, tuple(size), num_images, batched)
     graph.perm = perm
     return graph
 

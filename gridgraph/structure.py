@@ -37,7 +37,7 @@ from .geometry import ConvGeometry, TransposedGeometry
 
 __all__ = ["NeighbourTable", "SparseTable", "GraphPart", "PixelStructure", "Registry", "REGISTRY", "clear_cache",
            "cache_info", "neighbour_table", "transposed_table", "sparse_table", "cached_table", "edge_template",
-           "parse_key", "DENSE_MAP_LIMIT"]
+           "parse_key", "DENSE_MAP_LIMIT", "table_edges"]
 
 
 # ------------------------------------------------------------------------------------ the registry
@@ -346,7 +346,7 @@ class SparseTable:
     ``H x W``; ``in_size``/``out_size`` are the node counts.
     """
 
-    index: Tensor  # [num_dst, num_taps] long, -1 = no edge
+    index: Tensor  # [num_dst, num_taps] long (or int32 when asked), -1 = no edge
     geometry: ConvGeometry
     num_src: int
     num_dst: int
@@ -433,28 +433,40 @@ def active_outputs(in_keys: Tensor, geometry: ConvGeometry, in_size: tuple[int, 
 
 
 def sparse_table(in_keys: Tensor, out_keys: Tensor, geometry: ConvGeometry, in_size: tuple[int, ...],
-                 out_size: tuple[int, ...], num_images: int) -> SparseTable:
+                 out_size: tuple[int, ...], num_images: int, dtype: torch.dtype = torch.long,
+                 out_coords: Optional[tuple[Tensor, Tensor]] = None) -> SparseTable:
     """For every active output site and tap, the active input node it reads: ``O(N_out * K)`` memory,
     through a dense id map of the (zero-padded) grid when it is small next to the active set, else by
-    binary search in the sorted input keys (``O(N_out * K * log N_in)`` time)."""
+    binary search in the sorted input keys (``O(N_out * K * log N_in)`` time).
+
+    ``dtype``: of the index (``torch.int32`` halves its memory; it must hold ``num_src``). ``out_coords``:
+    ``unravel(out_keys, out_size)`` when the caller has it already."""
     device = in_keys.device
-    b, coords = unravel(out_keys, out_size)
-    num_src = in_keys.numel()
+    b, coords = out_coords if out_coords is not None else unravel(out_keys, out_size)
+    num_src, num_dst, num_taps = in_keys.numel(), out_keys.numel(), geometry.num_taps
     padded = tuple(n + lo + hi for n, (lo, hi) in zip(in_size, geometry.padding))
     total_padded = num_images * math.prod(padded)
     if geometry.padding_mode == "zeros" and num_src and \
             total_padded <= max(DENSE_MAP_LIMIT, _DENSE_PER_SITE * out_keys.numel()):
         # An id map of the zero-padded grid (-1 = inactive or padding): every tap is one fixed shift of
-        # the flat padded index, so the table is one add and one gather (O(B*H*W) memory for the map).
-        ids = torch.full((total_padded,), -1, dtype=torch.long, device=device)
-        b_in, c_in = unravel(in_keys, in_size)
+        # the flat padded index, so each tap's column is one add and one gather (O(B*H*W) memory for the
+        # map), written column by column into the table: no [N, K] temporary of int64 positions.
+        ids = torch.full((total_padded,), -1, dtype=dtype, device=device)
         lo = torch.tensor([p for p, _ in geometry.padding], device=device)
-        ids[ravel(b_in, c_in + lo, padded)] = torch.arange(num_src, device=device)
+        # output o reads the padded position o*s + u*d: anchor o*s, shift u*d
         anchor = ravel(b, coords * torch.tensor(geometry.stride, device=device), padded)
-        shifts = ravel(torch.zeros(geometry.num_taps, dtype=torch.long, device=device),
-                       geometry.offsets().to(device) + lo, padded)
-        index = ids[anchor[:, None] + shifts[None, :]]
-        return SparseTable(index, geometry, num_src, out_keys.numel(), bool((index >= 0).all()))
+        if out_keys is in_keys:  # submanifold: the inputs' padded positions are the anchors shifted by lo
+            at = anchor + int(ravel(torch.zeros((), dtype=torch.long), lo.cpu(), padded))
+        else:
+            b_in, c_in = unravel(in_keys, in_size)
+            at = ravel(b_in, c_in + lo, padded)
+        ids[at] = torch.arange(num_src, dtype=dtype, device=device)
+        shifts = ravel(torch.zeros(num_taps, dtype=torch.long, device=device),
+                       geometry.offsets().to(device) + lo, padded).tolist()
+        index = torch.empty(num_dst, num_taps, dtype=dtype, device=device)
+        for t, shift in enumerate(shifts):
+            index[:, t] = ids.index_select(0, anchor + shift)
+        return SparseTable(index, geometry, num_src, num_dst, not num_dst or bool(index.min() >= 0))
     offsets = geometry.offsets().to(device)
     nominal = coords[:, None, :] * torch.tensor(geometry.stride, device=device) + offsets[None, :, :]
     src = torch.empty_like(nominal)
@@ -476,7 +488,25 @@ def sparse_table(in_keys: Tensor, out_keys: Tensor, geometry: ConvGeometry, in_s
         index = torch.where(valid, found, -1)
     else:
         index = torch.full_like(keys, -1)
-    return SparseTable(index.contiguous(), geometry, num_src, out_keys.numel(), bool(valid.all()))
+    return SparseTable(index.to(dtype).contiguous(), geometry, num_src, num_dst, bool(valid.all()))
+
+
+def table_edges(index: Tensor) -> tuple[Tensor, Tensor]:
+    """The edges of a slot table ``index [N_dst, T]`` (-1: no edge), target-major with taps ascending:
+    ``(edge_index [2, E] long (source, target), tap [E] long)``, written straight into their tensors."""
+    num_dst, num_taps = index.shape
+    device = index.device
+    flat = index.contiguous().view(-1)
+    complete = not flat.numel() or bool(flat.min() >= 0)
+    pos = torch.arange(flat.numel(), device=device) if complete else (flat >= 0).nonzero().squeeze(1)
+    data = torch.empty(2, pos.numel(), dtype=torch.long, device=device)
+    data[0].copy_(flat.index_select(0, pos))
+    if flat.numel() < 2 ** 52:  # pos / T correctly rounded in float64 is never within 1/T of the next integer
+        data[1].copy_(pos.double().div_(num_taps).floor_())
+    else:
+        torch.div(pos, num_taps, rounding_mode="floor", out=data[1])
+    tap = pos.sub_(data[1], alpha=num_taps)  # in place: pos is not needed any more
+    return data, tap
 
 
 # ------------------------------------------------------------------------------ descriptions
