@@ -31,7 +31,7 @@ from torch import Tensor
 from .geometry import ConvGeometry, TransposedGeometry
 from .pixel_graph import (MaskedPixelGraph, PixelEdgeIndex, TransposedPixelGraph, check_image, full_grid_graph)
 from .structure import (DENSE_MAP_LIMIT, GraphPart, PixelStructure, SparseTable, active_outputs, ravel,
-                        sparse_table, table_edges, transposed_table, unravel)
+                        sparse_table, table_edges, tap_offsets, transposed_table, unravel)
 
 __all__ = ["TransposedGeometry", "TransposedPixelGraph", "transposed_table", "transposed_grid_to_graph",
            "transposed_image_to_graph", "SparseTable", "MaskedPixelGraph", "masked_grid_to_graph",
@@ -105,7 +105,7 @@ def sparse_grid_to_graph(in_keys: Tensor, x: Tensor, geometry: ConvGeometry, in_
     edge_index = PixelEdgeIndex.make(data, tap, PixelStructure.single(part))
     seed_edge_plan(data, tap, table.index, num_src)
     edge_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
-    edge_attr = geometry.offsets().to(device=device, dtype=edge_dtype).index_select(0, tap)
+    edge_attr = tap_offsets(geometry, tap, edge_dtype)
     graph = MaskedPixelGraph(x=x, edge_index=edge_index, edge_attr=edge_attr, pos=pos, out_pos=out_pos,
                              in_keys=in_keys, out_keys=out_keys)
     graph.batch, graph.out_batch = b_in, b_out  # the image of each node (as in a PyG batch of the images)

@@ -450,23 +450,24 @@ def sparse_table(in_keys: Tensor, out_keys: Tensor, geometry: ConvGeometry, in_s
             total_padded <= max(DENSE_MAP_LIMIT, _DENSE_PER_SITE * out_keys.numel()):
         # An id map of the zero-padded grid (-1 = inactive or padding): every tap is one fixed shift of
         # the flat padded index, so each tap's column is one add and one gather (O(B*H*W) memory for the
-        # map), written column by column into the table: no [N, K] temporary of int64 positions.
+        # map). Written tap-major, each gather straight into its row: no [N, K] temporary; ``index`` is
+        # the transposed view (``index.t()`` contiguous).
         ids = torch.full((total_padded,), -1, dtype=dtype, device=device)
-        lo = torch.tensor([p for p, _ in geometry.padding], device=device)
+        shifts, origin = _map_shifts(geometry, padded)
         # output o reads the padded position o*s + u*d: anchor o*s, shift u*d
-        anchor = ravel(b, coords * torch.tensor(geometry.stride, device=device), padded)
+        strided = coords if all(s == 1 for s in geometry.stride) else \
+            coords * torch.tensor(geometry.stride, device=device)
+        anchor = ravel(b, strided, padded)
         if out_keys is in_keys:  # submanifold: the inputs' padded positions are the anchors shifted by lo
-            at = anchor + int(ravel(torch.zeros((), dtype=torch.long), lo.cpu(), padded))
+            at = anchor + origin
         else:
             b_in, c_in = unravel(in_keys, in_size)
-            at = ravel(b_in, c_in + lo, padded)
+            at = ravel(b_in, c_in, padded) + origin
         ids[at] = torch.arange(num_src, dtype=dtype, device=device)
-        shifts = ravel(torch.zeros(num_taps, dtype=torch.long, device=device),
-                       geometry.offsets().to(device) + lo, padded).tolist()
-        index = torch.empty(num_dst, num_taps, dtype=dtype, device=device)
+        columns = torch.empty(num_taps, num_dst, dtype=dtype, device=device)
         for t, shift in enumerate(shifts):
-            index[:, t] = ids.index_select(0, anchor + shift)
-        return SparseTable(index, geometry, num_src, num_dst, not num_dst or bool(index.min() >= 0))
+            torch.index_select(ids, 0, anchor + shift, out=columns[t])
+        return SparseTable(columns.t(), geometry, num_src, num_dst, not num_dst or bool(columns.min() >= 0))
     offsets = geometry.offsets().to(device)
     nominal = coords[:, None, :] * torch.tensor(geometry.stride, device=device) + offsets[None, :, :]
     src = torch.empty_like(nominal)
@@ -491,11 +492,38 @@ def sparse_table(in_keys: Tensor, out_keys: Tensor, geometry: ConvGeometry, in_s
     return SparseTable(index.to(dtype).contiguous(), geometry, num_src, num_dst, bool(valid.all()))
 
 
+@lru_cache(maxsize=1024)
+def _map_shifts(geometry: ConvGeometry, padded: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    """In the flat zero-padded grid ``padded``: each tap's shift from an output's anchor (``u*d``), and the
+    shift of an input pixel's own position (the low padding), as plain ints."""
+    strides = [math.prod(padded[a + 1:]) for a in range(len(padded))]
+    lo = [p for p, _ in geometry.padding]
+    shifts = tuple(sum((o + l) * s for o, l, s in zip(row, lo, strides)) for row in geometry.offsets().tolist())
+    return shifts, sum(l * s for l, s in zip(lo, strides))
+
+
+@lru_cache(maxsize=1024)
+def _cached_offsets(geometry: ConvGeometry, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return geometry.offsets().to(device=device, dtype=dtype)
+
+
+def tap_offsets(geometry: ConvGeometry, tap: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[E, ndim]``: the offset of each edge's tap from its target's anchor (a graph's ``edge_attr``)."""
+    return _cached_offsets(geometry, dtype, tap.device).index_select(0, tap)
+
+
 def table_edges(index: Tensor) -> tuple[Tensor, Tensor]:
     """The edges of a slot table ``index [N_dst, T]`` (-1: no edge), target-major with taps ascending:
     ``(edge_index [2, E] long (source, target), tap [E] long)``, written straight into their tensors."""
     num_dst, num_taps = index.shape
     device = index.device
+    if not index.is_contiguous() and index.t().is_contiguous():  # tap-major: no transposing copy
+        dst_tap = (index >= 0).nonzero()  # [E, 2], row-major order: targets ascending, then taps
+        data = torch.empty(2, dst_tap.size(0), dtype=torch.long, device=device)
+        data[1].copy_(dst_tap[:, 0])
+        tap = dst_tap[:, 1].contiguous()
+        data[0].copy_(index.t().reshape(-1).index_select(0, (tap * num_dst).add_(data[1])))
+        return data, tap
     flat = index.contiguous().view(-1)
     complete = not flat.numel() or bool(flat.min() >= 0)
     pos = torch.arange(flat.numel(), device=device) if complete else (flat >= 0).nonzero().squeeze(1)

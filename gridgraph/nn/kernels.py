@@ -35,6 +35,7 @@ unfold primitive appears here: gathers, GEMMs and scatters only.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Optional
 
@@ -759,19 +760,116 @@ class _TableBlocks:
             yield start, stop, cols.view(stop - start, -1)
 
 
+class _Pairs:
+    """The edges grouped by tap: tap ``taps[k]`` joins ``src[bounds[k]:bounds[k+1]]`` to
+    ``dst[bounds[k]:bounds[k+1]]`` (long); ``identity`` is the tap that joins every node to itself (the
+    centre of a submanifold graph: one GEMM on ``x``, no gather), if any, and is not among ``taps``.
+    ``dst_unique`` / ``src_unique``: whether the targets (sources) of each tap are distinct."""
+
+    def __init__(self, src: Tensor, dst: Tensor, taps: list[int], bounds: list[int], identity: Optional[int],
+                 dst_unique: list[bool], src_unique: list[bool]) -> None:
+        self.src, self.dst, self.taps, self.bounds, self.identity = src, dst, taps, bounds, identity
+        self.dst_unique, self.src_unique = dst_unique, src_unique
+
+    @property
+    def num_edges(self) -> int:
+        return self.bounds[-1] if self.bounds else 0
+
+    def tensors(self) -> list[Tensor]:
+        return [self.src, self.dst]
+
+    def __iter__(self):
+        """``(tap, src, dst, src_unique, dst_unique)`` per tap, the identity tap first (``src = dst = None``)."""
+        if self.identity is not None:
+            yield self.identity, None, None, True, True
+        for k, t in enumerate(self.taps):
+            a, b = self.bounds[k], self.bounds[k + 1]
+            yield t, self.src[a:b], self.dst[a:b], self.src_unique[k], self.dst_unique[k]
+
+
+def _ascending(ids: Tensor) -> bool:
+    return ids.numel() < 2 or bool((ids[1:] > ids[:-1]).all())
+
+
+def _pairs_of_tap_major(columns: Tensor, num_src: int) -> _Pairs:
+    """The pairs of a slot table given tap-major (``columns [T, N_dst]``, -1: no edge), for all taps at
+    once (a handful of operations, whatever the number of taps). Each tap's targets ascend (unique); a
+    zero-padded tap is a fixed shift of the row-major keys, so its sources ascend too (else checked)."""
+    num_taps, num_dst = columns.shape
+    device = columns.device
+    flat = columns.reshape(-1)
+    pos = (flat >= 0).nonzero().squeeze(1)
+    bounds = torch.searchsorted(pos, torch.arange(num_taps + 1, device=device) * num_dst).tolist()
+    identity = None
+    if num_dst == num_src:
+        for t in range(num_taps):  # a full column that reads each row itself: the centre of a submanifold graph
+            a, b = bounds[t], bounds[t + 1]
+            column = flat[t * num_dst:(t + 1) * num_dst]
+            if b - a == num_dst and bool((column == torch.arange(num_dst, device=device)).all()):
+                identity = t
+                pos = torch.cat([pos[:a], pos[b:]])
+                bounds = bounds[:t + 1] + [c - num_dst for c in bounds[t + 1:]]
+                break
+    src = flat.index_select(0, pos).long()
+    dst = pos.remainder_(num_dst)
+    taps, cuts = [], [0]
+    for t in range(num_taps):
+        if bounds[t + 1] > bounds[t] and t != identity:
+            taps.append(t)
+            cuts.append(bounds[t + 1])
+    # sources of one tap ascend unless a descent falls strictly inside its range
+    descents = (src[1:] <= src[:-1]).nonzero().squeeze(1).add_(1).tolist() if src.numel() > 1 else []
+    src_unique = []
+    for k in range(len(taps)):
+        a, b = cuts[k], cuts[k + 1]
+        inside = bisect.bisect_right(descents, a) < bisect.bisect_left(descents, b)
+        src_unique.append(not inside or _unique(src[a:b]))
+    return _Pairs(src, dst, taps, cuts, identity, [True] * len(taps), src_unique)
+
+
+def _pairs_of_edges(edge_index: Tensor, edge_type: Tensor, num_src: int, num_dst: int, num_taps: int) -> _Pairs:
+    """The pairs of a general edge list (sorted by tap, stable)."""
+    if edge_type.numel() == 0:
+        return _Pairs(edge_index[0], edge_index[1], [], [0], None, [], [])
+    order = torch.argsort(edge_type, stable=True)
+    counts = torch.bincount(edge_type, minlength=num_taps).tolist()
+    src_all, dst_all = edge_index[0][order], edge_index[1][order]
+    taps, cuts, identity, src_unique, dst_unique = [], [0], None, [], []
+    keep = []
+    start = 0
+    for t, n in enumerate(counts):
+        if not n:
+            continue
+        src, dst = src_all[start:start + n], dst_all[start:start + n]
+        if n == num_dst == num_src and identity is None:
+            ids = torch.arange(n, device=src.device)
+            if bool((src == ids).all()) and bool((dst == ids).all()):
+                identity = t
+                start += n
+                continue
+        keep.append((start, start + n))
+        start += n
+        taps.append(t)
+        cuts.append(cuts[-1] + n)
+        src_unique.append(_unique(src))
+        dst_unique.append(_unique(dst))
+    if identity is not None:
+        src_all = torch.cat([src_all[a:b] for a, b in keep]) if keep else src_all[:0]
+        dst_all = torch.cat([dst_all[a:b] for a, b in keep]) if keep else dst_all[:0]
+    return _Pairs(src_all.contiguous(), dst_all.contiguous(), taps, cuts, identity, dst_unique, src_unique)
+
+
 class _EdgePlan:
     """What the edge kernels need of one edge list, built once per structure (cached in the registry).
 
     Two layouts, each built on first use:
 
-    * ``pairs``: per tap, the pairs it joins, ``(tap, src, dst, src_unique, dst_unique)``; ``src = dst =
-      None`` marks a tap that joins every node to itself (the centre of a submanifold graph: one GEMM
-      on ``x``). Any edge list has them.
+    * ``pairs`` (:class:`_Pairs`): the edges grouped by tap, for the per-tap kernels; any edge list has them.
     * ``table``: when every (target, tap) slot holds at most one edge (a masked or sparse pixel graph),
       the slot table ``index [N_dst, T]`` (``-1``: no edge) and, for the input gradient, its reverse
       ``[N_src, T]`` (which target reads source ``j`` through tap ``t``; None when a source feeds two
       targets through one tap: reflect / replicate padding). The forward of a well-filled table is one
-      blocked gather-GEMM (:data:`TABLE_MIN_FILL`); the per-tap pairs are read off its columns.
+      blocked gather-GEMM (:data:`TABLE_MIN_FILL`); the pairs are read off its columns.
 
     A masked or sparse graph's builder seeds the plan from the table it computed
     (:func:`seed_edge_plan`), so the first forward neither sorts nor scatters its edges.
@@ -781,16 +879,36 @@ class _EdgePlan:
                  table: Optional[Tensor] = None, edge_index: Optional[Tensor] = None,
                  edge_type: Optional[Tensor] = None) -> None:
         self.num_src, self.num_dst, self.num_taps, self.num_edges = num_src, num_dst, num_taps, num_edges
-        self.table = table
+        # the slot table row-major ([N_dst, T] contiguous) and / or tap-major ([T, N_dst] contiguous): a
+        # builder hands whichever it wrote; the other is made when a kernel needs it
+        self._table = self._columns = None
+        if table is not None:
+            if table.is_contiguous():
+                self._table = table
+            elif table.t().is_contiguous():
+                self._columns = table.t()
+            else:
+                self._table = table.contiguous()
         self._edges = None if table is not None else (edge_index, edge_type)
-        self._pairs: Optional[list] = None
+        self._pairs: Optional[_Pairs] = None
         self._reverse: Optional[Tensor] = None
         self._reverse_known = False
         self._blocks: dict = {}
         if table is None and edge_type is not None and num_edges and num_dst * num_taps <= _TABLE_PER_EDGE * num_edges:
-            self.table = _slot_table(edge_index, edge_type, num_dst, num_taps)
-            if self.table is not None:
+            self._table = _slot_table(edge_index, edge_type, num_dst, num_taps)
+            if self._table is not None:
                 self._edges = None
+
+    @property
+    def has_table(self) -> bool:
+        return self._table is not None or self._columns is not None
+
+    @property
+    def table(self) -> Optional[Tensor]:
+        """The slot table ``[N_dst, T]`` (row-major), or None for an edge list with a slot held twice."""
+        if self._table is None and self._columns is not None:
+            self._table = self._columns.t().contiguous()
+        return self._table
 
     @property
     def fill(self) -> float:
@@ -798,13 +916,16 @@ class _EdgePlan:
 
     def use_table(self, groups: int) -> bool:
         """Whether the forward and weight gradient run the blocked table kernel."""
-        return self.table is not None and groups == 1 and self.num_edges > 0 and self.fill >= TABLE_MIN_FILL
+        return self.has_table and groups == 1 and self.num_edges > 0 and self.fill >= TABLE_MIN_FILL
 
     @property
-    def pairs(self) -> list[tuple[int, Optional[Tensor], Optional[Tensor], bool, bool]]:
+    def pairs(self) -> _Pairs:
         if self._pairs is None:
-            self._pairs = _pairs_of_table(self.table, self.num_src) if self.table is not None else \
-                _pairs_of_edges(*self._edges, self.num_src, self.num_dst, self.num_taps)
+            if self.has_table:
+                columns = self._columns if self._columns is not None else self._table.t().contiguous()
+                self._pairs = _pairs_of_tap_major(columns, self.num_src)
+            else:
+                self._pairs = _pairs_of_edges(*self._edges, self.num_src, self.num_dst, self.num_taps)
             self._edges = None
         return self._pairs
 
@@ -830,18 +951,18 @@ class _EdgePlan:
         return self._blocks[key]
 
     def tensors(self) -> list[Tensor]:
-        out = [self.table, self._reverse]
+        out = [self._table, self._reverse, self._columns]
         if self._edges is not None:
             out += list(self._edges)
-        for _, src, dst, _, _ in self._pairs or ():
-            out += [src, dst]
+        if self._pairs is not None:
+            out += self._pairs.tensors()
         for b in self._blocks.values():
             out += b.tensors()
         return [t for t in out if t is not None]
 
     def missing(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         """``[N_dst, T]``: 1 where target ``i`` has no edge through tap ``t``."""
-        if self.table is not None:
+        if self.has_table:
             return (self.table < 0).to(device=device, dtype=dtype)
         present = torch.zeros(self.num_dst, self.num_taps, dtype=dtype, device=device)
         for t, _, dst, _, _ in self.pairs:
@@ -860,53 +981,6 @@ def _slot_table(edge_index: Tensor, edge_type: Tensor, num_dst: int, num_taps: i
     if int((table >= 0).sum()) != src.numel():
         return None
     return table.view(num_dst, num_taps)
-
-
-def _pairs_of_table(table: Tensor, num_src: int) -> list:
-    """Per tap, the pairs of a slot table's column (targets ascending, so unique; sources unique too when
-    no source feeds two targets through the tap)."""
-    num_dst, num_taps = table.shape
-    pairs = []
-    columns = table.t().contiguous()
-    ids = None
-    for t in range(num_taps):
-        col = columns[t]
-        dst = (col >= 0).nonzero().squeeze(1)
-        if dst.numel() == 0:
-            continue
-        if dst.numel() == num_dst == num_src:
-            ids = torch.arange(num_dst, device=table.device) if ids is None else ids
-            if bool((col == ids).all()):
-                pairs.append((t, None, None, True, True))
-                continue
-        src = col.index_select(0, dst).long()
-        # a zero-padded tap is a fixed shift of the row-major keys: its sources ascend with its targets
-        unique = bool((src[1:] > src[:-1]).all()) or _unique(src)
-        pairs.append((t, src, dst, unique, True))
-    return pairs
-
-
-def _pairs_of_edges(edge_index: Tensor, edge_type: Tensor, num_src: int, num_dst: int, num_taps: int) -> list:
-    """Per tap, the pairs of a general edge list (sorted by tap, stable)."""
-    pairs: list = []
-    if edge_type.numel() == 0:
-        return pairs
-    order = torch.argsort(edge_type, stable=True)
-    counts = torch.bincount(edge_type, minlength=num_taps).tolist()
-    src_all, dst_all = edge_index[0][order], edge_index[1][order]
-    start = 0
-    for t, n in enumerate(counts):
-        if not n:
-            continue
-        src, dst = src_all[start:start + n], dst_all[start:start + n]
-        start += n
-        if n == num_dst == num_src:
-            ids = torch.arange(n, device=src.device)
-            if bool((src == ids).all()) and bool((dst == ids).all()):
-                pairs.append((t, None, None, True, True))
-                continue
-        pairs.append((t, src.contiguous(), dst.contiguous(), _unique(src), _unique(dst)))
-    return pairs
 
 
 def _unique(ids: Tensor) -> bool:
@@ -929,8 +1003,8 @@ def _plan_tag(num_src: int, num_dst: int, num_taps: int) -> str:
 
 def seed_edge_plan(edge_index: Tensor, edge_type: Tensor, table: Tensor, num_src: int) -> None:
     """Cache the plan of the edges ``edge_index`` / ``edge_type`` of a masked or sparse pixel graph from the
-    slot table they were read off (``table [N_dst, T]``, -1 = no edge; it must hold exactly those edges):
-    the first forward then needs no sort and no scatter of the edges."""
+    slot table they were read off (``table [N_dst, T]``, row-major or a transposed tap-major buffer, -1 = no
+    edge; it must hold exactly those edges): the first forward then needs no sort and no scatter."""
     num_dst, num_taps = table.shape
 
     def build():
@@ -949,42 +1023,64 @@ def _add_rows(out: Tensor, rows: Tensor, values: Tensor, unique: bool) -> None:
         out.index_add_(0, rows, values)
 
 
+#: Below this many rows a tap's GEMM runs through ``torch.mm``: oneDNN builds a primitive for every new
+#: shape (~15 us for 100 rows of 32 -> 32, against 4.5 us for ``torch.mm``; even at 1,000 rows).
+_SMALL_GEMM_ROWS = 1024
+
+
 def _mm_nk(x: Tensor, w_nk: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``x @ w_nk^T (+ bias)`` for one tap's ``[C_out, C_in]`` weight (oneDNN for CPU float32/bfloat16)."""
+    """``x @ w_nk^T (+ bias)`` for one tap's ``[C_out, C_in]`` weight (oneDNN for large CPU float32/bfloat16)."""
+    if x.size(0) < _SMALL_GEMM_ROWS:
+        return torch.addmm(bias, x, w_nk.t()) if bias is not None else x @ w_nk.t()
     return _linear(x, w_nk.contiguous(), bias)
 
 
-def _tap_products(x: Tensor, taps: Tensor, pairs: list, num_rows: int, c_out: int, bias: Optional[Tensor],
+def _tap_products(x: Tensor, taps: Tensor, pairs: _Pairs, num_rows: int, c_out: int, bias: Optional[Tensor],
                   reverse: bool) -> Tensor:
     """``bias + sum_t`` of ``out[dst] += M_t x[src]`` over every tap's pairs (``reverse``:
-    ``out[src] += M_t^T x[dst]``), in cache-sized chunks of edges gathered into one reused buffer. A tap
-    that joins every node to itself writes the output first (one GEMM, bias fused, no zero fill)."""
+    ``out[src] += M_t^T x[dst]``). The identity tap writes the output first (one GEMM, bias fused, no zero
+    fill). When all other edges fit one cache-sized buffer they are gathered at once, multiplied tap by tap
+    into one message buffer and added with one scatter; otherwise tap by tap, in chunks of one buffer."""
     groups = taps.size(1)
-    identity = next((p for p in pairs if p[1] is None), None)
-    if identity is not None:
-        w = taps[identity[0]].transpose(1, 2) if reverse else taps[identity[0]]
+    # every tap's [G, rows out / G, rows in / G] weight, contiguous once
+    taps = (taps.transpose(2, 3) if reverse else taps).contiguous()
+    if pairs.identity is not None:
+        w = taps[pairs.identity]
         out = _mm_nk(x, w[0], bias) if groups == 1 else apply_tap(x, w)
         if groups > 1 and bias is not None:
             out += bias
-        pairs = [p for p in pairs if p is not identity]
     else:
         out = x.new_zeros(num_rows, c_out)
         if bias is not None:
             out += bias
+    n = pairs.num_edges
+    if not n:
+        return out
+    read_all, write_all = (pairs.dst, pairs.src) if reverse else (pairs.src, pairs.dst)
     budget = CPU_BLOCK_BYTES if x.device.type == "cpu" else DEVICE_BLOCK_BYTES
-    step = max(64, budget // max(1, x.size(1) * x.element_size()))
-    longest = max((p[1].numel() for p in pairs if p[1] is not None), default=0)
-    buf = x.new_empty(min(step, longest), x.size(1)) if longest else None
-    for t, src, dst, src_unique, dst_unique in pairs:
-        w = taps[t].transpose(1, 2) if reverse else taps[t]  # [G, rows out / G, rows in / G]
-        if src is None:
-            out += _mm_nk(x, w[0]) if groups == 1 else apply_tap(x, w)
-            continue
-        read, write, unique = (dst, src, src_unique) if reverse else (src, dst, dst_unique)
-        for s in range(0, read.numel(), step):
-            e = min(read.numel(), s + step)
-            rows = torch.index_select(x, 0, read[s:e], out=buf[:e - s])
-            _add_rows(out, write[s:e], _mm_nk(rows, w[0]) if groups == 1 else apply_tap(rows, w), unique)
+    step = max(64, budget // max(1, max(x.size(1), c_out) * x.element_size()))
+    if n <= step:  # one gather, one GEMM per tap into one buffer, one scatter-add
+        rows = x.index_select(0, read_all)
+        messages = x.new_empty(n, c_out)
+        for k, t in enumerate(pairs.taps):
+            a, b = pairs.bounds[k], pairs.bounds[k + 1]
+            if groups == 1 and b - a < _SMALL_GEMM_ROWS:
+                torch.mm(rows[a:b], taps[t][0].t(), out=messages[a:b])
+            elif groups == 1:
+                messages[a:b] = _linear(rows[a:b], taps[t][0])
+            else:
+                messages[a:b] = apply_tap(rows[a:b], taps[t])
+        out.index_add_(0, write_all, messages)
+        return out
+    buf = x.new_empty(step, x.size(1))
+    for k, t in enumerate(pairs.taps):
+        w = taps[t]
+        a, b = pairs.bounds[k], pairs.bounds[k + 1]
+        unique = pairs.src_unique[k] if reverse else pairs.dst_unique[k]
+        for s in range(a, b, step):
+            e = min(b, s + step)
+            rows = torch.index_select(x, 0, read_all[s:e], out=buf[:e - s])
+            _add_rows(out, write_all[s:e], _mm_nk(rows, w[0]) if groups == 1 else apply_tap(rows, w), unique)
     return out
 
 
