@@ -225,11 +225,13 @@ def masked_grid_to_graph(image: Tensor, geometry: ConvGeometry, mask: Any) -> Ma
         raise ValueError(f"expected mask of shape {' or '.join(str(s) for s in shapes)} for an image of shape "
                          f"{tuple(image.shape)} (got {tuple(mask.shape)})")
     mask = mask.expand(num_images, *grid) if mask.dim() == len(grid) else mask
-    in_keys = mask.reshape(-1).nonzero().squeeze(1)
+    found = mask.nonzero()  # [N, 1 + ndim]: (image, coordinates), row-major: no division to unravel keys
+    b, pos = found[:, 0], found[:, 1:].contiguous()
+    in_keys = ravel(b, pos, grid)
     # Gather channel by channel from the (C, B*H*W) layout (a view for one image), then transpose:
     # no copy of the whole image in channels-last order.
     x = images.transpose(0, 1).reshape(channels, -1).index_select(1, in_keys).t().contiguous()
-    return sparse_grid_to_graph(in_keys, x, geometry, grid, num_images, batched)
+    return sparse_grid_to_graph(in_keys, x, geometry, grid, num_images, batched, (b, pos))
 
 
 def masked_graph_to_image(x: Tensor, graph: MaskedPixelGraph, side: Optional[str] = None) -> Tensor:
