@@ -4,16 +4,19 @@ For ``C = 8`` and ``C = 64`` channels (``C -> C``, 3x3, padding 1, batch 1) and 
 forward + backward (input and parameters require grad):
 
 * ``gridgraph``: ``GridConv2d(g.x, g.edge_index, g.edge_type)`` on node features ``[H*W, C]``, the pixel
-  graph built beforehand (as in ``benchmarks/run.py``);
+  graph built beforehand (as in ``benchmarks/run.py``). Where the graph's edge list would not fit in
+  ``--max-gb`` (4096x4096: 151 M edges), the same operator is called on the graph's structure alone
+  (``gridgraph.nn.functional.conv(x, part, weight, bias)``: the key of the same neighbour table, no edge
+  list), marked "structure call" in the table;
 * ``conv2d``: ``F.conv2d`` on the image, NCHW and channels-last, both timed; the faster is the
   reference, and the memory ratio is taken against that same layout.
 
 Every method's output and input gradient is checked against ``F.conv2d`` (NCHW) before it is timed.
 Times: medians of ``torch.utils.benchmark.Timer`` blocks over ``--rounds`` interleaved rounds (A/B/C,
 A/B/C, ...). Peak memory: ``peak_extra_bytes`` of ``benchmarks/run.py`` (the running sum of torch's CPU
-allocator events during one call, above what it held before). A size whose tensors would not fit in
-``--max-gb`` (an estimate: the graph's edge list and neighbour table, the features, their gradients and
-the convolution's input and output in both layouts) is skipped and reported as such.
+allocator events during one call, above what it held before). A size that would not fit in ``--max-gb``
+even with the structure call (an estimate: the cached structure, the inputs in both layouts, the upstream
+gradients, an output and an input gradient) is skipped and reported as such.
 
 Usage::
 
@@ -50,71 +53,104 @@ QUICK_SIDES = (12, 24)
 METHODS = ("gridgraph", "conv2d-nchw", "conv2d-cl")
 
 
-def needed_bytes(side: int, channels: int) -> int:
-    """A generous estimate of what one size holds at its peak: the graph (edge list, taps, offsets: ~40
-    bytes per edge; int64 and int32 neighbour tables: ~108 bytes per pixel), the features, output and
-    their gradients for the three methods (~12 tensors of ``H*W*C`` floats)."""
-    pixels = side * side
-    return pixels * 9 * 40 + pixels * 108 + 12 * pixels * channels * 4
+def needed_bytes(side: int, channels: int, call: str) -> int:
+    """A generous estimate of what one size holds at its peak. Per pixel: the graph and the cached
+    structure (``'plain'``: the edge list, taps and offsets, the cached edge template, the neighbour table
+    and the kernels' plans, ~620 bytes measured at 1024x1024, 3x3; ``'structure'``: the table and plans
+    only, ~150 bytes), and ~8 live float tensors of ``C`` channels (inputs, upstream gradients, output,
+    input gradient)."""
+    per_pixel = (700 if call == "plain" else 200) + 8 * channels * 4
+    return side * side * per_pixel
 
 
-def cases(side: int, channels: int, seed: int = 0):
-    """The three methods on one size, each a forward+backward closure, and the output/gradient checks."""
+def cases(side: int, channels: int, call: str = "plain", seed: int = 0):
+    """The three methods on one size, each a forward+backward closure, after the output/gradient checks.
+
+    ``call='plain'``: the graph layer's plain call on the pixel graph (``image_to_graph`` beforehand);
+    ``'structure'``: the same operator given the graph's structure alone (``gridgraph.nn.functional.conv``
+    on a :class:`~gridgraph.structure.GraphPart`), for images whose edge list would not fit in memory.
+    Both run ``torch.ops.gridgraph.grid_conv`` on the same key (checked with ``kernel_trace``)."""
+    from gridgraph.geometry import ConvGeometry
+    from gridgraph.nn.functional import conv as graph_conv, kernel_trace
+    from gridgraph.structure import GraphPart
+
     torch.manual_seed(seed)
     conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
     layer = GridConv2d.from_conv2d(conv)
-    image = torch.randn(1, channels, side, side)
-    graph = image_to_graph(image, layer)
     weight, bias = conv.weight.detach().requires_grad_(True), conv.bias.detach().requires_grad_(True)
-    x_nchw = image.clone().requires_grad_(True)
-    x_cl = image.contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    x_nodes = graph.x.detach().clone().requires_grad_(True)
+    x_nchw = torch.randn(1, channels, side, side).requires_grad_(True)
+    x_cl = x_nchw.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    # node features [H*W, C] are the channels-last image: a view of x_cl's storage with its own gradient
+    x_nodes = x_cl.detach().permute(0, 2, 3, 1).reshape(-1, channels).requires_grad_(True)
     grad_image = torch.randn(1, channels, side, side)
     grad_cl = grad_image.contiguous(memory_format=torch.channels_last)
-    grad_nodes = grad_image.permute(0, 2, 3, 1).reshape(-1, channels).contiguous()
+    grad_nodes = grad_cl.permute(0, 2, 3, 1).reshape(-1, channels)
+    if call == "plain":
+        graph = image_to_graph(x_nchw.detach(), layer)
+        num_edges = graph.edge_index.size(1)
 
-    def gridgraph():
-        x_nodes.grad = None
+        def run_graph():
+            return layer(x_nodes, graph.edge_index, graph.edge_type)
+    else:
+        part = GraphPart.grid(ConvGeometry.from_module(layer), (side, side), 1)
+        num_edges = None
+
+        def run_graph():
+            return graph_conv(x_nodes, part, layer.weight, layer.bias)
+
+    def gridgraph(keep: bool = False):
         layer.zero_grad(set_to_none=True)
-        out = layer(x_nodes, graph.edge_index, graph.edge_type)
+        out = run_graph()
         out.backward(grad_nodes)
+        if not keep:  # nothing of this call stays alive into the next one
+            x_nodes.grad = None
         return out
 
-    def conv_nchw():
-        x_nchw.grad = weight.grad = bias.grad = None
+    def conv_nchw(keep: bool = False):
+        weight.grad = bias.grad = None
         out = F.conv2d(x_nchw, weight, bias, padding=1)
         out.backward(grad_image)
+        if not keep:
+            x_nchw.grad = None
         return out
 
-    def conv_cl():
-        x_cl.grad = weight.grad = bias.grad = None
+    def conv_cl(keep: bool = False):
+        weight.grad = bias.grad = None
         out = F.conv2d(x_cl, weight, bias, padding=1)
         out.backward(grad_cl)
+        if not keep:
+            x_cl.grad = None
         return out
 
     # correctness first: outputs and input gradients against F.conv2d (NCHW)
-    ref = conv_nchw().detach()
-    ref_grad = x_nchw.grad.clone()
+    ref = conv_nchw(keep=True).detach()
+    ref_grad = x_nchw.grad
+    x_nchw.grad = None
     scale = max(1.0, float(ref.abs().max()))
     gscale = max(1.0, float(ref_grad.abs().max()))
     errors = {}
-    out = gridgraph().detach().view(1, side, side, channels).permute(0, 3, 1, 2)
+    with kernel_trace() as trace:
+        out = gridgraph(keep=True).detach().view(1, side, side, channels).permute(0, 3, 1, 2)
+    if trace != ["grid"]:
+        raise AssertionError(f"side {side}, C={channels}: expected the grid kernel, ran {trace}")
     errors["gridgraph"] = (float((out - ref).abs().max()) / scale,
                            float((x_nodes.grad.view(1, side, side, channels).permute(0, 3, 1, 2) - ref_grad).abs().max())
                            / gscale)
-    errors["conv2d-cl"] = (float((conv_cl().detach() - ref).abs().max()) / scale,
-                           float((x_cl.grad - ref_grad).abs().max()) / gscale)
+    del out
+    x_nodes.grad = None
+    out = conv_cl(keep=True).detach()
+    errors["conv2d-cl"] = (float((out - ref).abs().max()) / scale, float((x_cl.grad - ref_grad).abs().max()) / gscale)
+    x_cl.grad = None
+    del out, ref, ref_grad
     bad = {k: v for k, v in errors.items() if max(v) > 1e-4}
     if bad:
         raise AssertionError(f"side {side}, C={channels}: differs from F.conv2d: {bad}")
-    del out, ref, ref_grad
-    return {"gridgraph": gridgraph, "conv2d-nchw": conv_nchw, "conv2d-cl": conv_cl}, errors, \
-        graph.edge_index.size(1)
+    return {"gridgraph": gridgraph, "conv2d-nchw": conv_nchw, "conv2d-cl": conv_cl}, errors, num_edges
 
 
-def measure_size(side: int, channels: int, rounds: int, budget_s: float, timing: bool) -> dict:
-    fns, errors, num_edges = cases(side, channels)
-    row = {"side": side, "channels": channels, "num_edges": num_edges,
+def measure_size(side: int, channels: int, rounds: int, budget_s: float, timing: bool, call: str = "plain") -> dict:
+    fns, errors, num_edges = cases(side, channels, call)
+    row = {"side": side, "channels": channels, "call": call, "num_edges": num_edges,
            "max_rel_error": {k: v[0] for k, v in errors.items()},
            "grad_rel_error": {k: v[1] for k, v in errors.items()}}
     if not timing:
@@ -160,7 +196,8 @@ def markdown(payload: dict) -> str:
             lines.append(f"| {r['channels']} | {r['side']} | skipped: {r['skipped']} | | | | | | | |")
             continue
         t, p, ref = r["fb_ms"], r["peak_mb"], r["reference"]
-        lines.append(f"| {r['channels']} | {r['side']} | {t['gridgraph']:.1f} | {t['conv2d-nchw']:.1f} | "
+        side = f"{r['side']}" + (" (structure call)" if r.get("call") == "structure" else "")
+        lines.append(f"| {r['channels']} | {side} | {t['gridgraph']:.1f} | {t['conv2d-nchw']:.1f} | "
                      f"{t['conv2d-cl']:.1f} | {r['time_ratio']:.2f}x ({'CL' if ref == 'conv2d-cl' else 'NCHW'}) | "
                      f"{r['time_ratio_nchw']:.2f}x | {p['gridgraph']:.0f} | {p[ref]:.0f} | {r['memory_ratio']:.2f}x |")
     return "\n".join(lines)
@@ -221,12 +258,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     payload = {"machine": info, "quick": args.quick, "rounds": args.rounds, "budget_s": args.budget, "rows": []}
     for c in channels:
         for side in sides:
-            need = needed_bytes(side, c)
-            if need > args.max_gb * 2**30:
-                row = {"side": side, "channels": c,
-                       "skipped": f"needs ~{need / 2**30:.0f} GiB > --max-gb {args.max_gb:g}"}
+            calls = [k for k in ("plain", "structure") if needed_bytes(side, c, k) <= args.max_gb * 2**30]
+            if not calls:
+                row = {"side": side, "channels": c, "skipped": f"needs ~{needed_bytes(side, c, 'structure') / 2**30:.0f}"
+                       f" GiB > --max-gb {args.max_gb:g}"}
             else:
-                row = measure_size(side, c, args.rounds, args.budget, timing=not args.quick)
+                row = measure_size(side, c, args.rounds, args.budget, timing=not args.quick, call=calls[0])
                 clear_cache()
                 gc.collect()
             payload["rows"].append(row)

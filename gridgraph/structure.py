@@ -335,6 +335,9 @@ def edge_template(geometry: Geometry, in_size: Sequence[int], device: Any = None
 #: binary search), so a huge, nearly empty grid never costs memory of its size.
 DENSE_MAP_LIMIT = 1 << 22
 _DENSE_PER_SITE = 16
+#: Up to this many table slots the dense-map lookup gathers every tap at once (a [K, N] int64 temporary
+#: of 2 MiB at most); above it, tap by tap.
+_ONE_GATHER_SLOTS = 1 << 18
 
 
 @dataclass(frozen=True, eq=False)
@@ -465,8 +468,12 @@ def sparse_table(in_keys: Tensor, out_keys: Tensor, geometry: ConvGeometry, in_s
             at = ravel(b_in, c_in, padded) + origin
         ids[at] = torch.arange(num_src, dtype=dtype, device=device)
         columns = torch.empty(num_taps, num_dst, dtype=dtype, device=device)
-        for t, shift in enumerate(shifts):
-            torch.index_select(ids, 0, anchor + shift, out=columns[t])
+        if num_taps * num_dst <= _ONE_GATHER_SLOTS:  # few sites: one add and one gather for all taps
+            where = anchor[None, :] + torch.tensor(shifts, device=device)[:, None]
+            torch.index_select(ids, 0, where.view(-1), out=columns.view(-1))
+        else:  # tap by tap: no [K, N] temporary of positions
+            for t, shift in enumerate(shifts):
+                torch.index_select(ids, 0, anchor + shift, out=columns[t])
         return SparseTable(columns.t(), geometry, num_src, num_dst, not num_dst or bool(columns.min() >= 0))
     offsets = geometry.offsets().to(device)
     nominal = coords[:, None, :] * torch.tensor(geometry.stride, device=device) + offsets[None, :, :]

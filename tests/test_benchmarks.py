@@ -182,7 +182,10 @@ def test_scale_timed_path_reports_ratios_and_draws_the_plot(tmp_path):
     assert "| 2 | 16 |" in table and "| 2 | 32 | skipped: x |" in table
     scale.plot(payload, tmp_path / "scale.png")
     assert (tmp_path / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert scale.needed_bytes(4096, 64) > scale.needed_bytes(2048, 64) > 4 * 2**30
+    assert scale.needed_bytes(4096, 64, "structure") > scale.needed_bytes(2048, 64, "plain") > 4 * 2**30
+    structure = scale.measure_size(16, 2, rounds=1, budget_s=0.01, timing=True, call="structure")
+    assert structure["call"] == "structure" and structure["max_rel_error"]["gridgraph"] <= 1e-4
+    assert "| 2 | 16 (structure call) |" in scale.markdown({**payload, "rows": [structure]})
 
 
 def bench_machine():

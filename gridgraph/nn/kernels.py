@@ -767,9 +767,25 @@ class _Pairs:
     ``dst_unique`` / ``src_unique``: whether the targets (sources) of each tap are distinct."""
 
     def __init__(self, src: Tensor, dst: Tensor, taps: list[int], bounds: list[int], identity: Optional[int],
-                 dst_unique: list[bool], src_unique: list[bool]) -> None:
+                 dst_unique: list[bool], src_unique: Optional[list[bool]]) -> None:
         self.src, self.dst, self.taps, self.bounds, self.identity = src, dst, taps, bounds, identity
-        self.dst_unique, self.src_unique = dst_unique, src_unique
+        self.dst_unique, self._src_unique = dst_unique, src_unique
+
+    @property
+    def src_unique(self) -> list[bool]:
+        """Per tap, whether its sources are distinct (computed on first use: only the threaded scatter of
+        the input gradient asks). A zero-padded tap is a fixed shift of the row-major keys, so its sources
+        ascend with its targets unless a descent falls strictly inside its range (then they are checked)."""
+        if self._src_unique is None:
+            src = self.src
+            descents = (src[1:] <= src[:-1]).nonzero().squeeze(1).add_(1).tolist() if src.numel() > 1 else []
+            flags = []
+            for k in range(len(self.taps)):
+                a, b = self.bounds[k], self.bounds[k + 1]
+                inside = bisect.bisect_right(descents, a) < bisect.bisect_left(descents, b)
+                flags.append(not inside or _unique(src[a:b]))
+            self._src_unique = flags
+        return self._src_unique
 
     @property
     def num_edges(self) -> int:
@@ -793,8 +809,7 @@ def _ascending(ids: Tensor) -> bool:
 
 def _pairs_of_tap_major(columns: Tensor, num_src: int) -> _Pairs:
     """The pairs of a slot table given tap-major (``columns [T, N_dst]``, -1: no edge), for all taps at
-    once (a handful of operations, whatever the number of taps). Each tap's targets ascend (unique); a
-    zero-padded tap is a fixed shift of the row-major keys, so its sources ascend too (else checked)."""
+    once (a handful of operations, whatever the number of taps). Each tap's targets ascend (unique)."""
     num_taps, num_dst = columns.shape
     device = columns.device
     flat = columns.reshape(-1)
@@ -817,14 +832,7 @@ def _pairs_of_tap_major(columns: Tensor, num_src: int) -> _Pairs:
         if bounds[t + 1] > bounds[t] and t != identity:
             taps.append(t)
             cuts.append(bounds[t + 1])
-    # sources of one tap ascend unless a descent falls strictly inside its range
-    descents = (src[1:] <= src[:-1]).nonzero().squeeze(1).add_(1).tolist() if src.numel() > 1 else []
-    src_unique = []
-    for k in range(len(taps)):
-        a, b = cuts[k], cuts[k + 1]
-        inside = bisect.bisect_right(descents, a) < bisect.bisect_left(descents, b)
-        src_unique.append(not inside or _unique(src[a:b]))
-    return _Pairs(src, dst, taps, cuts, identity, [True] * len(taps), src_unique)
+    return _Pairs(src, dst, taps, cuts, identity, [True] * len(taps), None)
 
 
 def _pairs_of_edges(edge_index: Tensor, edge_type: Tensor, num_src: int, num_dst: int, num_taps: int) -> _Pairs:
