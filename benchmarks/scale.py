@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 from gridgraph import GridConv2d, clear_cache, image_to_graph
+from gridgraph.structure import REGISTRY
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -187,7 +188,8 @@ def markdown(payload: dict) -> str:
     m = payload["machine"]
     lines = [f"CPU: {m['cpu']}, {m['threads']} threads; torch {m['torch']}; float32; C -> C, 3x3, padding 1, "
              f"batch 1; forward+backward; medians of Timer blocks over {payload['rounds']} interleaved rounds; "
-             f"load average {m.get('load_average_start')} at the start, {m.get('load_average_end')} at the end", "",
+             f"load average {m.get('load_average_start')} at the start, {m.get('load_average_end')} at the end; "
+             f"structure cache bound {m.get('structure_cache_gib', 2):g} GiB", "",
              "| C | side | gridgraph ms | conv2d NCHW ms | conv2d CL ms | ratio to the faster | (to NCHW) | "
              "gridgraph peak MB | conv2d peak MB (same layout) | memory ratio |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -240,6 +242,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--sides", default=",".join(map(str, SIDES)))
     parser.add_argument("--max-gb", type=float, default=12.0,
                         help="skip a size whose estimated peak exceeds this many GiB (default: 12)")
+    parser.add_argument("--cache-gb", type=float, default=None,
+                        help="bound of gridgraph's structure cache (gridgraph.structure.REGISTRY.max_bytes) in GiB "
+                             "(default: the library's, 2 GiB; a 4096x4096 3x3 grid's table and plans hold ~2.4 GiB)")
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--json", type=Path, default=None, help="with --show: the saved run to print")
     parser.add_argument("--show", action="store_true", help="print the table of a saved run and exit")
@@ -253,7 +258,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     sides = QUICK_SIDES if args.quick else tuple(int(s) for s in args.sides.split(","))
     _malloc_for_timing()
     torch.set_num_threads(args.threads)
+    if args.cache_gb is not None:
+        REGISTRY.max_bytes = int(args.cache_gb * 2**30)
     info = machine()
+    info["structure_cache_gib"] = REGISTRY.max_bytes / 2**30
     info["load_average_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     payload = {"machine": info, "quick": args.quick, "rounds": args.rounds, "budget_s": args.budget, "rows": []}
     for c in channels:
