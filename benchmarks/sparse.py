@@ -350,6 +350,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-spconv", action="store_true", help="skip the spconv peer")
     parser.add_argument("--only-spconv", action="store_true", help="run the spconv peer only")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the spconv comparison (default: 3)")
+    parser.add_argument("--occupancies", default="0.01,0.1,0.5", help="comma-separated fractions (default: 0.01,0.1,0.5)")
     args = parser.parse_args(argv)
     if args.show:
         saved = json.loads(args.json.read_text())
@@ -367,6 +368,12 @@ def main(argv=None) -> int:
         parser.error(f"--min-run-time must be positive (got {args.min_run_time})")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1 (got {args.rounds})")
+    try:
+        occupancies = [float(f) for f in args.occupancies.split(",")]
+    except ValueError:
+        parser.error(f"--occupancies must be comma-separated fractions (got {args.occupancies!r})")
+    if not all(0 < f <= 1 for f in occupancies):
+        parser.error(f"--occupancies must lie in (0, 1] (got {args.occupancies!r})")
     malloc = _malloc_for_timing()
     torch.set_num_threads(args.threads)
     env = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
@@ -377,13 +384,13 @@ def main(argv=None) -> int:
     print(f"# Sparse domains: {env}")
     all_results = {"environment": env, "runs": []}
     if not args.no_spconv:
-        peer = run_spconv(args.size, args.channels, [0.01, 0.10, 0.50], args.min_run_time, args.rounds, args.seed,
+        peer = run_spconv(args.size, args.channels, occupancies, args.min_run_time, args.rounds, args.seed,
                           timing=not args.quick)
         all_results["spconv"] = peer
         print()
         print(spconv_markdown(peer))
     for kernel_size, stride in () if args.only_spconv else ((3, 1), (3, 2)):
-        results = run(args.size, args.channels, [0.01, 0.10, 0.50], kernel_size, stride, args.min_run_time, args.seed,
+        results = run(args.size, args.channels, occupancies, kernel_size, stride, args.min_run_time, args.seed,
                       timing=not args.quick)
         all_results["runs"].append(results)
         print()

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from .geometry import ConvGeometry, TransposedGeometry
 from .pixel_graph import (MaskedPixelGraph, PixelEdgeIndex, TransposedPixelGraph, check_image, full_grid_graph)
-from .structure import (DENSE_MAP_LIMIT, GraphPart, PixelStructure, SparseTable, active_outputs, ravel,
-                        sparse_table, table_edges, tap_offsets, transposed_table, unravel)
+from .structure import (DENSE_MAP_LIMIT, GraphPart, PixelStructure, SparseTable, active_outputs, centre_tap,
+                        ravel, sparse_table, table_edges, tap_offsets, transposed_table, unravel)
 
 __all__ = ["TransposedGeometry", "TransposedPixelGraph", "transposed_table", "transposed_grid_to_graph",
            "transposed_image_to_graph", "SparseTable", "MaskedPixelGraph", "masked_grid_to_graph",
@@ -103,7 +103,8 @@ def sparse_grid_to_graph(in_keys: Tensor, x: Tensor, geometry: ConvGeometry, in_
     data, tap = table_edges(table.index)
     part = GraphPart("sparse", geometry, in_size, num_images, num_src, out_keys.numel(), tap.numel(), batched)
     edge_index = PixelEdgeIndex.make(data, tap, PixelStructure.single(part))
-    seed_edge_plan(data, tap, table.index, num_src)
+    # submanifold: the tap of offset zero reads every node itself (its column is 0 .. N-1)
+    seed_edge_plan(data, tap, table.index, num_src, centre_tap(geometry) if submanifold else None)
     edge_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     edge_attr = tap_offsets(geometry, tap, edge_dtype)
     graph = MaskedPixelGraph(x=x, edge_index=edge_index, edge_attr=edge_attr, pos=pos, out_pos=out_pos,
@@ -174,14 +175,16 @@ def sparse_to_graph(coords: Tensor, features: Tensor, size: Sequence[int], conv:
     batched = coords.size(1) == ndim + 1
     b = coords[:, 0] if batched else coords.new_zeros(coords.size(0))
     pix = coords[:, 1:] if batched else coords
+    top = 1 if not batched else 0
     if coords.size(0):
-        lo, hi = pix.min(0).values, pix.max(0).values
-        if bool((lo < 0).any()) or any(int(h) >= n for h, n in zip(hi, size)):
-            raise ValueError(f"coords must lie inside the grid {tuple(size)} (got coordinates from {lo.tolist()} "
-                             f"to {hi.tolist()})")
-        if batched and int(b.min()) < 0:
-            raise ValueError(f"image indices in coords[:, 0] must be non-negative (got {int(b.min())})")
-    top = int(b.max()) + 1 if coords.size(0) else (1 if not batched else 0)
+        lo, hi = (t.tolist() for t in torch.aminmax(coords, dim=0))  # one pass, one read-back
+        if batched:
+            (b_lo, *lo), (b_hi, *hi) = lo, hi
+            if b_lo < 0:
+                raise ValueError(f"image indices in coords[:, 0] must be non-negative (got {b_lo})")
+            top = b_hi + 1
+        if min(lo) < 0 or any(h >= n for h, n in zip(hi, size)):
+            raise ValueError(f"coords must lie inside the grid {tuple(size)} (got coordinates from {lo} to {hi})")
     if num_images is None:
         num_images = top
     elif not batched and num_images != 1:

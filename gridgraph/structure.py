@@ -510,6 +510,14 @@ def _map_shifts(geometry: ConvGeometry, padded: tuple[int, ...]) -> tuple[tuple[
 
 
 @lru_cache(maxsize=1024)
+def centre_tap(geometry: ConvGeometry) -> Optional[int]:
+    """The tap whose offset from the anchor is zero in every dimension, if any (on a submanifold graph it
+    joins every node to itself)."""
+    rows = geometry.offsets().tolist()
+    return rows.index([0] * geometry.ndim) if [0] * geometry.ndim in rows else None
+
+
+@lru_cache(maxsize=1024)
 def _cached_offsets(geometry: ConvGeometry, dtype: torch.dtype, device: torch.device) -> Tensor:
     return geometry.offsets().to(device=device, dtype=dtype)
 

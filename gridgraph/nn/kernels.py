@@ -807,16 +807,19 @@ def _ascending(ids: Tensor) -> bool:
     return ids.numel() < 2 or bool((ids[1:] > ids[:-1]).all())
 
 
-def _pairs_of_tap_major(columns: Tensor, num_src: int) -> _Pairs:
+def _pairs_of_tap_major(columns: Tensor, num_src: int, identity: Optional[int] = None) -> _Pairs:
     """The pairs of a slot table given tap-major (``columns [T, N_dst]``, -1: no edge), for all taps at
-    once (a handful of operations, whatever the number of taps). Each tap's targets ascend (unique)."""
+    once (a handful of operations, whatever the number of taps). Each tap's targets ascend (unique).
+    ``identity``: a tap the builder knows joins every node to itself (left out without a check)."""
     num_taps, num_dst = columns.shape
     device = columns.device
     flat = columns.reshape(-1)
-    pos = (flat >= 0).nonzero().squeeze(1)
+    valid = flat >= 0
+    if identity is not None:
+        valid[identity * num_dst:(identity + 1) * num_dst] = False
+    pos = valid.nonzero().squeeze(1)
     bounds = torch.searchsorted(pos, torch.arange(num_taps + 1, device=device) * num_dst).tolist()
-    identity = None
-    if num_dst == num_src:
+    if identity is None and num_dst == num_src:
         for t in range(num_taps):  # a full column that reads each row itself: the centre of a submanifold graph
             a, b = bounds[t], bounds[t + 1]
             column = flat[t * num_dst:(t + 1) * num_dst]
@@ -885,8 +888,9 @@ class _EdgePlan:
 
     def __init__(self, num_src: int, num_dst: int, num_taps: int, num_edges: int,
                  table: Optional[Tensor] = None, edge_index: Optional[Tensor] = None,
-                 edge_type: Optional[Tensor] = None) -> None:
+                 edge_type: Optional[Tensor] = None, identity: Optional[int] = None) -> None:
         self.num_src, self.num_dst, self.num_taps, self.num_edges = num_src, num_dst, num_taps, num_edges
+        self._identity = identity  # a tap the builder knows joins every node to itself (table plans only)
         # the slot table row-major ([N_dst, T] contiguous) and / or tap-major ([T, N_dst] contiguous): a
         # builder hands whichever it wrote; the other is made when a kernel needs it
         self._table = self._columns = None
@@ -931,7 +935,7 @@ class _EdgePlan:
         if self._pairs is None:
             if self.has_table:
                 columns = self._columns if self._columns is not None else self._table.t().contiguous()
-                self._pairs = _pairs_of_tap_major(columns, self.num_src)
+                self._pairs = _pairs_of_tap_major(columns, self.num_src, self._identity)
             else:
                 self._pairs = _pairs_of_edges(*self._edges, self.num_src, self.num_dst, self.num_taps)
             self._edges = None
@@ -1009,14 +1013,16 @@ def _plan_tag(num_src: int, num_dst: int, num_taps: int) -> str:
     return f"edge-plan {num_src} {num_dst} {num_taps}"
 
 
-def seed_edge_plan(edge_index: Tensor, edge_type: Tensor, table: Tensor, num_src: int) -> None:
+def seed_edge_plan(edge_index: Tensor, edge_type: Tensor, table: Tensor, num_src: int,
+                   identity: Optional[int] = None) -> None:
     """Cache the plan of the edges ``edge_index`` / ``edge_type`` of a masked or sparse pixel graph from the
     slot table they were read off (``table [N_dst, T]``, row-major or a transposed tap-major buffer, -1 = no
-    edge; it must hold exactly those edges): the first forward then needs no sort and no scatter."""
+    edge; it must hold exactly those edges): the first forward then needs no sort and no scatter.
+    ``identity``: the tap whose column is ``0 .. N-1`` (the centre of a submanifold graph), if known."""
     num_dst, num_taps = table.shape
 
     def build():
-        plan = _EdgePlan(num_src, num_dst, num_taps, edge_type.numel(), table=table)
+        plan = _EdgePlan(num_src, num_dst, num_taps, edge_type.numel(), table=table, identity=identity)
         return plan, plan.tensors()
     REGISTRY.get_for(edge_index, _plan_tag(num_src, num_dst, num_taps), build, edge_type)
 
