@@ -92,7 +92,6 @@ def sparse_grid_to_graph(in_keys: Tensor, x: Tensor, geometry: ConvGeometry, in_
 
     in_size = tuple(int(n) for n in in_size)
     out_size = geometry.output_size(in_size)
-    device = in_keys.device
     submanifold = out_size == in_size and all(s == 1 for s in geometry.stride)
     b_in, pos = in_coords if in_coords is not None else unravel(in_keys, in_size)
     out_keys = in_keys if submanifold else active_outputs(in_keys, geometry, in_size, out_size, num_images)
@@ -120,10 +119,10 @@ def sparse_to_graph(coords: Tensor, features: Tensor, size: Sequence[int], conv:
 
     Nodes are the active pixels sorted row-major (image by image); ``g.perm`` is that order, so
     ``g.x = features[g.perm]`` and a node result ``out`` goes back to the caller's order with
-    ``out[g.perm.argsort()]``. Points that come sorted (as ``mask.nonzero()`` gives them) are not sorted
-    again, and then ``g.x`` is ``features`` itself (no copy, as in PyG's ``Data(x=features)``). Edges join active pixels only; with stride 1 and an output grid equal to
-    the input grid the outputs are the input nodes (submanifold), otherwise the output pixels whose window
-    holds an active pixel. A layer on the graph equals the dense convolution of the scattered image
+    ``out[g.perm.argsort()]``. Points that come sorted and unique (as ``mask.nonzero()`` gives them) are
+    not sorted again, and then ``g.x`` is ``features`` itself (no copy, as in PyG's ``Data(x=features)``).
+    Edges join active pixels only; with stride 1 and an output grid equal to the input grid the outputs
+    are the input nodes (submanifold), otherwise the output pixels whose window holds an active pixel. A layer on the graph equals the dense convolution of the scattered image
     (zeros elsewhere) read at the output nodes. Memory and time scale with the number of points.
 
     Args:
@@ -195,7 +194,8 @@ def sparse_to_graph(coords: Tensor, features: Tensor, size: Sequence[int], conv:
     if keys.numel() < 2 or bool((keys[1:] > keys[:-1]).all()):
         # already row-major and unique (e.g. from mask.nonzero()): no sort, and the features are the nodes'
         perm = torch.arange(keys.numel(), device=keys.device)
-        graph = sparse_grid_to_graph(keys, features, geometry, tuple(size), num_images, batched, (b, pix))
+        coordinates = (b.clone() if batched else b, pix.clone())  # the graph's own, not views of the caller's
+        graph = sparse_grid_to_graph(keys, features, geometry, tuple(size), num_images, batched, coordinates)
     else:
         keys, perm = torch.sort(keys)
         if bool((keys[1:] == keys[:-1]).any()):
@@ -229,7 +229,7 @@ def masked_grid_to_graph(image: Tensor, geometry: ConvGeometry, mask: Any) -> Ma
                          f"{tuple(image.shape)} (got {tuple(mask.shape)})")
     mask = mask.expand(num_images, *grid) if mask.dim() == len(grid) else mask
     found = mask.nonzero()  # [N, 1 + ndim]: (image, coordinates), row-major: no division to unravel keys
-    b, pos = found[:, 0], found[:, 1:].contiguous()
+    b, pos = found[:, 0].contiguous(), found[:, 1:].contiguous()
     in_keys = ravel(b, pos, grid)
     # Gather channel by channel from the (C, B*H*W) layout (a view for one image), then transpose:
     # no copy of the whole image in channels-last order.

@@ -529,3 +529,22 @@ def test_sparse_table_int32_and_its_edges():
         data, taps = table_edges(index)
         assert data.dtype == taps.dtype == torch.long
         assert torch.equal(data[1], dst) and torch.equal(taps, tap) and torch.equal(data[0], wide.index[dst, tap])
+
+
+@pytest.mark.parametrize("name", ["submanifold-k3", "submanifold-reflect", "strided-replicate"])
+def test_per_tap_kernel_with_two_threads(name, monkeypatch):
+    """With several threads the per-tap scatter of unique rows is a gather, an add and a copy; a tap whose
+    sources repeat (reflect / replicate padding) must still sum them: equal to nn.Conv2d either way."""
+    from gridgraph.nn import kernels
+
+    monkeypatch.setattr(kernels, "TABLE_MIN_FILL", 2.0)
+    _, kwargs, c_in, c_out, batch, h, w, occupancy, shared = next(c for c in CONFIGS if c[0] == name)
+    conv = make(kwargs, c_in, c_out, torch.float64, "cpu")
+    images = torch.randn(batch, c_in, h, w, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_masked(conv, GridConv2d.from_conv2d(conv), images, random_mask((batch, h, w), occupancy, 3, "cpu"),
+                   "table")
+    finally:
+        torch.set_num_threads(threads)

@@ -795,12 +795,12 @@ class _Pairs:
         return [self.src, self.dst]
 
     def __iter__(self):
-        """``(tap, src, dst, src_unique, dst_unique)`` per tap, the identity tap first (``src = dst = None``)."""
+        """``(tap, src, dst)`` per tap, the identity tap first (``src = dst = None``)."""
         if self.identity is not None:
-            yield self.identity, None, None, True, True
+            yield self.identity, None, None
         for k, t in enumerate(self.taps):
             a, b = self.bounds[k], self.bounds[k + 1]
-            yield t, self.src[a:b], self.dst[a:b], self.src_unique[k], self.dst_unique[k]
+            yield t, self.src[a:b], self.dst[a:b]
 
 
 def _ascending(ids: Tensor) -> bool:
@@ -977,7 +977,7 @@ class _EdgePlan:
         if self.has_table:
             return (self.table < 0).to(device=device, dtype=dtype)
         present = torch.zeros(self.num_dst, self.num_taps, dtype=dtype, device=device)
-        for t, _, dst, _, _ in self.pairs:
+        for t, _, dst in self.pairs:
             if dst is None:
                 present[:, t] = 1
             else:
@@ -1156,7 +1156,7 @@ def edge_weight_grad(x: Tensor, g: Tensor, edge_index: Tensor, edge_type: Tensor
             acc.addmm_(cols.t(), g[start:stop])
         return acc.view(k, c_in_g, c_out).permute(2, 1, 0).reshape(weight_shape).contiguous()
     grad_taps = x.new_zeros(k, groups, c_out_g, c_in_g)
-    for t, src, dst, _, _ in plan.pairs:
+    for t, src, dst in plan.pairs:
         go = g if dst is None else g.index_select(0, dst)
         xs = x if src is None else x.index_select(0, src)
         go = go.reshape(-1, groups, c_out_g).transpose(0, 1)  # [G, E, C_out/G]
