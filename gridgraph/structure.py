@@ -443,7 +443,9 @@ def sparse_table(in_keys: Tensor, out_keys: Tensor, geometry: ConvGeometry, in_s
     binary search in the sorted input keys (``O(N_out * K * log N_in)`` time).
 
     ``dtype``: of the index (``torch.int32`` halves its memory; it must hold ``num_src``). ``out_coords``:
-    ``unravel(out_keys, out_size)`` when the caller has it already."""
+    ``unravel(out_keys, out_size)`` when the caller has it already. With the dense map the table is
+    written tap-major, so ``index`` is then the transposed view of a ``[K, N_out]`` buffer (``index.t()``
+    is contiguous); call ``.contiguous()`` for row-major memory."""
     device = in_keys.device
     b, coords = out_coords if out_coords is not None else unravel(out_keys, out_size)
     num_src, num_dst, num_taps = in_keys.numel(), out_keys.numel(), geometry.num_taps
