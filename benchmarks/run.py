@@ -63,7 +63,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch.utils import benchmark
 from torch_geometric.nn import MessagePassing, RGCNConv
 
@@ -147,11 +146,20 @@ def _malloc_for_timing() -> bool:
     return _set_malloc(32 << 20)
 
 
-def peak_extra_bytes(fn: Callable[[], object]) -> int:
+def peak_extra_bytes(fn: Callable[[], object], device: Optional[torch.device] = None) -> int:
     """Peak of the bytes held by torch's CPU allocator during one call of ``fn`` (result kept alive
     until the end), above what was held before: the running sum of the profiler's allocation and
     free events. Outputs, saved tensors, gradients, temporaries and oneDNN workspaces all go
-    through that allocator; MKL's small internal GEMM buffers do not (for any method)."""
+    through that allocator; MKL's small internal GEMM buffers do not (for any method).
+    On a CUDA ``device``: the CUDA caching allocator's peak of allocated bytes above the start."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        del result
+        return torch.cuda.max_memory_allocated(device) - before
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
         del result
@@ -268,7 +276,7 @@ def build_cases(shape: Shape, methods: tuple[str, ...], naive_max_bytes: float, 
             cases[method] = Case(lambda x=x, e=plain_edges: layer(x, e, graph.edge_type, size=size),
                                  [x, *layer.parameters()], node_to_image, x_grad_image(x))
         elif method == "rgcn":
-            rgcn = rgcn_from_conv(conv)
+            rgcn = rgcn_from_conv(conv.cpu()).to(device)
             x = graph.x.clone().requires_grad_()
             dst = x.new_empty(size[1], 0)  # RGCNConv reads the target count from x_dst (root_weight=False)
             cases[method] = Case(lambda x=x, r=rgcn, d=dst: r((x, d), graph.edge_index, graph.edge_type),
@@ -278,7 +286,7 @@ def build_cases(shape: Shape, methods: tuple[str, ...], naive_max_bytes: float, 
             if need > naive_max_bytes:
                 skipped[method] = f"per-edge weights need {need / 2**30:.1f} GiB > --naive-max-gb"
                 continue
-            naive = NaiveEdgeConv(conv)
+            naive = NaiveEdgeConv(conv).to(device)
             x = graph.x.clone().requires_grad_()
             cases[method] = Case(lambda x=x, m=naive: m(x, graph.edge_index, graph.edge_type, size),
                                  [x, *naive.parameters()], node_to_image)
@@ -413,7 +421,8 @@ def markdown(results: list[dict], summary: dict, construction: Optional[dict], i
     def fmt(v, spec=".2f"):
         return "-" if v is None else format(v, spec)
 
-    lines = [f"CPU: {info['cpu']}, {info['threads']} threads; torch {info['torch']}, "
+    where = "" if info.get("device", "cpu") == "cpu" else f"Device: {info['device']}; "
+    lines = [f"{where}CPU: {info['cpu']}, {info['threads']} threads; torch {info['torch']}, "
              f"torch_geometric {info['torch_geometric']}; float32; medians (and best) of "
              f"torch.utils.benchmark.Timer blocks",
              "",
@@ -483,7 +492,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def run_shape(shape: Shape, methods: tuple[str, ...], *, timing: bool = True, naive_max_bytes: float = 2 * 2**30,
-              rounds: int = 3, budget_s: float = 1.5, threads: int = 2, backward: bool = True, device: str = "cpu",
+              rounds: int = 3, budget_s: float = 1.5, threads: int = 2, backward: bool = True, device="cpu",
               compile_backend: str = "inductor") -> dict:
     """Check every method on ``shape`` against ``F.conv2d``; with ``timing``, also time it (forward and
     forward+backward) and measure its peak memory, with ratios to the faster layout of ``conv2d``.
@@ -518,10 +527,9 @@ def run_shape(shape: Shape, methods: tuple[str, ...], *, timing: bool = True, na
             if fb:
                 m.update(fb_ms=statistics.median(fb[name]) * 1e3, fb_samples=len(fb[name]),
                          fb_min_ms=min(fb[name]) * 1e3)
-            if device == "cpu":
-                m["mem_mb"] = peak_extra_bytes(_fwd(case)) / 2**20
-                if fb:
-                    m["fb_mem_mb"] = peak_extra_bytes(_fb(case, grads[name])) / 2**20
+            m["mem_mb"] = peak_extra_bytes(_fwd(case), device) / 2**20
+            if fb:
+                m["fb_mem_mb"] = peak_extra_bytes(_fb(case, grads[name]), device) / 2**20
         del group_cases, grads
     if timing:
         refs = [row["methods"][n] for n in REFERENCES if n in row["methods"]]
@@ -580,15 +588,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="skip the naive layer where its per-edge weights exceed this (default: 2)")
     parser.add_argument("--no-backward", action="store_true", help="time the forward pass only")
     parser.add_argument("--no-construction", action="store_true", help="skip the graph construction timing")
-    parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (TF32 off; default: cpu)")
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend of gg-compiled (default: inductor; aot_eager with --quick)")
     parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--device", default="cpu",
+                        help="where every method runs (default: cpu); on 'cuda' TF32 is switched off")
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda"):
+    device = torch.device(args.device)
+    if device.type == "cuda":
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available")
-        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False  # full float32 on both sides: cuDNN and gridgraph's GEMMs
         torch.backends.cuda.matmul.allow_tf32 = False
     compile_backend = args.compile_backend or ("aot_eager" if args.quick else "inductor")
 
@@ -610,11 +620,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     info = machine()
     info["load_average_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     info["memory_measure"] = "peak bytes held by torch's CPU allocator during one call (profiler events)"
+    info["device"] = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)}, TF32 off)"
+    if device.type == "cuda":
+        info["memory_measure"] = "peak bytes allocated by the CUDA caching allocator during one call"
     results = []
     for shape in shapes:
         row = run_shape(shape, methods, timing=not args.quick, naive_max_bytes=args.naive_max_gb * 2**30,
                         rounds=args.rounds, budget_s=args.budget, threads=args.threads, backward=not args.no_backward,
-                        device=args.device, compile_backend=compile_backend)
+                        device=device, compile_backend=compile_backend)
         results.append(row)
         if args.quick:
             print(f"  {shape.name}: every method matches F.conv2d", file=sys.stderr, flush=True)

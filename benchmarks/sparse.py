@@ -13,9 +13,25 @@ itself, medians in the JSON; the thread count fixed):
 * ``F.conv2d`` on the dense image, forward and forward + backward,
 * the bytes of the node features in and out plus the graph's table, against the dense image in and out.
 
+**The spconv peer.** spconv's ``SubMConv2d`` (its CPU build, ``algo=ConvAlgo.Native``), the library
+point-cloud and sparse-image users pick, runs the same submanifold 3x3 convolution on the same points
+(optional: ``pip install spconv``, or the ``bench`` extra; skipped with a message when absent). Its output
+is checked against ours and against ``F.conv2d`` on the masked image before anything is timed. Timed,
+interleaved round by round (medians of ``Timer`` blocks, ratio = gridgraph / spconv, below 1: gridgraph
+is faster):
+
+* build + forward from points (``coords [N, 2]``, ``features [N, C]``): ``sparse_to_graph`` + the layer,
+  against ``SparseConvTensor`` + indice generation + forward;
+* build + forward from a masked image (``image``, ``mask``): ``image_to_graph(..., mask=)`` + the layer,
+  against ``mask.nonzero()`` + the feature gather + the same spconv calls;
+* the forward with the structure built (spconv reuses its indices through ``indice_key``);
+* forward + backward where spconv supports it (its CPU build raises in the backward: it asks for a CUDA
+  stream; the error is recorded).
+
 Usage::
 
     python benchmarks/sparse.py                 # the full run (1024x1024), markdown table + JSON
+    python benchmarks/sparse.py --threads 1 --only-spconv   # just the spconv peer (1 thread, as recorded)
     python benchmarks/sparse.py --quick         # a small image: checks correctness, times nothing
     python benchmarks/sparse.py --threads 1 --json benchmarks/recorded/sparse-1thread.json
     python benchmarks/sparse.py --show [--json ...]   # print the tables of a saved run
@@ -27,8 +43,11 @@ dense convolution's few large operations barely notice; a one-thread run measure
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,9 +58,11 @@ from torch.nn import functional as F
 from torch.utils import benchmark
 
 import gridgraph
-from gridgraph import GridConv2d, image_to_graph
+from gridgraph import GridConv2d, image_to_graph, sparse_to_graph
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import _malloc_for_timing  # noqa: E402  (the dense suite's allocator setting, for every method alike)
 
 
 def timed(fn, min_run_time: float) -> dict:
@@ -135,6 +156,159 @@ def run(size: int, channels: int, occupancies: list[float], kernel_size: int, st
     return results
 
 
+# ----------------------------------------------------------------------------------- the spconv peer
+def load_spconv():
+    """``(spconv.pytorch, ConvAlgo, version)``, or ``(None, None, reason)`` when spconv is not installed."""
+    try:
+        import spconv
+        import spconv.pytorch as spconv_torch
+        from spconv.core import ConvAlgo
+    except Exception as error:  # ImportError, or a broken build
+        return None, None, f"{type(error).__name__}: {error}"
+    return spconv_torch, ConvAlgo, getattr(spconv, "__version__", "?")
+
+
+def interleaved(fns: dict, rounds: int, min_run_time: float) -> dict:
+    """Per-call seconds of each function: ``rounds`` rounds, every function timed in each (A/B/A/B), with
+    ``Timer.blocked_autorange`` for ``min_run_time / rounds`` seconds; median and best over all blocks."""
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+            samples[name].extend(timer.blocked_autorange(min_run_time=min_run_time / rounds).times)
+    return {name: {"median": statistics.median(v), "best": min(v), "blocks": len(v)} for name, v in samples.items()}
+
+
+def run_spconv(size: int, channels: int, occupancies: list[float], min_run_time: float, rounds: int, seed: int,
+               timing: bool = True) -> dict:
+    """gridgraph against spconv's ``SubMConv2d`` (CPU, ``ConvAlgo.Native``) on masked ``size x size`` images."""
+    spconv, ConvAlgo, version = load_spconv()
+    results = {"peer": "spconv SubMConv2d (algo=ConvAlgo.Native)", "shape": f"1x{channels}x{size}x{size}",
+               "conv": f"{channels}->{channels} k3 s1 p1 (submanifold)", "timed": timing, "rows": []}
+    if spconv is None:
+        results["skipped"] = f"spconv is not installed ({version}); pip install spconv (or the 'bench' extra)"
+        return results
+    results["spconv"] = version
+    results["rounds"], results["min_run_time_s"] = rounds, min_run_time
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+    layer = GridConv2d.from_conv2d(conv)
+    sub = spconv.SubMConv2d(channels, channels, 3, padding=1, bias=True, algo=ConvAlgo.Native, indice_key="subm")
+    with torch.no_grad():  # spconv 2.x keeps the weight as [C_out, kH, kW, C_in]
+        sub.weight.copy_(conv.weight.permute(0, 2, 3, 1))
+        sub.bias.copy_(conv.bias)
+    image = torch.randn(1, channels, size, size)
+    for occupancy in occupancies:
+        gen = torch.Generator().manual_seed(seed + int(occupancy * 1000))
+        mask = torch.rand(1, size, size, generator=gen) < occupancy
+        coords = mask[0].nonzero()  # [N, 2] row-major: the points as a user holds them
+        features = image[0, :, coords[:, 0], coords[:, 1]].t().contiguous()
+        indices = torch.cat([coords.new_zeros(coords.size(0), 1), coords], 1).int()  # spconv: (batch, y, x) int32
+
+        def ours_points():
+            g = sparse_to_graph(coords, features, (size, size), layer)
+            with torch.no_grad():
+                return layer(g.x, g.edge_index, g.edge_type)
+
+        def spconv_points():
+            with torch.no_grad():
+                return sub(spconv.SparseConvTensor(features, indices, [size, size], 1)).features
+
+        def ours_mask():
+            g = image_to_graph(image, layer, mask=mask)
+            with torch.no_grad():
+                return layer(g.x, g.edge_index, g.edge_type)
+
+        def spconv_mask():
+            pts = mask[0].nonzero()
+            feats = image[0, :, pts[:, 0], pts[:, 1]].t().contiguous()
+            idx = torch.cat([pts.new_zeros(pts.size(0), 1), pts], 1).int()
+            with torch.no_grad():
+                return sub(spconv.SparseConvTensor(feats, idx, [size, size], 1)).features
+
+        # correctness first: both equal F.conv2d on the masked image at the active pixels, and each other
+        with torch.no_grad():
+            ref = F.conv2d(image * mask[:, None], conv.weight, conv.bias, padding=1)[0, :, coords[:, 0], coords[:, 1]].t()
+        scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+        errors = {name: float((fn() - ref).abs().max()) / scale if ref.numel() else 0.0
+                  for name, fn in (("gridgraph", ours_points), ("gridgraph-mask", ours_mask),
+                                   ("spconv", spconv_points), ("spconv-mask", spconv_mask))}
+        if max(errors.values()) > 1e-4:
+            raise AssertionError(f"occupancy {occupancy}: outputs differ from F.conv2d: {errors}")
+        row = {"occupancy": occupancy, "points": coords.size(0), "max_error": errors}
+        results["rows"].append(row)
+        if not timing:
+            continue
+        g = sparse_to_graph(coords, features, (size, size), layer)
+        built = spconv.SparseConvTensor(features, indices, [size, size], 1)
+        with torch.no_grad():
+            built.indice_dict = sub(built).indice_dict  # the indices, generated once and reused by key
+
+        def ours_forward():
+            with torch.no_grad():
+                return layer(g.x, g.edge_index, g.edge_type)
+
+        def spconv_forward():
+            with torch.no_grad():
+                return sub(built).features
+
+        x = g.x.detach().clone().requires_grad_(True)
+
+        def ours_forward_backward():
+            layer.zero_grad(set_to_none=True)
+            out = layer(x, g.edge_index, g.edge_type)
+            out.backward(torch.ones_like(out))
+
+        times = interleaved({"gridgraph build+fwd (points)": ours_points, "spconv build+fwd (points)": spconv_points,
+                             "gridgraph build+fwd (mask)": ours_mask, "spconv build+fwd (mask)": spconv_mask,
+                             "gridgraph fwd": ours_forward, "spconv fwd": spconv_forward}, rounds, min_run_time)
+        times["gridgraph fwd+bwd"] = interleaved({"f": ours_forward_backward}, rounds, min_run_time)["f"]
+        try:
+            feats = features.clone().requires_grad_(True)
+            out = sub(spconv.SparseConvTensor(feats, indices, [size, size], 1))
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+                out.features.backward(torch.ones_like(out.features))  # spconv prints its debug dump on failure
+            row["spconv_backward"] = "ran (not timed)"
+        except Exception as error:  # spconv's CPU build: the backward asks for a CUDA stream
+            row["spconv_backward"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        row["times_s"] = times
+        row["ratios"] = {what: times[f"gridgraph {what}"]["median"] / times[f"spconv {what}"]["median"]
+                         for what in ("build+fwd (points)", "build+fwd (mask)", "fwd")}
+    return results
+
+
+def spconv_markdown(results: dict) -> str:
+    if "skipped" in results:
+        return f"spconv peer: skipped: {results['skipped']}"
+    if not results.get("timed", True):
+        lines = [f"spconv peer ({results['spconv']}), {results['shape']}, {results['conv']}; correctness only "
+                 "(nothing is timed)", "",
+                 "| occupancy | points | max rel. error (gridgraph / spconv vs F.conv2d) | result |",
+                 "|---:|---:|---:|---|"]
+        lines += [f"| {r['occupancy']:.0%} | {r['points']:,} | {r['max_error']['gridgraph']:.1e} / "
+                  f"{r['max_error']['spconv']:.1e} | matches F.conv2d and spconv |" for r in results["rows"]]
+        return "\n".join(lines)
+    lines = [f"spconv peer ({results['spconv']}, SubMConv2d, algo=ConvAlgo.Native), {results['shape']}, "
+             f"{results['conv']}; medians of Timer blocks over {results['rounds']} interleaved rounds "
+             f"({results['min_run_time_s']:g} s per measurement); ratio = gridgraph / spconv (below 1: gridgraph "
+             "is faster)", "",
+             "| occupancy | points | build+fwd from points: gridgraph / spconv | ratio | build+fwd from a mask: "
+             "gridgraph / spconv | ratio | fwd, structure built: gridgraph / spconv | ratio | gridgraph fwd+bwd | "
+             "spconv fwd+bwd |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results["rows"]:
+        t = {k: v["median"] * 1e3 for k, v in r["times_s"].items()}
+        lines.append(
+            f"| {r['occupancy']:.0%} | {r['points']:,} "
+            f"| {t['gridgraph build+fwd (points)']:.2f} / {t['spconv build+fwd (points)']:.2f} ms "
+            f"| {r['ratios']['build+fwd (points)']:.2f}x "
+            f"| {t['gridgraph build+fwd (mask)']:.2f} / {t['spconv build+fwd (mask)']:.2f} ms "
+            f"| {r['ratios']['build+fwd (mask)']:.2f}x "
+            f"| {t['gridgraph fwd']:.2f} / {t['spconv fwd']:.2f} ms | {r['ratios']['fwd']:.2f}x "
+            f"| {t['gridgraph fwd+bwd']:.2f} ms | not on CPU ({r['spconv_backward']}) |")
+    return "\n".join(lines)
+
+
 def markdown(results: dict) -> str:
     if not results.get("timed", True):
         lines = [f"{results['shape']}, {results['conv']}, random mask; correctness only (nothing is timed)", "",
@@ -173,6 +347,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=HERE / "results" / "sparse.json", help="where to write the results")
     parser.add_argument("--show", action="store_true", help="print the tables of the saved JSON and exit")
+    parser.add_argument("--no-spconv", action="store_true", help="skip the spconv peer")
+    parser.add_argument("--only-spconv", action="store_true", help="run the spconv peer only")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the spconv comparison (default: 3)")
+    parser.add_argument("--occupancies", default="0.01,0.1,0.5", help="comma-separated fractions (default: 0.01,0.1,0.5)")
     args = parser.parse_args(argv)
     if args.show:
         saved = json.loads(args.json.read_text())
@@ -180,23 +358,44 @@ def main(argv=None) -> int:
         for results in saved["runs"]:
             print()
             print(markdown(results))
+        if saved.get("spconv"):
+            print()
+            print(spconv_markdown(saved["spconv"]))
         return 0
     if args.quick:
         args.size, args.channels = 128, 8
     if args.min_run_time <= 0:
         parser.error(f"--min-run-time must be positive (got {args.min_run_time})")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1 (got {args.rounds})")
+    try:
+        occupancies = [float(f) for f in args.occupancies.split(",")]
+    except ValueError:
+        parser.error(f"--occupancies must be comma-separated fractions (got {args.occupancies!r})")
+    if not all(0 < f <= 1 for f in occupancies):
+        parser.error(f"--occupancies must lie in (0, 1] (got {args.occupancies!r})")
+    malloc = _malloc_for_timing()
     torch.set_num_threads(args.threads)
     env = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
            "python": sys.version.split()[0], "torch": torch.__version__, "torch_geometric": torch_geometric.__version__,
-           "gridgraph": gridgraph.__version__, "threads": torch.get_num_threads()}
+           "gridgraph": gridgraph.__version__, "threads": torch.get_num_threads(),
+           "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+           "malloc": "glibc recycles freed buffers up to 32 MiB (as benchmarks/run.py)" if malloc else "default"}
     print(f"# Sparse domains: {env}")
     all_results = {"environment": env, "runs": []}
-    for kernel_size, stride in ((3, 1), (3, 2)):
-        results = run(args.size, args.channels, [0.01, 0.10, 0.50], kernel_size, stride, args.min_run_time, args.seed,
+    if not args.no_spconv:
+        peer = run_spconv(args.size, args.channels, occupancies, args.min_run_time, args.rounds, args.seed,
+                          timing=not args.quick)
+        all_results["spconv"] = peer
+        print()
+        print(spconv_markdown(peer))
+    for kernel_size, stride in () if args.only_spconv else ((3, 1), (3, 2)):
+        results = run(args.size, args.channels, occupancies, kernel_size, stride, args.min_run_time, args.seed,
                       timing=not args.quick)
         all_results["runs"].append(results)
         print()
         print(markdown(results))
+    env["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     if not args.quick:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(all_results, indent=2))

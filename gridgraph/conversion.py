@@ -13,7 +13,6 @@ convolution family is one entry there plus its image-facing layer class.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from typing import Any, Optional
 

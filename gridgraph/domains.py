@@ -31,8 +31,8 @@ from torch import Tensor
 from .geometry import ConvGeometry, TransposedGeometry
 from .pixel_graph import (MaskedPixelGraph, PixelEdgeIndex, PointGraph, TransposedPixelGraph, check_image,
                           full_grid_graph)
-from .structure import (DENSE_MAP_LIMIT, GraphPart, PixelStructure, SparseTable, active_outputs, ravel,
-                        sparse_table, transposed_table, unravel)
+from .structure import (DENSE_MAP_LIMIT, GraphPart, PixelStructure, SparseTable, active_outputs, centre_tap,
+                        ravel, sparse_table, table_edges, tap_offsets, transposed_table, unravel)
 
 __all__ = ["TransposedGeometry", "TransposedPixelGraph", "transposed_table", "transposed_grid_to_graph",
            "transposed_image_to_graph", "SparseTable", "MaskedPixelGraph", "masked_grid_to_graph",
@@ -81,23 +81,32 @@ def transposed_image_to_graph(image: Tensor, conv: Any = None, *, kernel_size: A
 
 # ------------------------------------------------------------------------------- masked and sparse
 def sparse_grid_to_graph(in_keys: Tensor, x: Tensor, geometry: ConvGeometry, in_size: Sequence[int],
-                         num_images: int, batched: bool) -> MaskedPixelGraph:
+                         num_images: int, batched: bool, in_coords: Optional[tuple[Tensor, Tensor]] = None
+                         ) -> MaskedPixelGraph:
     """The graph of the active pixels ``in_keys`` (sorted, unique flat keys ``b*prod(size) + row-major``)
-    with features ``x`` ``[N, C]`` (in key order) under ``geometry`` (n-d)."""
+    with features ``x`` ``[N, C]`` (in key order) under ``geometry`` (n-d). ``in_coords``:
+    ``unravel(in_keys, in_size)`` when the caller has it.
+
+    The slot table (``[N_out, K]``, int32) is built once; the edges are read off it, and it seeds the
+    layers' edge plan (:func:`gridgraph.nn.kernels.seed_edge_plan`) for as long as the edges live."""
+    from .nn.kernels import seed_edge_plan  # the graph side does not import the layers at load time
+
     in_size = tuple(int(n) for n in in_size)
     out_size = geometry.output_size(in_size)
-    device = in_keys.device
     submanifold = out_size == in_size and all(s == 1 for s in geometry.stride)
+    b_in, pos = in_coords if in_coords is not None else unravel(in_keys, in_size)
     out_keys = in_keys if submanifold else active_outputs(in_keys, geometry, in_size, out_size, num_images)
-    table = sparse_table(in_keys, out_keys, geometry, in_size, out_size, num_images)
-    dst, tap = (table.index >= 0).nonzero(as_tuple=True)  # target-major, taps ascending
-    data = torch.stack([table.index[dst, tap], dst])
-    part = GraphPart("sparse", geometry, in_size, num_images, in_keys.numel(), out_keys.numel(), tap.numel(), batched)
-    edge_index = PixelEdgeIndex.make(data, tap, PixelStructure.single(part))
-    edge_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
-    edge_attr = geometry.offsets().to(device=device, dtype=edge_dtype)[tap]
-    b_in, pos = unravel(in_keys, in_size)
     b_out, out_pos = (b_in, pos) if submanifold else unravel(out_keys, out_size)
+    num_src = in_keys.numel()
+    index_dtype = torch.int32 if num_src < 2 ** 31 - 1 else torch.long
+    table = sparse_table(in_keys, out_keys, geometry, in_size, out_size, num_images, index_dtype, (b_out, out_pos))
+    data, tap = table_edges(table.index)
+    part = GraphPart("sparse", geometry, in_size, num_images, num_src, out_keys.numel(), tap.numel(), batched)
+    edge_index = PixelEdgeIndex.make(data, tap, PixelStructure.single(part))
+    # submanifold: the tap of offset zero reads every node itself (its column is 0 .. N-1)
+    seed_edge_plan(data, tap, table.index, num_src, centre_tap(geometry) if submanifold else None)
+    edge_dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+    edge_attr = tap_offsets(geometry, tap, edge_dtype)
     graph = MaskedPixelGraph(x=x, edge_index=edge_index, edge_attr=edge_attr, pos=pos, out_pos=out_pos,
                              in_keys=in_keys, out_keys=out_keys)
     graph.batch, graph.out_batch = b_in, b_out  # the image of each node (as in a PyG batch of the images)
@@ -128,9 +137,10 @@ def sparse_to_graph(coords: Tensor, features: Tensor, size: Sequence[int], conv:
 
     Nodes are the active pixels sorted row-major (image by image); ``g.perm`` is that order, so
     ``g.x = features[g.perm]`` and a node result ``out`` goes back to the caller's order with
-    ``out[g.perm.argsort()]``. Edges join active pixels only; with stride 1 and an output grid equal to
-    the input grid the outputs are the input nodes (submanifold), otherwise the output pixels whose window
-    holds an active pixel. A layer on the graph equals the dense convolution of the scattered image
+    ``out[g.perm.argsort()]``. Points that come sorted and unique (as ``mask.nonzero()`` gives them) are
+    not sorted again, and then ``g.x`` is ``features`` itself (no copy, as in PyG's ``Data(x=features)``).
+    Edges join active pixels only; with stride 1 and an output grid equal to the input grid the outputs
+    are the input nodes (submanifold), otherwise the output pixels whose window holds an active pixel. A layer on the graph equals the dense convolution of the scattered image
     (zeros elsewhere) read at the output nodes. Memory and time scale with the number of points.
 
     Args:
@@ -172,14 +182,16 @@ def sparse_to_graph(coords: Tensor, features: Tensor, size: Sequence[int], conv:
     batched = coords.size(1) == ndim + 1
     b = coords[:, 0] if batched else coords.new_zeros(coords.size(0))
     pix = coords[:, 1:] if batched else coords
+    top = 1 if not batched else 0
     if coords.size(0):
-        lo, hi = pix.min(0).values, pix.max(0).values
-        if bool((lo < 0).any()) or any(int(h) >= n for h, n in zip(hi, size)):
-            raise ValueError(f"coords must lie inside the grid {tuple(size)} (got coordinates from {lo.tolist()} "
-                             f"to {hi.tolist()})")
-        if batched and int(b.min()) < 0:
-            raise ValueError(f"image indices in coords[:, 0] must be non-negative (got {int(b.min())})")
-    top = int(b.max()) + 1 if coords.size(0) else (1 if not batched else 0)
+        lo, hi = (t.tolist() for t in torch.aminmax(coords, dim=0))  # one pass, one read-back
+        if batched:
+            (b_lo, *lo), (b_hi, *hi) = lo, hi
+            if b_lo < 0:
+                raise ValueError(f"image indices in coords[:, 0] must be non-negative (got {b_lo})")
+            top = b_hi + 1
+        if min(lo) < 0 or any(h >= n for h, n in zip(hi, size)):
+            raise ValueError(f"coords must lie inside the grid {tuple(size)} (got coordinates from {lo} to {hi})")
     if num_images is None:
         num_images = top
     elif not batched and num_images != 1:
@@ -187,12 +199,18 @@ def sparse_to_graph(coords: Tensor, features: Tensor, size: Sequence[int], conv:
     elif num_images < top:
         raise ValueError(f"num_images={num_images} is smaller than the largest image index + 1 ({top})")
     keys = ravel(b, pix, size)
-    keys, perm = torch.sort(keys)
-    if keys.numel() > 1 and bool((keys[1:] == keys[:-1]).any()):
-        dup = int(keys[1:][keys[1:] == keys[:-1]][0])
-        raise ValueError(f"coords must be unique: pixel {unravel(keys.new_tensor([dup]), size)[1][0].tolist()} "
-                         "appears more than once")
-    graph = sparse_grid_to_graph(keys, features[perm], geometry, tuple(size), num_images, batched)
+    if keys.numel() < 2 or bool((keys[1:] > keys[:-1]).all()):
+        # already row-major and unique (e.g. from mask.nonzero()): no sort, and the features are the nodes'
+        perm = torch.arange(keys.numel(), device=keys.device)
+        coordinates = (b.clone() if batched else b, pix.clone())  # the graph's own, not views of the caller's
+        graph = sparse_grid_to_graph(keys, features, geometry, tuple(size), num_images, batched, coordinates)
+    else:
+        keys, perm = torch.sort(keys)
+        if bool((keys[1:] == keys[:-1]).any()):
+            dup = int(keys[1:][keys[1:] == keys[:-1]][0])
+            raise ValueError(f"coords must be unique: pixel {unravel(keys.new_tensor([dup]), size)[1][0].tolist()} "
+                             "appears more than once")
+        graph = sparse_grid_to_graph(keys, features[perm], geometry, tuple(size), num_images, batched)
     graph.perm = perm
     return graph
 
@@ -218,11 +236,13 @@ def masked_grid_to_graph(image: Tensor, geometry: ConvGeometry, mask: Any) -> Ma
         raise ValueError(f"expected mask of shape {' or '.join(str(s) for s in shapes)} for an image of shape "
                          f"{tuple(image.shape)} (got {tuple(mask.shape)})")
     mask = mask.expand(num_images, *grid) if mask.dim() == len(grid) else mask
-    in_keys = mask.reshape(-1).nonzero().squeeze(1)
+    found = mask.nonzero()  # [N, 1 + ndim]: (image, coordinates), row-major: no division to unravel keys
+    b, pos = found[:, 0].contiguous(), found[:, 1:].contiguous()
+    in_keys = ravel(b, pos, grid)
     # Gather channel by channel from the (C, B*H*W) layout (a view for one image), then transpose:
     # no copy of the whole image in channels-last order.
     x = images.transpose(0, 1).reshape(channels, -1).index_select(1, in_keys).t().contiguous()
-    return sparse_grid_to_graph(in_keys, x, geometry, grid, num_images, batched)
+    return sparse_grid_to_graph(in_keys, x, geometry, grid, num_images, batched, (b, pos))
 
 
 def masked_graph_to_image(x: Tensor, graph: MaskedPixelGraph, side: Optional[str] = None) -> Tensor:

@@ -23,15 +23,14 @@ template (:mod:`gridgraph.structure`): editing one graph never changes another.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
-import torch
 from torch import Tensor
 
 from .domains import masked_graph_to_image, masked_grid_to_graph, transposed_grid_to_graph
 from .geometry import ConvGeometry, TransposedGeometry
-from .pixel_graph import (MaskedPixelGraph, PixelGraph, TransposedPixelGraph, check_image, full_grid_graph)
-from .structure import GraphPart, NeighbourTable, clear_cache, neighbour_table
+from .pixel_graph import MaskedPixelGraph, PixelGraph, check_image, full_grid_graph
+from .structure import NeighbourTable, clear_cache, neighbour_table
 
 __all__ = ["PixelGraph", "NeighbourTable", "image_to_graph", "graph_to_image", "grid_to_graph",
            "neighbour_table", "to_networkx", "clear_cache", "sequence_to_graph", "volume_to_graph"]

@@ -37,7 +37,7 @@ from .geometry import ConvGeometry, TransposedGeometry
 
 __all__ = ["NeighbourTable", "SparseTable", "GraphPart", "PixelStructure", "Registry", "REGISTRY", "clear_cache",
            "cache_info", "neighbour_table", "transposed_table", "sparse_table", "cached_table", "edge_template",
-           "parse_key", "DENSE_MAP_LIMIT"]
+           "parse_key", "DENSE_MAP_LIMIT", "table_edges"]
 
 
 # ------------------------------------------------------------------------------------ the registry
@@ -335,6 +335,9 @@ def edge_template(geometry: Geometry, in_size: Sequence[int], device: Any = None
 #: binary search), so a huge, nearly empty grid never costs memory of its size.
 DENSE_MAP_LIMIT = 1 << 22
 _DENSE_PER_SITE = 16
+#: Up to this many table slots the dense-map lookup gathers every tap at once (a [K, N] int64 temporary
+#: of 2 MiB at most); above it, tap by tap.
+_ONE_GATHER_SLOTS = 1 << 18
 
 
 @dataclass(frozen=True, eq=False)
@@ -346,7 +349,7 @@ class SparseTable:
     ``H x W``; ``in_size``/``out_size`` are the node counts.
     """
 
-    index: Tensor  # [num_dst, num_taps] long, -1 = no edge
+    index: Tensor  # [num_dst, num_taps] long (or int32 when asked), -1 = no edge
     geometry: ConvGeometry
     num_src: int
     num_dst: int
@@ -433,28 +436,47 @@ def active_outputs(in_keys: Tensor, geometry: ConvGeometry, in_size: tuple[int, 
 
 
 def sparse_table(in_keys: Tensor, out_keys: Tensor, geometry: ConvGeometry, in_size: tuple[int, ...],
-                 out_size: tuple[int, ...], num_images: int) -> SparseTable:
+                 out_size: tuple[int, ...], num_images: int, dtype: torch.dtype = torch.long,
+                 out_coords: Optional[tuple[Tensor, Tensor]] = None) -> SparseTable:
     """For every active output site and tap, the active input node it reads: ``O(N_out * K)`` memory,
     through a dense id map of the (zero-padded) grid when it is small next to the active set, else by
-    binary search in the sorted input keys (``O(N_out * K * log N_in)`` time)."""
+    binary search in the sorted input keys (``O(N_out * K * log N_in)`` time).
+
+    ``dtype``: of the index (``torch.int32`` halves its memory; it must hold ``num_src``). ``out_coords``:
+    ``unravel(out_keys, out_size)`` when the caller has it already. With the dense map the table is
+    written tap-major, so ``index`` is then the transposed view of a ``[K, N_out]`` buffer (``index.t()``
+    is contiguous); call ``.contiguous()`` for row-major memory."""
     device = in_keys.device
-    b, coords = unravel(out_keys, out_size)
-    num_src = in_keys.numel()
+    b, coords = out_coords if out_coords is not None else unravel(out_keys, out_size)
+    num_src, num_dst, num_taps = in_keys.numel(), out_keys.numel(), geometry.num_taps
     padded = tuple(n + lo + hi for n, (lo, hi) in zip(in_size, geometry.padding))
     total_padded = num_images * math.prod(padded)
     if geometry.padding_mode == "zeros" and num_src and \
             total_padded <= max(DENSE_MAP_LIMIT, _DENSE_PER_SITE * out_keys.numel()):
         # An id map of the zero-padded grid (-1 = inactive or padding): every tap is one fixed shift of
-        # the flat padded index, so the table is one add and one gather (O(B*H*W) memory for the map).
-        ids = torch.full((total_padded,), -1, dtype=torch.long, device=device)
-        b_in, c_in = unravel(in_keys, in_size)
-        lo = torch.tensor([p for p, _ in geometry.padding], device=device)
-        ids[ravel(b_in, c_in + lo, padded)] = torch.arange(num_src, device=device)
-        anchor = ravel(b, coords * torch.tensor(geometry.stride, device=device), padded)
-        shifts = ravel(torch.zeros(geometry.num_taps, dtype=torch.long, device=device),
-                       geometry.offsets().to(device) + lo, padded)
-        index = ids[anchor[:, None] + shifts[None, :]]
-        return SparseTable(index, geometry, num_src, out_keys.numel(), bool((index >= 0).all()))
+        # the flat padded index, so each tap's column is one add and one gather (O(B*H*W) memory for the
+        # map). Written tap-major, each gather straight into its row: no [N, K] temporary; ``index`` is
+        # the transposed view (``index.t()`` contiguous).
+        ids = torch.full((total_padded,), -1, dtype=dtype, device=device)
+        shifts, origin = _map_shifts(geometry, padded)
+        # output o reads the padded position o*s + u*d: anchor o*s, shift u*d
+        strided = coords if all(s == 1 for s in geometry.stride) else \
+            coords * torch.tensor(geometry.stride, device=device)
+        anchor = ravel(b, strided, padded)
+        if out_keys is in_keys:  # submanifold: the inputs' padded positions are the anchors shifted by lo
+            at = anchor + origin
+        else:
+            b_in, c_in = unravel(in_keys, in_size)
+            at = ravel(b_in, c_in, padded) + origin
+        ids[at] = torch.arange(num_src, dtype=dtype, device=device)
+        columns = torch.empty(num_taps, num_dst, dtype=dtype, device=device)
+        if num_taps * num_dst <= _ONE_GATHER_SLOTS:  # few sites: one add and one gather for all taps
+            where = anchor[None, :] + torch.tensor(shifts, device=device)[:, None]
+            torch.index_select(ids, 0, where.view(-1), out=columns.view(-1))
+        else:  # tap by tap: no [K, N] temporary of positions
+            for t, shift in enumerate(shifts):
+                torch.index_select(ids, 0, anchor + shift, out=columns[t])
+        return SparseTable(columns.t(), geometry, num_src, num_dst, not num_dst or bool(columns.min() >= 0))
     offsets = geometry.offsets().to(device)
     nominal = coords[:, None, :] * torch.tensor(geometry.stride, device=device) + offsets[None, :, :]
     src = torch.empty_like(nominal)
@@ -476,7 +498,60 @@ def sparse_table(in_keys: Tensor, out_keys: Tensor, geometry: ConvGeometry, in_s
         index = torch.where(valid, found, -1)
     else:
         index = torch.full_like(keys, -1)
-    return SparseTable(index.contiguous(), geometry, num_src, out_keys.numel(), bool(valid.all()))
+    return SparseTable(index.to(dtype).contiguous(), geometry, num_src, num_dst, bool(valid.all()))
+
+
+@lru_cache(maxsize=1024)
+def _map_shifts(geometry: ConvGeometry, padded: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    """In the flat zero-padded grid ``padded``: each tap's shift from an output's anchor (``u*d``), and the
+    shift of an input pixel's own position (the low padding), as plain ints."""
+    strides = [math.prod(padded[a + 1:]) for a in range(len(padded))]
+    lo = [p for p, _ in geometry.padding]
+    shifts = tuple(sum((o + l) * s for o, l, s in zip(row, lo, strides)) for row in geometry.offsets().tolist())
+    return shifts, sum(l * s for l, s in zip(lo, strides))
+
+
+@lru_cache(maxsize=1024)
+def centre_tap(geometry: ConvGeometry) -> Optional[int]:
+    """The tap whose offset from the anchor is zero in every dimension, if any (on a submanifold graph it
+    joins every node to itself)."""
+    rows = geometry.offsets().tolist()
+    return rows.index([0] * geometry.ndim) if [0] * geometry.ndim in rows else None
+
+
+@lru_cache(maxsize=1024)
+def _cached_offsets(geometry: ConvGeometry, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return geometry.offsets().to(device=device, dtype=dtype)
+
+
+def tap_offsets(geometry: ConvGeometry, tap: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[E, ndim]``: the offset of each edge's tap from its target's anchor (a graph's ``edge_attr``)."""
+    return _cached_offsets(geometry, dtype, tap.device).index_select(0, tap)
+
+
+def table_edges(index: Tensor) -> tuple[Tensor, Tensor]:
+    """The edges of a slot table ``index [N_dst, T]`` (-1: no edge), target-major with taps ascending:
+    ``(edge_index [2, E] long (source, target), tap [E] long)``, written straight into their tensors."""
+    num_dst, num_taps = index.shape
+    device = index.device
+    if not index.is_contiguous() and index.t().is_contiguous():  # tap-major: no transposing copy
+        dst_tap = (index >= 0).nonzero()  # [E, 2], row-major order: targets ascending, then taps
+        data = torch.empty(2, dst_tap.size(0), dtype=torch.long, device=device)
+        data[1].copy_(dst_tap[:, 0])
+        tap = dst_tap[:, 1].contiguous()
+        data[0].copy_(index.t().reshape(-1).index_select(0, (tap * num_dst).add_(data[1])))
+        return data, tap
+    flat = index.contiguous().view(-1)
+    complete = not flat.numel() or bool(flat.min() >= 0)
+    pos = torch.arange(flat.numel(), device=device) if complete else (flat >= 0).nonzero().squeeze(1)
+    data = torch.empty(2, pos.numel(), dtype=torch.long, device=device)
+    data[0].copy_(flat.index_select(0, pos))
+    if flat.numel() < 2 ** 52:  # pos / T correctly rounded in float64 is never within 1/T of the next integer
+        data[1].copy_(pos.double().div_(num_taps).floor_())
+    else:
+        torch.div(pos, num_taps, rounding_mode="floor", out=data[1])
+    tap = pos.sub_(data[1], alpha=num_taps)  # in place: pos is not needed any more
+    return data, tap
 
 
 # ------------------------------------------------------------------------------ descriptions

@@ -119,3 +119,111 @@ def test_naive_baseline_and_rgcn_peer_equal_conv2d():
         rgcn = bench.rgcn_from_conv(conv).double()
         dst = g.x.new_empty(g.size(1), 0)
         torch.testing.assert_close(rgcn((g.x, dst), g.edge_index, g.edge_type), ref)
+
+
+def _spconv_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("spconv") is not None
+
+
+def test_sparse_quick_run_checks_the_spconv_peer_or_says_it_is_skipped():
+    """With spconv installed, the quick run compares gridgraph and spconv's SubMConv2d with F.conv2d at each
+    occupancy; without it, it says so and still checks gridgraph."""
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "sparse.py"), "--quick", "--threads", "1", "--only-spconv"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if _spconv_installed():
+        assert proc.stdout.count("| matches F.conv2d and spconv |") == 3, proc.stdout
+    else:
+        assert "spconv peer: skipped: spconv is not installed" in proc.stdout, proc.stdout
+    assert "| matches F.conv2d |" not in proc.stdout  # --only-spconv: no dense comparison
+    body = proc.stdout.split("\n", 1)[1]
+    assert not TIMING_WORDS.search(body), TIMING_WORDS.search(body)
+
+
+def _script_module(name: str):
+    """Import ``benchmarks/<name>.py`` under a private module name (no clash with installed packages)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_gridgraph_bench_{name}", SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sparse_peer_reports_a_missing_spconv(monkeypatch):
+    sparse = _script_module("sparse")
+    monkeypatch.setitem(sys.modules, "spconv", None)  # import spconv now raises ImportError
+    result = sparse.run_spconv(32, 2, [0.5], 0.1, 1, 0, timing=False)
+    assert result["rows"] == [] and "spconv is not installed" in result["skipped"]
+    assert sparse.spconv_markdown(result).startswith("spconv peer: skipped: spconv is not installed")
+
+
+def test_scale_quick_run_is_correctness_only(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "scale.py"), "--quick", "--threads", "1",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "scale.json").read_text())
+    assert payload["quick"] is True and len(payload["rows"]) == 4  # 2 channel counts x 2 sides
+    for row in payload["rows"]:
+        assert max(row["max_rel_error"].values()) <= 1e-4 and max(row["grad_rel_error"].values()) <= 1e-4
+        assert not any(k in row for k in ("fb_ms", "time_ratio", "peak_mb")), sorted(row)
+    assert proc.stdout.count("| matches F.conv2d |") == 4
+    assert not TIMING_WORDS.search(proc.stdout + proc.stderr), TIMING_WORDS.search(proc.stdout + proc.stderr)
+    assert not (tmp_path / "scale.png").exists()
+
+
+def test_scale_timed_path_reports_ratios_and_draws_the_plot(tmp_path):
+    """One tiny size with a tiny budget: the numbers are noise; the report's shape is what is checked."""
+    scale = _script_module("scale")
+    row = scale.measure_size(16, 2, rounds=2, budget_s=0.02, timing=True)
+    assert row["reference"] in ("conv2d-nchw", "conv2d-cl")
+    assert row["time_ratio"] > 0 and row["memory_ratio"] > 0 and min(row["samples"].values()) >= 2
+    payload = {"machine": bench_machine(), "rounds": 2, "rows": [row, {"side": 32, "channels": 2, "skipped": "x"}]}
+    table = scale.markdown(payload)
+    assert "| 2 | 16 |" in table and "| 2 | 32 | skipped: x |" in table
+    scale.plot(payload, tmp_path / "scale.png")
+    assert (tmp_path / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert scale.needed_bytes(4096, 64, "structure") > scale.needed_bytes(2048, 64, "plain") > 4 * 2**30
+    structure = scale.measure_size(16, 2, rounds=1, budget_s=0.01, timing=True, call="structure")
+    assert structure["call"] == "structure" and structure["max_rel_error"]["gridgraph"] <= 1e-4
+    assert "| 2 | 16 (structure call) |" in scale.markdown({**payload, "rows": [structure]})
+
+
+def bench_machine():
+    return _bench_module().machine() | {"load_average_start": None, "load_average_end": None}
+
+
+GPU_SCRIPT = SCRIPT.parent / "gpu.sh"
+
+
+def test_gpu_script_parses_and_dry_runs_the_three_steps():
+    assert subprocess.run(["bash", "-n", str(GPU_SCRIPT)], capture_output=True).returncode == 0
+    proc = subprocess.run(["bash", str(GPU_SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "gridgraph verify --device cuda" in lines[1]
+    assert "pytest" in lines[2] and "-k cuda" in lines[2]
+    assert "benchmarks/run.py --device cuda" in lines[3] and "--budget" in lines[3]
+    limits = [int(re.search(r"limit (\d+)s", line).group(1)) for line in lines[1:4]]
+    assert sum(limits) < 8 * 60  # each step is cut at its limit: the whole run stays under 8 minutes
+
+
+def test_gpu_script_runs_its_steps_on_the_cpu(tmp_path):
+    """DEVICE=cpu runs quick stand-ins of the same three steps and writes the logs and the summary."""
+    env = {**__import__("os").environ, "DEVICE": "cpu", "OUT_DIR": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(GPU_SCRIPT)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    assert summary.count(" passed in ") == 3, summary
+    for name in ("verify.log", "tests.log", "bench.log", "environment.txt", "bench/results.json"):
+        assert (tmp_path / name).is_file(), name
+    assert "PASS" in (tmp_path / "verify.log").read_text()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal without a GPU")
+def test_run_refuses_cuda_without_a_gpu():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cuda"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "no CUDA device is available" in proc.stderr

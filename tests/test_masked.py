@@ -383,3 +383,168 @@ def test_to_networkx_places_the_active_outputs():
     nxg = to_networkx(g)
     assert [nxg.nodes[k]["pixel"] for k in nxg.nodes] == [(0, 0), (5, 5), (0, 0), (2, 2)]
     assert sorted(nxg.edges(keys=True)) == [(0, 2, 4), (1, 3, 8)]  # (5,5) = 2*(2,2) + tap (2,2) - 1
+
+
+# ------------------------------------------------------------------------------- the two sparse kernels
+@pytest.fixture(params=["table", "per-tap"])
+def sparse_kernel(request, monkeypatch):
+    """Force one of the two kernels of masked / sparse graphs; yields the calls of the table kernel."""
+    from gridgraph.nn import kernels
+
+    monkeypatch.setattr(kernels, "TABLE_MIN_FILL", 0.0 if request.param == "table" else 2.0)
+    calls = []
+    table_forward = kernels._table_forward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return table_forward(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_table_forward", spy)
+    return request.param, calls
+
+
+@pytest.mark.parametrize("name, kwargs, c_in, c_out, batch, h, w, occupancy, shared", CONFIGS,
+                         ids=[c[0] for c in CONFIGS])
+def test_each_sparse_kernel_equals_conv2d(name, kwargs, c_in, c_out, batch, h, w, occupancy, shared, sparse_kernel):
+    """The blocked table kernel and the per-tap kernel, each forced, equal nn.Conv2d (forward, gradients)."""
+    kernel, calls = sparse_kernel
+    conv = make(kwargs, c_in, c_out, torch.float64, "cpu")
+    images = torch.randn(batch, c_in, h, w, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    mask = random_mask((h, w) if shared else (batch, h, w), occupancy, 3, "cpu")
+    run_masked(conv, GridConv2d.from_conv2d(conv), images, mask, "table")
+    table_ran = kwargs.get("groups", 1) == 1 and kernel == "table" and occupancy > 0
+    assert bool(calls) == table_ran, (kernel, len(calls))
+
+
+def test_sparse_kernels_on_a_larger_image_float32(sparse_kernel):
+    """Many blocks (a 3-channel 96x80 image, batch 2) through each kernel, against nn.Conv2d in float32."""
+    conv = make(dict(kernel_size=3, padding=1), 3, 5, torch.float32, "cpu")
+    images = torch.randn(2, 3, 96, 80, generator=torch.Generator().manual_seed(4))
+    run_masked(conv, GridConv2d.from_conv2d(conv), images, random_mask((2, 96, 80), 0.5, 4, "cpu"), "table")
+
+
+def _slot_reference(x, table, weight, bias):
+    """out[i] = bias + sum_t W_t x[table[i, t]] (holes skipped), one slot at a time."""
+    out = bias.expand(table.size(0), -1).clone()
+    w = weight.reshape(weight.size(0), weight.size(1), -1)
+    for i, t in (table >= 0).nonzero().tolist():
+        out[i] += w[:, :, t] @ x[table[i, t]]
+    return out
+
+
+@pytest.mark.parametrize("spread", ["local", "wide"])
+def test_table_kernel_on_an_arbitrary_slot_table(spread, sparse_kernel, monkeypatch):
+    """Edge lists with unique (target, tap) slots, in any order, through both kernels: forward, input and
+    weight gradients equal a slot-by-slot reference. 'wide': sources far apart, so the table kernel
+    gathers globally and zeroes its holes instead of copying each block's source range."""
+    from gridgraph.nn import kernels
+    from gridgraph.nn.functional import EdgeList, conv
+
+    monkeypatch.setattr(kernels, "CPU_BLOCK_BYTES", 64 * 4 * 6 * 8)  # blocks of 64 rows: several blocks
+    layouts = []
+
+    class Blocks(kernels._TableBlocks):
+        def __init__(self, *args):
+            super().__init__(*args)
+            layouts.append("local" if self.local is not None else "wide")
+
+    monkeypatch.setattr(kernels, "_TableBlocks", Blocks)
+    gen = torch.Generator().manual_seed(7)
+    num_src, num_dst, taps = 3000, 200, 6
+    table = torch.randint(0, num_src, (num_dst, taps), generator=gen)
+    if spread == "local":
+        table = (torch.arange(num_dst)[:, None] + torch.arange(taps)[None, :]) % num_src
+    table[torch.rand(num_dst, taps, generator=gen) < 0.4] = -1
+    dst, tap = (table >= 0).nonzero(as_tuple=True)
+    order = torch.randperm(dst.numel(), generator=gen)  # any edge order
+    edge_index = torch.stack([table[dst, tap], dst])[:, order]
+    edge_type = tap[order]
+    x = torch.randn(num_src, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 4, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = conv(x, EdgeList(edge_index, edge_type, num_src, num_dst), weight, bias)
+    want = _slot_reference(x, table, weight, bias)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, (x, weight, bias), g)
+    ref = torch.autograd.grad(want, (x, weight, bias), g)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    kernel, calls = sparse_kernel
+    assert bool(calls) == (kernel == "table")
+    assert set(layouts) == ({spread} if kernel == "table" else set()), layouts
+
+
+def test_first_forward_and_backward_use_the_plan_seeded_at_construction(monkeypatch):
+    """A masked graph's builder leaves its table in the registry: the layer neither scatters nor sorts the
+    edges to plan its kernels (both kernels, forward and backward)."""
+    from gridgraph.nn import kernels
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the edge plan was rebuilt from the edges")
+
+    conv = make(dict(kernel_size=3, padding=1), 3, 4, torch.float64, "cpu")
+    images = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    for fill in (0.0, 2.0):
+        monkeypatch.setattr(kernels, "TABLE_MIN_FILL", fill)
+        g = image_to_graph(images, conv, mask=random_mask((2, 9, 8), 0.4, 1, "cpu"))
+        monkeypatch.setattr(kernels, "_slot_table", refuse)
+        monkeypatch.setattr(kernels, "_pairs_of_edges", refuse)
+        layer = GridConv2d.from_conv2d(conv)
+        x = g.x.clone().requires_grad_(True)
+        layer(x, g.edge_index, g.edge_type).square().sum().backward()
+        assert x.grad is not None and layer.weight.grad is not None
+        monkeypatch.undo()
+
+
+def test_sorted_points_are_not_sorted_again_and_give_the_same_graph():
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand(12, 10, generator=gen) < 0.4
+    coords = mask.nonzero()
+    features = torch.randn(coords.size(0), 3, generator=gen, dtype=torch.float64)
+    g = sparse_to_graph(coords, features, (12, 10))
+    assert g.x is features and torch.equal(g.perm, torch.arange(coords.size(0)))  # already row-major: no copy
+    shuffle = torch.randperm(coords.size(0), generator=gen)
+    h = sparse_to_graph(coords[shuffle], features[shuffle], (12, 10))
+    assert torch.equal(features[shuffle][h.perm], g.x)
+    for attr in ("edge_index", "edge_type", "edge_attr", "pos", "in_keys"):
+        assert torch.equal(getattr(h, attr), getattr(g, attr)), attr
+
+
+def test_sparse_table_int32_and_its_edges():
+    """The int32 table (what the builder uses) equals the long one, and the edges read off it, from a
+    row-major or a tap-major buffer, are target-major with taps ascending."""
+    from gridgraph.geometry import ConvGeometry
+    from gridgraph.structure import sparse_table, table_edges, unravel
+
+    geometry = ConvGeometry.from_keywords(2, 3, padding=1)
+    mask = random_mask((2, 7, 9), 0.5, 2, "cpu")
+    keys = mask.reshape(-1).nonzero().squeeze(1)
+    wide = sparse_table(keys, keys, geometry, (7, 9), (7, 9), 2)
+    narrow = sparse_table(keys, keys, geometry, (7, 9), (7, 9), 2, torch.int32, unravel(keys, (7, 9)))
+    assert wide.index.dtype == torch.long and narrow.index.dtype == torch.int32
+    assert torch.equal(wide.index, narrow.index.long()) and wide.complete == narrow.complete
+    dst, tap = (wide.index >= 0).nonzero(as_tuple=True)
+    for index in (wide.index.contiguous(), narrow.index, narrow.index.contiguous()):
+        data, taps = table_edges(index)
+        assert data.dtype == taps.dtype == torch.long
+        assert torch.equal(data[1], dst) and torch.equal(taps, tap) and torch.equal(data[0], wide.index[dst, tap])
+
+
+@pytest.mark.parametrize("name", ["submanifold-k3", "submanifold-reflect", "strided-replicate"])
+def test_per_tap_kernel_with_two_threads(name, monkeypatch):
+    """With several threads the per-tap scatter of unique rows is a gather, an add and a copy; a tap whose
+    sources repeat (reflect / replicate padding) must still sum them: equal to nn.Conv2d either way."""
+    from gridgraph.nn import kernels
+
+    monkeypatch.setattr(kernels, "TABLE_MIN_FILL", 2.0)
+    _, kwargs, c_in, c_out, batch, h, w, occupancy, shared = next(c for c in CONFIGS if c[0] == name)
+    conv = make(kwargs, c_in, c_out, torch.float64, "cpu")
+    images = torch.randn(batch, c_in, h, w, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_masked(conv, GridConv2d.from_conv2d(conv), images, random_mask((batch, h, w), occupancy, 3, "cpu"),
+                   "table")
+    finally:
+        torch.set_num_threads(threads)

@@ -249,6 +249,12 @@ def test_jit_trace_of_a_converted_network():
     traced = torch.jit.trace(convert(net), (x,))
     with torch.no_grad():
         torch.testing.assert_close(traced(x), net(x), rtol=1e-5, atol=1e-5)
+    # the trace records the operators themselves, which carry their gradients
+    assert "gridgraph::grid_conv" in str(traced.inlined_graph)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    traced(xs[0]).square().sum().backward()
+    net(xs[1]).square().sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------- NaN parity

@@ -12,7 +12,6 @@ from torch_geometric.nn import MessagePassing
 
 from ..geometry import ConvGeometry, TransposedGeometry, _ntuple, check_conv_arguments
 from ..pixel_graph import PixelEdgeIndex, pixel_structure
-from ..structure import GraphPart
 from . import functional as F
 from .functional import EdgeList, tap_messages
 

@@ -317,7 +317,10 @@ _OPS = {"grid_conv": grid_conv, "grid_conv_input_grad": grid_conv_input_grad,
 
 def _apply(name: str, *args):
     """Run operator ``name`` through its autograd.Function twin (differentiable under autograd and torch.func);
-    the operator itself when nothing needs a gradient (the Function's argument binding costs ~30 us a call)."""
+    the operator itself when nothing needs a gradient (the Function's argument binding costs ~30 us a call)
+    and under ``torch.jit.trace`` (the operator carries its autograd formula; the trace records one node)."""
+    if torch.jit.is_tracing():
+        return _OPS[name](*args)
     if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
         return FUNCTIONS[name].apply(*args)
     return _OPS[name](*args)

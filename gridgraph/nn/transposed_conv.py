@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from torch.nn import Parameter, init
+from torch.nn import Parameter
 from torch_geometric.nn import MessagePassing
 
 from ..geometry import TransposedGeometry, _ntuple, check_conv_arguments
