@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
-from gridgraph import GridConv2d, clear_cache, image_to_graph
+from gridgraph import GridConv2d, clear_cache, image_to_graph, set_cache_limit
 from gridgraph.structure import REGISTRY
 
 HERE = Path(__file__).resolve().parent
@@ -258,7 +258,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     _malloc_for_timing()
     torch.set_num_threads(args.threads)
     if args.cache_gb is not None:
-        REGISTRY.max_bytes = int(args.cache_gb * 2**30)
+        set_cache_limit(max_bytes=int(args.cache_gb * 2**30))
     info = machine()
     info["structure_cache_gib"] = REGISTRY.max_bytes / 2**30
     info["load_average_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None

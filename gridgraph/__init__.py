@@ -17,7 +17,7 @@ from .graph import graph_to_image, grid_to_graph, image_to_graph, sequence_to_gr
 from .pixel_graph import MaskedPixelGraph, PixelEdgeIndex, PixelGraph, PointGraph, TransposedPixelGraph
 from .positions import positions_to_graph
 from .structure import (GraphPart, NeighbourTable, PixelStructure, SparseTable, cache_info, clear_cache,
-                        neighbour_table)
+                        neighbour_table, set_cache_limit)
 from .transforms import ToPixelGraph
 from .models import REFERENCE_MODELS, reference_model
 from .nn import (DepthwiseConv2d, GridConv1d, GridConv2d, GridConv3d, GridConvNd, GridConvTranspose1d,
@@ -32,7 +32,7 @@ __all__ = [
     "ConvGeometry", "TransposedGeometry", "PixelGraph", "MaskedPixelGraph", "PointGraph", "TransposedPixelGraph",
     "PixelEdgeIndex", "PixelStructure", "GraphPart", "NeighbourTable", "SparseTable", "image_to_graph",
     "graph_to_image", "grid_to_graph", "sequence_to_graph", "volume_to_graph", "sparse_to_graph",
-    "positions_to_graph", "transposed_image_to_graph", "neighbour_table", "to_networkx", "ToPixelGraph", "clear_cache", "cache_info",
+    "positions_to_graph", "transposed_image_to_graph", "neighbour_table", "to_networkx", "ToPixelGraph", "clear_cache", "cache_info", "set_cache_limit",
     # layers
     "GridConvNd", "GridConv1d", "GridConv2d", "GridConv3d", "PointwiseConv2d", "DepthwiseConv2d",
     "SeparableConv2d", "GridConvTransposeNd", "GridConvTranspose1d", "GridConvTranspose2d", "GridConvTranspose3d",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -64,14 +65,20 @@ class Registry:
     the least recently used go first, but the newest entry always stays. ``get_for(tensor, tag, build)``
     keys an entry by a tensor's identity: it is rebuilt if the tensor was modified in place, and dropped
     when the tensor is freed. Thread-safe.
+
+    When the bound is below one call's working set (a huge image), each call would evict what the last one
+    built and rebuild it: the first such eviction warns (once per process), naming
+    :func:`set_cache_limit`.
     """
 
     def __init__(self, max_bytes: int = 2 << 30, max_entries: int = 512) -> None:
         self.max_bytes = max_bytes
         self.max_entries = max_entries
-        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._items: OrderedDict[Any, tuple[Any, int, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.RLock()
+        self._puts = 0  # entries built so far; each entry remembers its number
+        self._warned = False
 
     def get(self, key: Any, build: Callable[[], tuple[Any, Iterable[Optional[Tensor]]]]) -> Any:
         with self._lock:
@@ -88,11 +95,19 @@ class Registry:
             old = self._items.pop(key, None)
             if old is not None:
                 self._bytes -= old[1]
-            self._items[key] = (value, nbytes)
+            self._puts += 1
+            self._items[key] = (value, nbytes, self._puts)
             self._bytes += nbytes
             while len(self._items) > 1 and (len(self._items) > self.max_entries or self._bytes > self.max_bytes):
-                _, (_, evicted) = self._items.popitem(last=False)
+                _, (_, evicted, built) = self._items.popitem(last=False)
                 self._bytes -= evicted
+                if self._puts - built < THRASH_WINDOW and not self._warned:
+                    self._warned = True
+                    warnings.warn(
+                        f"gridgraph's structure cache evicted one of the {THRASH_WINDOW} entries built last: its "
+                        f"bound ({_mib(self.max_bytes)}, {self.max_entries} entries) is below what one call uses "
+                        f"({_mib(self._bytes + evicted)} or more), so every call rebuilds its tables. "
+                        f"Raise it with gridgraph.set_cache_limit(max_bytes=...).", ResourceWarning, stacklevel=3)
 
     def get_for(self, tensor: Tensor, tag: str, build: Callable[[], tuple[Any, Iterable[Optional[Tensor]]]],
                 *others: Tensor) -> Any:
@@ -123,6 +138,7 @@ class Registry:
         with self._lock:
             self._items.clear()
             self._bytes = 0
+            self._warned = False
 
     @property
     def nbytes(self) -> int:
@@ -137,8 +153,45 @@ class Registry:
                 f"{self.max_bytes / 2 ** 20:.0f} MiB, at most {self.max_entries} entries)")
 
 
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes < 2**30 else f"{nbytes / 2**30:.2f} GiB"
+
+
+#: An eviction of one of the last this-many entries built means the cache thrashes (see :class:`Registry`).
+THRASH_WINDOW = 4
+
 #: The one cache of gridgraph (tables, edge templates, the kernels' index plans).
 REGISTRY = Registry()
+
+
+def set_cache_limit(max_bytes: Optional[int] = None, max_entries: Optional[int] = None) -> dict:
+    """Bound the cache: at most ``max_bytes`` bytes (default 2 GiB) and ``max_entries`` entries (default
+    512); ``None`` leaves a bound as it is. Lowering a bound evicts at once. Returns the previous bounds
+    (``{'max_bytes', 'max_entries'}``), so a caller can restore them.
+
+    One 4096 x 4096 image's structure for a 3x3 convolution (its table and the forward and backward index
+    plans) takes about 3.4 GiB: raise the bound for images that large, or every call rebuilds it (the
+    cache warns when that happens; measured: 29 s a forward+backward at C=8 instead of 3 s).
+
+    Example:
+        >>> old = set_cache_limit(max_bytes=4 << 30)
+        >>> cache_info()['max_bytes'] == 4 << 30
+        True
+        >>> _ = set_cache_limit(**old)
+    """
+    for name, value in (("max_bytes", max_bytes), ("max_entries", max_entries)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"set_cache_limit: {name} must be a positive int, got {value!r}")
+    with REGISTRY._lock:
+        old = {"max_bytes": REGISTRY.max_bytes, "max_entries": REGISTRY.max_entries}
+        if max_bytes is not None:
+            REGISTRY.max_bytes = max_bytes
+        if max_entries is not None:
+            REGISTRY.max_entries = max_entries
+        while len(REGISTRY._items) > 1 and (len(REGISTRY._items) > REGISTRY.max_entries
+                                            or REGISTRY._bytes > REGISTRY.max_bytes):
+            REGISTRY._bytes -= REGISTRY._items.popitem(last=False)[1][1]
+    return old
 
 
 def clear_cache() -> None:

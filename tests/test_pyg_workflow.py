@@ -13,6 +13,7 @@ import copy
 import gc
 import io
 from dataclasses import dataclass
+import warnings
 from typing import Callable
 
 import pytest
@@ -23,8 +24,8 @@ from torch_geometric.data import Batch, Data, Dataset
 from torch_geometric.loader import DataLoader
 
 import gridgraph
-from gridgraph import (GridConv2d, GridConvTranspose2d, PixelEdgeIndex, ToPixelGraph, clear_cache, convert,
-                       graph_to_image, image_to_graph, sparse_to_graph, unconvert)
+from gridgraph import (GridConv2d, GridConvTranspose2d, PixelEdgeIndex, ToPixelGraph, cache_info, clear_cache, convert,
+                       graph_to_image, image_to_graph, set_cache_limit, sparse_to_graph, unconvert)
 from gridgraph.nn.functional import kernel_trace
 from gridgraph.structure import REGISTRY
 
@@ -259,7 +260,7 @@ def test_registry_counts_the_bytes_it_holds():
     g = image_to_graph(torch.randn(32, 4, 20, 20), layer)
     x = g.x.clone().requires_grad_()
     layer(x, g.edge_index, g.edge_type).sum().backward()  # forward and backward plans
-    values = [value for value, _ in REGISTRY._items.values()]
+    values = [item[0] for item in REGISTRY._items.values()]
     assert REGISTRY.nbytes == _reachable_bytes(values) > 32 * 400 * 9 * 4  # the batched gather indices at least
     clear_cache()
 
@@ -267,6 +268,7 @@ def test_registry_counts_the_bytes_it_holds():
 def test_registry_stays_within_its_byte_budget(monkeypatch):
     clear_cache()
     monkeypatch.setattr(REGISTRY, "max_bytes", 1 << 20)
+    monkeypatch.setattr(REGISTRY, "_warned", True)  # it thrashes on purpose (the warning has its own test)
     conv = nn.Conv2d(2, 3, 3, padding=1).double()
     layer = GridConv2d.from_conv2d(conv)
     for size in range(8, 40, 2):
@@ -276,6 +278,46 @@ def test_registry_stays_within_its_byte_budget(monkeypatch):
         torch.testing.assert_close(out, conv(im), **F64)
         newest = list(REGISTRY._items.values())[-1][1]
         assert REGISTRY.nbytes <= max(REGISTRY.max_bytes, newest)
+    clear_cache()
+
+
+def test_a_cache_below_one_calls_working_set_warns_once(monkeypatch):
+    """A bound below what one call builds makes every call rebuild its tables: a silent slow path
+    unless it says so (a 4096 x 4096 image under the default 2 GiB did exactly this)."""
+    clear_cache()
+    layer = GridConv2d(2, 3, 3, padding=1)
+    g = image_to_graph(torch.randn(2, 2, 16, 16), layer)
+    x = g.x.clone().requires_grad_()
+    old = set_cache_limit(max_bytes=4096)
+    try:
+        with pytest.warns(ResourceWarning, match=r"set_cache_limit\(max_bytes"):
+            layer(x, g.edge_index, g.edge_type).sum().backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per process (until clear_cache)
+            layer(x, g.edge_index, g.edge_type).sum().backward()
+    finally:
+        set_cache_limit(**old)
+    clear_cache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default bound holds this easily
+        for _ in range(3):
+            layer(x, g.edge_index, g.edge_type).sum().backward()
+
+
+def test_set_cache_limit_evicts_at_once_and_refuses_nonsense():
+    clear_cache()
+    image_to_graph(torch.randn(1, 2, 8, 8), kernel_size=3, padding=1)
+    image_to_graph(torch.randn(1, 2, 9, 8), kernel_size=3, padding=1)
+    assert len(REGISTRY) >= 2
+    old = set_cache_limit(max_entries=1)
+    try:
+        assert len(REGISTRY) == 1 and cache_info()["max_entries"] == 1
+    finally:
+        assert set_cache_limit(**old) == {"max_bytes": old["max_bytes"], "max_entries": 1}
+    assert cache_info()["max_entries"] == old["max_entries"]
+    for bad in (0, -5, 1.5, True, "1GB"):
+        with pytest.raises(ValueError, match="max_bytes must be a positive int"):
+            set_cache_limit(max_bytes=bad)
     clear_cache()
 
 
