@@ -390,6 +390,18 @@ def _block_rows(slots: int, channels: int, element_size: int, device: torch.devi
     return max(64, budget // max(1, slots * channels * element_size))
 
 
+def _identity_gemm(gather: _Gather, src: Tensor, m_taps: Tensor, kind: str, num_out: int,
+                   bias: Optional[Tensor]) -> Optional[Tensor]:
+    """A dense gather that is the centre tap alone, row ``i`` reading source ``i`` for every row (a 1x1
+    convolution at stride 1): the whole result is one GEMM, returned as it comes (``None``: not this case).
+    Written into a preallocated output it would cost a copy of the output per call."""
+    if kind != "dense" or gather.taps or gather.centre is None or gather.rows is not None \
+            or gather.num_rows != num_out or src.size(0) != num_out:
+        return None
+    m = _prepare(m_taps[gather.centre:gather.centre + 1], kind)
+    return _linear(src, m, bias)
+
+
 def _run(gather: _Gather, src: Tensor, m_taps: Tensor, kind: str, out: Tensor, bias: Optional[Tensor]) -> None:
     """``out[rows] = bias + sum_t M_t src[index[rows, t]]`` over every block of ``gather``.
 
@@ -541,8 +553,12 @@ def grid_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], key: str, gr
     x = x.contiguous()
     m_fwd = tap_weights(weight, groups).transpose(2, 3)  # [T, G, a = C_in/G, b = C_out/G]
     kind = _kind(groups, m_fwd.size(2), m_fwd.size(3))
-    out = x.new_empty(part.num_dst, weight.size(0))
     num_taps, c_out, c_in = m_fwd.size(0), weight.size(0), x.size(1)
+    if part.num_dst and kind == "dense" and num_taps == 1:
+        whole = _identity_gemm(part.forward(part.split_centre(kind)), x, m_fwd, kind, part.num_dst, bias)
+        if whole is not None:
+            return whole
+    out = x.new_empty(part.num_dst, weight.size(0))
     if part.num_dst == 0:
         return out
     if _depthwise(kind, m_fwd) and _compiled_depthwise([part.forward(False)], x, m_fwd.reshape(num_taps, c_out),
@@ -592,6 +608,10 @@ def grid_input_grad(g: Tensor, weight: Tensor, key: str, groups: int) -> Tensor:
     reverse = part.reverse(split)
     if reverse is None:
         return _input_grad_scatter(part.forward(split), g, m_fwd, kind, part.num_src)
+    if kind == "dense" and taps.size(0) == 1 and len(reverse) == 1:
+        whole = _identity_gemm(reverse[0], g, taps, kind, part.num_src, None)
+        if whole is not None:
+            return whole
     covered = sum(r.num_rows for r in reverse) == part.num_src
     grad_x = (g.new_empty if covered else g.new_zeros)(part.num_src, c_in)
     m_rev = taps.contiguous()  # [T, G, a = C_out/G, b = C_in/G]
