@@ -254,6 +254,11 @@ def build_cases(shape: Shape, methods: tuple[str, ...], naive_max_bytes: float, 
             cases[method] = Case(lambda x=x, g=loaded: layer(x, g.edge_index, g.edge_type, size=g.size()),
                                  [x, *layer.parameters()], node_to_image, x_grad_image(x))
         elif method == "gg-compiled":
+            # The layer's forward is one code object for every shape: without a reset, the modes of
+            # seven shapes pass dynamo's recompile limit and the later shapes would run eager,
+            # silently. With fail_on_recompile_limit_hit the column is compiled or the run stops.
+            torch._dynamo.reset()
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
             compiled = torch.compile(layer, backend=compile_backend)
             x = graph.x.clone().requires_grad_()
             cases[method] = Case(lambda x=x, c=compiled: c(x, graph.edge_index, graph.edge_type, size=size),
