@@ -507,9 +507,11 @@ def check_image(image: Any, ndim: int, name: str = "image") -> tuple[Tensor, boo
 
 
 def node_features(images: Tensor) -> Tensor:
-    """``(B, C, *grid)`` -> ``[B*prod(grid), C]`` (a view when the images are channels-last in memory)."""
+    """``(B, C, *grid)`` -> ``[B*prod(grid), C]``, row-major (a view when the images are channels-last in
+    memory). One image in NCHW memory would reshape to a column-major view ``[H*W, C]`` with strides
+    ``(1, H*W)``: it is copied once here, as a batch is, instead of once per layer call by the kernels."""
     n = images.dim() - 2
-    return images.permute(0, *range(2, n + 2), 1).reshape(-1, images.size(1))
+    return images.permute(0, *range(2, n + 2), 1).reshape(-1, images.size(1)).contiguous()
 
 
 def full_grid_graph(cls: type, geometry: Any, images: Tensor, batched: bool) -> PixelGraph:

@@ -242,6 +242,20 @@ def test_round_trip_of_non_contiguous_images():
         assert torch.equal(g.x, image.permute(0, 2, 3, 1).reshape(-1, image.size(1)))
 
 
+def test_node_features_are_row_major_and_view_channels_last_images():
+    """One NCHW image reshapes to a column-major view; the kernels would copy it at every call (a 7x7
+    stem on a 224x224 image: 0.2 ms of a 2.5 ms forward). The graph holds row-major features instead,
+    and a channels-last image is not copied at all."""
+    for shape in ((1, 3, 16, 12), (3, 16, 12), (2, 3, 16, 12)):
+        image = torch.randn(shape)
+        g = image_to_graph(image, kernel_size=7, stride=2, padding=3)
+        assert g.x.is_contiguous(), shape
+        assert torch.equal(graph_to_image(g.x, g, side="input"), image)
+    cl = torch.randn(2, 3, 16, 12).to(memory_format=torch.channels_last)
+    g = image_to_graph(cl, kernel_size=3, padding=1)
+    assert g.x.is_contiguous() and g.x.data_ptr() == cl.data_ptr()
+
+
 def test_output_side(device):
     images = torch.randn(2, 3, 7, 6, device=device)
     g = image_to_graph(images, kernel_size=3, stride=2, padding=1)
