@@ -32,9 +32,9 @@ gradients too). Times come from ``torch.utils.benchmark.Timer`` (``blocked_autor
 block size chosen so that timer overhead is negligible, the thread count fixed): per round and method
 it runs blocks of calls for ``--budget / --rounds`` seconds; the table gives the median and the best
 of the per-call block times, the rounds interleaved so that load from other processes hits all
-methods alike; ``conv2d``,
-``gridgraph`` and ``gg-image`` are timed together first, the slow baselines (``gg-edges``, ``rgcn``,
-``naive``) afterwards, so that their large temporaries cannot disturb the first comparison. Peak extra memory is
+methods alike; the fast methods
+(``conv2d``, ``conv2d-cl`` and the ``gridgraph``/``gg-*`` rows but ``gg-edges``) are timed together first,
+the slow baselines (``gg-edges``, ``rgcn``, ``naive``) afterwards, so that their large temporaries cannot disturb the first comparison. Peak extra memory is
 the peak of the bytes held by torch's CPU allocator during one call, above what it held before (the
 running sum of ``torch.profiler``'s allocation and free events, ``profile_memory=True``): output,
 saved tensors, gradients, temporaries and oneDNN's workspaces (which PyTorch routes through the same
