@@ -717,17 +717,11 @@ class PixelStructure:
 
     @property
     def num_src(self) -> int:
-        n = 0
-        for offset, part in zip(self.src_offsets, self.parts):
-            n = max(n, offset + part.num_src)
-        return n
+        return max((o + p.num_src for o, p in zip(self.src_offsets, self.parts)), default=0)
 
     @property
     def num_dst(self) -> int:
-        n = 0
-        for offset, part in zip(self.dst_offsets, self.parts):
-            n = max(n, offset + part.num_dst)
-        return n
+        return max((o + p.num_dst for o, p in zip(self.dst_offsets, self.parts)), default=0)
 
     @property
     def num_edges(self) -> int:
