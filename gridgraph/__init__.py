@@ -24,6 +24,7 @@ from .nn import (DepthwiseConv2d, GridConv1d, GridConv2d, GridConv3d, GridConvNd
                  GridConvTranspose2d, GridConvTranspose3d, GridConvTransposeNd, PointwiseConv2d, SeparableConv2d)
 from .nn.attention import PixelAttention, SqueezeExcitation, complete_pixel_graph
 from .verify import ModelReport, verify_layers, verify_model
+from .onnx import export_onnx, onnx_translations
 
 from ._version import __version__
 
@@ -44,4 +45,6 @@ __all__ = [
     # analysis (more in gridgraph.analysis; drawings in gridgraph.plot)
     "analysis", "plot", "receptive_field", "receptive_field_size", "conv_cost", "separable_cost",
     "separable_ratio", "linear_operator", "mixing_matrix",
+    # ONNX export (needs onnx and onnxscript: the "onnx" extra)
+    "export_onnx", "onnx_translations",
 ]
