@@ -106,21 +106,17 @@ def cases(side: int, channels: int, call: str = "plain", seed: int = 0):
             x_nodes.grad = None
         return out
 
-    def conv_nchw(keep: bool = False):
-        weight.grad = bias.grad = None
-        out = F.conv2d(x_nchw, weight, bias, padding=1)
-        out.backward(grad_image)
-        if not keep:
-            x_nchw.grad = None
-        return out
+    def conv_of(x, grad):
+        def conv(keep: bool = False):
+            weight.grad = bias.grad = None
+            out = F.conv2d(x, weight, bias, padding=1)
+            out.backward(grad)
+            if not keep:
+                x.grad = None
+            return out
+        return conv
 
-    def conv_cl(keep: bool = False):
-        weight.grad = bias.grad = None
-        out = F.conv2d(x_cl, weight, bias, padding=1)
-        out.backward(grad_cl)
-        if not keep:
-            x_cl.grad = None
-        return out
+    conv_nchw, conv_cl = conv_of(x_nchw, grad_image), conv_of(x_cl, grad_cl)
 
     # correctness first: outputs and input gradients against F.conv2d (NCHW)
     ref = conv_nchw(keep=True).detach()

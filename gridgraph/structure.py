@@ -218,8 +218,20 @@ def _device(device: Any) -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------- tables
+class _SlotIndex:
+    """What a table of slots ``index [N_out, T]`` (``-1``: no edge) says by its shape and device."""
+
+    @property
+    def num_taps(self) -> int:
+        return self.index.size(1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.index.device
+
+
 @dataclass(frozen=True, eq=False)
-class NeighbourTable:
+class NeighbourTable(_SlotIndex):
     """The pixel graph of one image as a fixed-slot table: ``index[i, t]`` is the source pixel that
     the tap ``t`` of target pixel ``i`` reads, or ``-1`` where that edge is absent (zero padding).
 
@@ -243,13 +255,6 @@ class NeighbourTable:
     def num_dst(self) -> int:
         return math.prod(self.out_size)
 
-    @property
-    def num_taps(self) -> int:
-        return self.index.size(1)
-
-    @property
-    def device(self) -> torch.device:
-        return self.index.device
 
     def copy(self) -> "NeighbourTable":
         """An independent copy (the index cloned)."""
@@ -394,7 +399,7 @@ _ONE_GATHER_SLOTS = 1 << 18
 
 
 @dataclass(frozen=True, eq=False)
-class SparseTable:
+class SparseTable(_SlotIndex):
     """The neighbour table of a masked or sparse pixel graph: one table for all images' active sites.
 
     ``index[i, t]`` is the active source node that tap ``t`` of active target node ``i`` reads, or
@@ -416,13 +421,6 @@ class SparseTable:
     def out_size(self) -> tuple[int]:
         return (self.num_dst,)
 
-    @property
-    def num_taps(self) -> int:
-        return self.index.size(1)
-
-    @property
-    def device(self) -> torch.device:
-        return self.index.device
 
 
 def unravel(keys: Tensor, size: Sequence[int]) -> tuple[Tensor, Tensor]:
