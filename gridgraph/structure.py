@@ -713,13 +713,20 @@ class PixelStructure:
     def single(cls, part: GraphPart) -> "PixelStructure":
         return cls((part,), (0,), (0,))
 
+    # Plain loops: these run under torch.compile, and dynamo cannot trace max() of a generator with a default.
     @property
     def num_src(self) -> int:
-        return max((o + p.num_src for o, p in zip(self.src_offsets, self.parts)), default=0)
+        n = 0
+        for offset, part in zip(self.src_offsets, self.parts):
+            n = max(n, offset + part.num_src)
+        return n
 
     @property
     def num_dst(self) -> int:
-        return max((o + p.num_dst for o, p in zip(self.dst_offsets, self.parts)), default=0)
+        n = 0
+        for offset, part in zip(self.dst_offsets, self.parts):
+            n = max(n, offset + part.num_dst)
+        return n
 
     @property
     def num_edges(self) -> int:

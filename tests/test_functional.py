@@ -44,6 +44,8 @@ CONFIGS = [
     (40, 2, 3, 2, 1, 2, 1, "replicate", 2, (9, 8)),  # transform-then-gather, strided, remapped borders
     (8, 5, 1, 1, 0, 1, 1, "zeros", 3, (4, 5)),  # 1x1: the centre tap alone (a plain GEMM)
     (8, 5, 1, 2, 0, 1, 1, "zeros", 2, (5, 5)),  # 1x1 strided: no centre tap, unread sources
+    (3, 8, 7, 2, 3, 1, 1, "zeros", 2, (11, 10)),  # an RGB stem: the 3-channel gather
+    (1, 4, 3, 1, 1, 1, 1, "reflect", 2, (6, 7)),  # one channel (grey): the 1-channel gather
     (4, 6, 3, 1, 1, 1, 1, "zeros", 0, (5, 5)),  # batch 0
     (4, 6, 3, 3, 0, 1, 2, "zeros", 0, (7, 7)),  # batch 0, grouped, strided
 ]
@@ -95,6 +97,33 @@ def test_table_path_matches_conv2d(config, dtype, device, block_bytes, loops, mo
     torch.testing.assert_close(grad_x, images.grad, **tol)
     torch.testing.assert_close(layer.weight.grad, conv.weight.grad, **tol)
     torch.testing.assert_close(layer.bias.grad, conv.bias.grad, **tol)
+
+
+def test_compiled_loops_leave_torchs_thread_count_alone():
+    """numba's threading layer starts at the first compiled loop and, sharing libgomp with torch, set the
+    calling thread's OpenMP count to its own: a user's torch.set_num_threads(1) became 2 after the first
+    depthwise or stem call (and torch.compile recompiled on the changed global state). A fresh process:
+    the layer starts once per process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "torch.set_num_threads(1)\n"
+        "from gridgraph import GridConv2d, image_to_graph\n"
+        "from gridgraph.nn import compiled\n"
+        "for c_in, groups in ((3, 1), (8, 8)):\n"
+        "    layer = GridConv2d(c_in, 8, 3, padding=1, groups=groups)\n"
+        "    g = image_to_graph(torch.randn(1, c_in, 6, 6), layer)\n"
+        "    layer(g.x, g.edge_index, g.edge_type)\n"
+        "print(compiled.available(torch.zeros(1)), torch.get_num_threads())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    used, threads = proc.stdout.split()[-2:]
+    if used != "True":
+        pytest.skip("numba is not installed: no compiled loop ran")
+    assert threads == "1"
 
 
 def test_table_path_equals_edge_list_path():

@@ -2,7 +2,14 @@
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["gather_rows", "gather_sum", "depthwise", "depthwise_weight_grad"]
+__all__ = ["launch", "gather_rows", "gather_sum", "depthwise", "depthwise_weight_grad"]
+
+
+@njit(parallel=True, cache=True)
+def launch(out):
+    """A trivial parallel loop: its first call starts numba's threading layer."""
+    for i in prange(out.shape[0]):
+        out[i] = i
 
 @njit(parallel=True, cache=True)
 def gather_rows(src, index, out):
@@ -11,13 +18,34 @@ def gather_rows(src, index, out):
     for i in prange(n):
         for s in range(slots):
             j = index[i, s]
-            base = s * c
-            if j >= 0:
+            b = s * c
+            # One to four channels (an RGB stem, a mask, a grey image) spelled out: with the channel count
+            # known, each slot is a few plain moves instead of a loop (the 3-channel gather of a 7x7 stem:
+            # 1.3 -> 0.38 ms on one thread). The branch on c is the same for every slot.
+            if c == 3:
+                if j >= 0:
+                    out[i, b] = src[j, 0]; out[i, b + 1] = src[j, 1]; out[i, b + 2] = src[j, 2]
+                else:
+                    out[i, b] = 0; out[i, b + 1] = 0; out[i, b + 2] = 0
+            elif c == 1:
+                out[i, b] = src[j, 0] if j >= 0 else 0
+            elif c == 2:
+                if j >= 0:
+                    out[i, b] = src[j, 0]; out[i, b + 1] = src[j, 1]
+                else:
+                    out[i, b] = 0; out[i, b + 1] = 0
+            elif c == 4:
+                if j >= 0:
+                    out[i, b] = src[j, 0]; out[i, b + 1] = src[j, 1]
+                    out[i, b + 2] = src[j, 2]; out[i, b + 3] = src[j, 3]
+                else:
+                    out[i, b] = 0; out[i, b + 1] = 0; out[i, b + 2] = 0; out[i, b + 3] = 0
+            elif j >= 0:
                 for k in range(c):
-                    out[i, base + k] = src[j, k]
+                    out[i, b + k] = src[j, k]
             else:
                 for k in range(c):
-                    out[i, base + k] = 0
+                    out[i, b + k] = 0
 
 # The sums below take the slots of a row nine (then three) at a time when all of them are present: one
 # pass over the channels per group instead of one per slot (a pass over 64-128 channels is a few vector

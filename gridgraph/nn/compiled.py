@@ -34,8 +34,17 @@ _FAILED = False
 
 
 def _build():
+    import numpy as np
+
     from . import _numba_kernels as k
 
+    # The first parallel loop starts numba's threading layer, which (sharing libgomp with torch) sets the
+    # calling thread's OpenMP thread count to numba's: torch.get_num_threads() went from a user's 1 to 2
+    # after the first compiled call. Start the layer here and give torch back its count.
+    threads = torch.get_num_threads()
+    k.launch(np.zeros(1, dtype=np.int64))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     return {"gather_rows": k.gather_rows, "gather_sum": k.gather_sum, "depthwise": k.depthwise,
             "depthwise_weight_grad": k.depthwise_weight_grad}
 
