@@ -98,21 +98,45 @@ class Registry:
             self._puts += 1
             self._items[key] = (value, nbytes, self._puts)
             self._bytes += nbytes
-            while len(self._items) > 1 and (len(self._items) > self.max_entries or self._bytes > self.max_bytes):
-                _, (_, evicted, built) = self._items.popitem(last=False)
-                self._bytes -= evicted
-                if self._puts - built < THRASH_WINDOW and not self._warned:
-                    self._warned = True
-                    warnings.warn(
-                        f"gridgraph's structure cache evicted one of the {THRASH_WINDOW} entries built last: its "
-                        f"bound ({_mib(self.max_bytes)}, {self.max_entries} entries) is below what one call uses "
-                        f"({_mib(self._bytes + evicted)} or more), so every call rebuilds its tables. "
-                        f"Raise it with gridgraph.set_cache_limit(max_bytes=...).", ResourceWarning, stacklevel=3)
+            self._evict(warn=True)
+
+    def recharge(self, key: Any, value: Any, nbytes: int) -> None:
+        """Charge the entry ``key`` ``nbytes`` from now on: for a value that builds parts of itself on first
+        use (an edge plan's per-tap pairs, reverse table, blocks), so that the bound counts what it holds.
+        Nothing happens when ``key`` no longer holds ``value``."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return
+            held = item[0]
+            if held is not value and not (isinstance(held, tuple) and held and held[-1] is value):
+                return
+            self._items[key] = (held, nbytes, item[2])
+            self._bytes += nbytes - item[1]
+            self._evict(warn=True)
+
+    def _evict(self, warn: bool) -> None:
+        """Drop the least recently used entries until the bounds hold (the newest always stays)."""
+        while len(self._items) > 1 and (len(self._items) > self.max_entries or self._bytes > self.max_bytes):
+            _, (_, evicted, built) = self._items.popitem(last=False)
+            self._bytes -= evicted
+            if warn and self._puts - built < THRASH_WINDOW and not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"gridgraph's structure cache evicted one of the {THRASH_WINDOW} entries built last: its "
+                    f"bound ({_mib(self.max_bytes)}, {self.max_entries} entries) is below what one call uses "
+                    f"({_mib(self._bytes + evicted)} or more), so every call rebuilds its tables. "
+                    f"Raise it with gridgraph.set_cache_limit(max_bytes=...).", ResourceWarning, stacklevel=4)
+
+    @staticmethod
+    def key_for(tensor: Tensor, tag: str) -> Any:
+        """The key of :meth:`get_for`'s entry ``(tag, tensor)``."""
+        return tag, id(tensor)
 
     def get_for(self, tensor: Tensor, tag: str, build: Callable[[], tuple[Any, Iterable[Optional[Tensor]]]],
                 *others: Tensor) -> Any:
         """The entry of ``(tag, tensor)``; valid while ``tensor`` and ``others`` keep their identity and version."""
-        key = (tag, id(tensor))
+        key = self.key_for(tensor, tag)
         stamp = tuple((id(t), t._version) for t in (tensor, *others))
         with self._lock:
             item = self._items.get(key)
@@ -188,9 +212,7 @@ def set_cache_limit(max_bytes: Optional[int] = None, max_entries: Optional[int] 
             REGISTRY.max_bytes = max_bytes
         if max_entries is not None:
             REGISTRY.max_entries = max_entries
-        while len(REGISTRY._items) > 1 and (len(REGISTRY._items) > REGISTRY.max_entries
-                                            or REGISTRY._bytes > REGISTRY.max_bytes):
-            REGISTRY._bytes -= REGISTRY._items.popitem(last=False)[1][1]
+        REGISTRY._evict(warn=False)  # the user asked for it: no thrash warning
     return old
 
 

@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Optional
+import weakref
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
-from ..structure import REGISTRY, NeighbourTable, cached_table, parse_key, table_edges
+from ..structure import REGISTRY, NeighbourTable, cached_table, parse_key, table_edges, tensor_bytes
 from . import compiled
 
 __all__ = ["tap_weights", "apply_tap", "grid_forward", "grid_input_grad", "grid_weight_grad", "edge_forward",
@@ -539,7 +540,7 @@ def _compiled_depthwise(gathers: list[_Gather], src: Tensor, w: Tensor, bias: Op
             out.index_copy_(0, gather.rows, compiled.depthwise(src, gather.table, w_slots, bias, tmp))
         covered += gather.num_rows
     if covered < out.size(0):  # rows no gather wrote (sources no tap reads): zero
-        seen = torch.zeros(out.size(0), dtype=torch.bool)
+        seen = torch.zeros(out.size(0), dtype=torch.bool, device=out.device)
         for gather in gathers:
             seen[gather.rows if gather.rows is not None else slice(0, gather.num_rows)] = True
         out[~seen] = 0
@@ -866,6 +867,7 @@ class _EdgePlan:
         self._reverse: Optional[Tensor] = None
         self._reverse_known = False
         self._blocks: dict = {}
+        self.charge: Optional[Callable[[], None]] = None  # set by the cache: re-counts the bytes after growing
         if table is None and edge_type is not None and num_edges and num_dst * num_taps <= _TABLE_PER_EDGE * num_edges:
             self._table = _slot_table(edge_index, edge_type, num_dst, num_taps)
             if self._table is not None:
@@ -880,6 +882,7 @@ class _EdgePlan:
         """The slot table ``[N_dst, T]`` (row-major), or None for an edge list with a slot held twice."""
         if self._table is None and self._columns is not None:
             self._table = self._columns.t().contiguous()
+            self._grew()
         return self._table
 
     @property
@@ -899,6 +902,7 @@ class _EdgePlan:
             else:
                 self._pairs = _pairs_of_edges(*self._edges, self.num_src, self.num_dst, self.num_taps)
             self._edges = None
+            self._grew()
         return self._pairs
 
     def reverse(self) -> Optional[Tensor]:
@@ -911,6 +915,7 @@ class _EdgePlan:
             rev[src.mul_(self.num_taps).add_(tap)] = dst.to(table.dtype)
             if int((rev >= 0).sum()) == dst.numel():  # else a (source, tap) pair feeds two targets
                 self._reverse = rev.view(self.num_src, self.num_taps)
+                self._grew()
         return self._reverse
 
     def blocks(self, which: str, channels: int, element_size: int, device: torch.device) -> _TableBlocks:
@@ -920,7 +925,12 @@ class _EdgePlan:
         key = (which, rows)
         if key not in self._blocks:
             self._blocks[key] = _TableBlocks(self.table if which == "forward" else self.reverse(), rows)
+            self._grew()
         return self._blocks[key]
+
+    def _grew(self) -> None:
+        if self.charge is not None:
+            self.charge()
 
     def tensors(self) -> list[Tensor]:
         out = [self._table, self._reverse, self._columns]
@@ -961,12 +971,27 @@ def _unique(ids: Tensor) -> bool:
 
 def _edge_plan(edge_index: Tensor, edge_type: Tensor, num_src: int, num_dst: int, num_taps: int,
                cache: bool) -> _EdgePlan:
+    if not cache:
+        return _EdgePlan(num_src, num_dst, num_taps, edge_type.numel(), edge_index=edge_index, edge_type=edge_type)
+    tag = _plan_tag(num_src, num_dst, num_taps)
+
     def build():
         plan = _EdgePlan(num_src, num_dst, num_taps, edge_type.numel(), edge_index=edge_index, edge_type=edge_type)
-        return plan, plan.tensors()
-    if not cache:
-        return build()[0]
-    return REGISTRY.get_for(edge_index, _plan_tag(num_src, num_dst, num_taps), build, edge_type)
+        return _charged(plan, REGISTRY.key_for(edge_index, tag)), plan.tensors()
+    return REGISTRY.get_for(edge_index, tag, build, edge_type)
+
+
+def _charged(plan: _EdgePlan, key: Any) -> _EdgePlan:
+    """``plan``, re-counted by the cache entry ``key`` whenever it builds a part of itself (the bound counts
+    what the plan holds, not what it held when it was cached). The hook holds the plan weakly."""
+    ref = weakref.ref(plan)
+
+    def charge() -> None:
+        held = ref()
+        if held is not None:
+            REGISTRY.recharge(key, held, tensor_bytes(held.tensors()))
+    plan.charge = charge
+    return plan
 
 
 def _plan_tag(num_src: int, num_dst: int, num_taps: int) -> str:
@@ -981,10 +1006,12 @@ def seed_edge_plan(edge_index: Tensor, edge_type: Tensor, table: Tensor, num_src
     ``identity``: the tap whose column is ``0 .. N-1`` (the centre of a submanifold graph), if known."""
     num_dst, num_taps = table.shape
 
+    tag = _plan_tag(num_src, num_dst, num_taps)
+
     def build():
         plan = _EdgePlan(num_src, num_dst, num_taps, edge_type.numel(), table=table, identity=identity)
-        return plan, plan.tensors()
-    REGISTRY.get_for(edge_index, _plan_tag(num_src, num_dst, num_taps), build, edge_type)
+        return _charged(plan, REGISTRY.key_for(edge_index, tag)), plan.tensors()
+    REGISTRY.get_for(edge_index, tag, build, edge_type)
 
 
 def _add_rows(out: Tensor, rows: Tensor, values: Tensor, unique: bool) -> None:
