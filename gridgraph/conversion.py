@@ -19,8 +19,6 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .pixel_graph import node_features
-from .structure import GraphPart
 from .nn import functional as F
 from .nn.grid_conv import GridConv1d, GridConv2d, GridConv3d, GridConvNd
 from .nn.transposed_conv import ImageGridConvTranspose1d, ImageGridConvTranspose2d, ImageGridConvTranspose3d
@@ -42,39 +40,10 @@ class _ImageGridConv:
                 size: Optional[tuple[int, int]] = None) -> Tensor:
         if edge_index is not None or edge_type is not None:
             return super().forward(input, edge_index, edge_type, size)  # type: ignore[misc]
-        images, batched = self._check_image(input)
-        num_images, channels, *grid = images.shape
-        part = GraphPart.grid(self.geometry, grid, num_images, batched)  # type: ignore[attr-defined]
-        n = self._ndim
-        # Node features [B*N_in, C]: a view when the image is channels-last in memory, else one copy.
-        out = F.conv(node_features(images), part, self.weight, self.bias, self.groups)  # type: ignore[attr-defined]
-        out = out.view(num_images, *part.out_size, out.size(1)).permute(0, n + 1, *range(1, n + 1))
-        if not (n == 2 and images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()):
-            out = out.contiguous()  # Conv2d's layout: contiguous, unless the input was channels-last
-        return out if batched else out[0]
-
-    def _check_image(self, input: Any) -> tuple[Tensor, bool]:
-        n = self._ndim
-        dims = {1: "L", 2: "H, W", 3: "D, H, W"}[n]
-        name = type(self).__name__
-        if not isinstance(input, Tensor):
-            raise TypeError(f"{name} expects an image tensor (got {type(input).__name__})")
-        if input.dim() not in (n + 1, n + 2):
-            hint = ("; to run on node features, pass edge_index and edge_type as well"
-                    if input.dim() == 2 and n != 1 else "")
-            raise ValueError(f"{name}: expected input of shape (C, {dims}) or (B, C, {dims}): {n + 1} or {n + 2} "
-                             f"dims (got a {input.dim()}-dim tensor of shape {tuple(input.shape)}){hint}")
-        channels = input.size(-n - 1)
-        if channels != self.in_channels:  # type: ignore[attr-defined]
-            raise ValueError(f"{name}: expected input with {self.in_channels} channels "  # type: ignore[attr-defined]
-                             f"(got {channels} channels, input of shape {tuple(input.shape)})")
-        weight = self.weight  # type: ignore[attr-defined]
-        if input.dtype != weight.dtype and not F.autocast_enabled(input.device.type):
-            raise TypeError(f"{name}: expected input of dtype {weight.dtype}, the layer's dtype (got {input.dtype})")
-        if input.device != weight.device:
-            raise ValueError(f"{name}: input is on {input.device} but the layer's weight is on {weight.device}")
-        batched = input.dim() == n + 2
-        return (input if batched else input.unsqueeze(0)), batched
+        # images -> node features (a view when channels-last) -> message passing on the pixel graph of this
+        # geometry and size -> images with the strides nn.ConvNd would give them
+        return F.conv_image(input, self.weight, self.bias, self.geometry, self.groups,  # type: ignore[attr-defined]
+                            type(self).__name__)
 
     # ------------------------------------------------------------------ conversion
     @classmethod

@@ -1,6 +1,6 @@
 """ONNX export of graph layers and converted networks.
 
-The graph layers call gridgraph's own operators (``torch.ops.gridgraph.grid_conv``, ``edge_conv``), which
+The graph layers call gridgraph's own operators (``torch.ops.gridgraph.grid_conv``, ``conv_image``, ``edge_conv``), which
 ONNX does not know. :func:`onnx_translations` gives, for ``torch.onnx.export(..., dynamo=True)``'s
 ``custom_translation_table``, their message passing written in standard ONNX operators:
 
@@ -9,6 +9,8 @@ ONNX does not know. :func:`onnx_translations` gives, for ``torch.onnx.export(...
   source), ``Gather`` collects every target's ``T`` source rows and one ``MatMul`` per group multiplies
   them by the stacked tap weights, bias added: the same gather-then-GEMM as the CPU kernel, so zero
   padding times an Inf weight is NaN as in ``nn.Conv2d``.
+* ``conv_image`` (the image layers of converted networks): the image transposed to node features, the
+  ``grid_conv`` translation, and back to an image.
 * ``edge_conv`` (masked, sparse and plain edge lists): every source's message per tap (one ``Einsum``),
   ``Gather`` by ``source * T + tap``, ``ScatterND`` with ``reduction='add'`` into the targets; on a pixel
   graph, targets with an absent tap get the NaN that zero padding gives with non-finite weights.
@@ -72,16 +74,41 @@ def _grouped_matmul(op, cols, weight, num_rows: int, num_taps: int, groups: int,
     return op.Reshape(out, op.Constant(value_ints=[num_rows, c_out]))
 
 
-def _grid_conv(x, weight, bias=None, key: str = "", groups: int = 1):
+def _grid_conv(x, weight, bias=None, key: str = "", groups: int = 1, c_out: Optional[int] = None,
+               c_in: Optional[int] = None):
     op = _opset()
     index = _neighbour_table(key)
     num_rows, num_taps = index.shape
-    c_in = x.shape[1]
-    c_out = weight.shape[0]
+    c_in = x.shape[1] if c_in is None else c_in
+    c_out = weight.shape[0] if c_out is None else c_out
     padded = op.Pad(x, op.Constant(value_ints=[0, 0, 1, 0]))  # the zero row absent edges read
     cols = op.Gather(padded, op.Constant(value=_ir_tensor(index)), axis=0)  # [R, T, C_in]
     out = _grouped_matmul(op, cols, weight, num_rows, num_taps, groups, c_in, c_out)
     return out if bias is None else op.Add(out, bias)
+
+
+def _conv_image(input, weight, bias=None, key: str = "", groups: int = 1, out_strides=(), in_strides=(),
+                weight_strides=()):
+    """The image operator of converted layers: images to node features, the grid translation, back to images
+    (memory formats do not exist in ONNX)."""
+    op = _opset()
+    kind, geometry, in_size, num_images = parse_key(key)
+    n = len(in_size)
+    c_in = input.shape[1]
+    nodes = op.Reshape(op.Transpose(input, perm=[0, *range(2, n + 2), 1]), op.Constant(value_ints=[-1, c_in]))
+    if kind == "transposed":  # the transposed layer's weight (C_in, C_out/G, *k) as its reversed graph's
+        a, b = weight.shape[0], weight.shape[1]
+        k = list(weight.shape[2:])
+        w = op.Reshape(weight, op.Constant(value_ints=[groups, a // groups, b, -1]))
+        w = op.Transpose(w, perm=[0, 2, 1, 3])
+        weight = op.Reshape(w, op.Constant(value_ints=[groups * b, a // groups, *k]))
+        c_out = groups * b
+    else:
+        c_out = weight.shape[0]
+    out = _grid_conv(nodes, weight, bias, key, groups, c_out=c_out, c_in=c_in)
+    out_size = list(geometry.output_size(in_size))
+    out = op.Reshape(out, op.Constant(value_ints=[num_images, *out_size, c_out]))
+    return op.Transpose(out, perm=[0, n + 1, *range(1, n + 1)])
 
 
 def _edge_conv(x, edge_index, edge_type, weight, bias=None, num_dst: int = 0, groups: int = 1,
@@ -133,6 +160,7 @@ def onnx_translations() -> dict:
     custom_translation_table=...)``: gridgraph's forward operators in standard ONNX operators."""
     _opset()
     return {torch.ops.gridgraph.grid_conv.default: _grid_conv,
+            torch.ops.gridgraph.conv_image.default: _conv_image,
             torch.ops.gridgraph.edge_conv.default: _edge_conv}
 
 

@@ -79,6 +79,9 @@ class Registry:
         self._lock = threading.RLock()
         self._puts = 0  # entries built so far; each entry remembers its number
         self._warned = False
+        #: Bumped by :meth:`clear`: caches above this one (the image layers' call plans) compare it to know
+        #: that they must forget what they derived from the old entries.
+        self.generation = 0
 
     def get(self, key: Any, build: Callable[[], tuple[Any, Iterable[Optional[Tensor]]]]) -> Any:
         with self._lock:
@@ -163,6 +166,7 @@ class Registry:
             self._items.clear()
             self._bytes = 0
             self._warned = False
+            self.generation += 1
 
     @property
     def nbytes(self) -> int:

@@ -163,4 +163,5 @@ def test_inf_weight_gives_nn_conv2d_nans_on_grids_and_masked_graphs(tmp_path):
 
 def test_translations_cover_the_forward_operators():
     table = gg.onnx_translations()
-    assert set(table) == {torch.ops.gridgraph.grid_conv.default, torch.ops.gridgraph.edge_conv.default}
+    assert set(table) == {torch.ops.gridgraph.grid_conv.default, torch.ops.gridgraph.conv_image.default,
+                          torch.ops.gridgraph.edge_conv.default}

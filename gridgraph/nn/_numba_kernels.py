@@ -147,3 +147,122 @@ def depthwise_weight_grad(src, index, g, partial):
                 if j >= 0:
                     for k in range(c):
                         partial[p, s, k] += src[j, k] * g[i, k]
+
+
+# ------------------------------------------------------------------------------ lattice loops (2-D grids)
+# Node features flat ([B*S0*S1*C]); a gather reads, for target (b, o0, o1) and slot (k0, k1), the source pixel
+# (b, A0*o0 + E0[k0], A1*o1 + E1[k1]) (nothing / zero outside the S0 x S1 grid). Rows are (b, o0) pairs.
+
+@njit(parallel=True, cache=True, boundscheck=False)
+def lattice_gather(src, S0, S1, C, O0, O1, A0, A1, E0, E1, row_lo, row_hi, out):
+    """out[(r, o1), (k0, k1, c)] = src[b, A0*o0 + E0[k0], A1*o1 + E1[k1], c], zero outside the grid."""
+    K0 = E0.shape[0]
+    K1 = E1.shape[0]
+    T = K0 * K1 * C
+    run = K1 * C
+    consecutive = K1 == 1 or E1[K1 - 1] - E1[0] == K1 - 1
+    for r in prange(row_hi - row_lo):
+        row = row_lo + r
+        b = row // O0
+        o0 = row - b * O0
+        for o1 in range(O1):
+            ob = (r * O1 + o1) * T
+            w0 = A1 * o1 + E1[0]
+            for k0 in range(K0):
+                h = A0 * o0 + E0[k0]
+                dst = out[ob + k0 * run:ob + (k0 + 1) * run]
+                if h < 0 or h >= S0:
+                    for q in range(run):
+                        dst[q] = 0
+                    continue
+                sb = (b * S0 + h) * S1
+                if consecutive and w0 >= 0 and w0 + K1 <= S1:
+                    s = src[(sb + w0) * C:(sb + w0 + K1) * C]
+                    for q in range(run):
+                        dst[q] = s[q]
+                    continue
+                for k1 in range(K1):
+                    w = A1 * o1 + E1[k1]
+                    d = dst[k1 * C:(k1 + 1) * C]
+                    if w < 0 or w >= S1:
+                        for c in range(C):
+                            d[c] = 0
+                    else:
+                        s = src[(sb + w) * C:(sb + w + 1) * C]
+                        for c in range(C):
+                            d[c] = s[c]
+
+
+@njit(parallel=True, cache=True, boundscheck=False)
+def lattice_depthwise(src, S0, S1, C, O0, O1, A0, A1, E0, E1, B, w, bias, out):
+    """out[(b, o), c] = bias[c] + sum_k w[k, c] src[b, A*o + E_k, c] (slots outside the grid add nothing);
+    w flat [K0*K1*C], out flat [B*O0*O1*C]. A 3x3 window inside the grid is summed in one expression."""
+    K0 = E0.shape[0]
+    K1 = E1.shape[0]
+    nine = K0 == 3 and K1 == 3
+    for row in prange(B * O0):
+        b = row // O0
+        o0 = row - b * O0
+        h0 = A0 * o0
+        for o1 in range(O1):
+            o = out[(row * O1 + o1) * C:(row * O1 + o1 + 1) * C]
+            w0 = A1 * o1
+            if nine and h0 + E0[0] >= 0 and h0 + E0[2] < S0 and w0 + E1[0] >= 0 and w0 + E1[2] < S1:
+                r0 = ((b * S0 + h0 + E0[0]) * S1 + w0) * C
+                r1 = ((b * S0 + h0 + E0[1]) * S1 + w0) * C
+                r2 = ((b * S0 + h0 + E0[2]) * S1 + w0) * C
+                c0 = E1[0] * C
+                c1 = E1[1] * C
+                c2 = E1[2] * C
+                a0 = src[r0 + c0:r0 + c0 + C]; a1 = src[r0 + c1:r0 + c1 + C]; a2 = src[r0 + c2:r0 + c2 + C]
+                a3 = src[r1 + c0:r1 + c0 + C]; a4 = src[r1 + c1:r1 + c1 + C]; a5 = src[r1 + c2:r1 + c2 + C]
+                a6 = src[r2 + c0:r2 + c0 + C]; a7 = src[r2 + c1:r2 + c1 + C]; a8 = src[r2 + c2:r2 + c2 + C]
+                v0 = w[0:C]; v1 = w[C:2 * C]; v2 = w[2 * C:3 * C]; v3 = w[3 * C:4 * C]; v4 = w[4 * C:5 * C]
+                v5 = w[5 * C:6 * C]; v6 = w[6 * C:7 * C]; v7 = w[7 * C:8 * C]; v8 = w[8 * C:9 * C]
+                for c in range(C):
+                    o[c] = (bias[c] + a0[c] * v0[c] + a1[c] * v1[c] + a2[c] * v2[c] + a3[c] * v3[c] + a4[c] * v4[c]
+                            + a5[c] * v5[c] + a6[c] * v6[c] + a7[c] * v7[c] + a8[c] * v8[c])
+                continue
+            for c in range(C):
+                o[c] = bias[c]
+            for k0 in range(K0):
+                h = h0 + E0[k0]
+                if h < 0 or h >= S0:
+                    continue
+                for k1 in range(K1):
+                    x = w0 + E1[k1]
+                    if x < 0 or x >= S1:
+                        continue
+                    s = src[((b * S0 + h) * S1 + x) * C:((b * S0 + h) * S1 + x + 1) * C]
+                    v = w[(k0 * K1 + k1) * C:(k0 * K1 + k1 + 1) * C]
+                    for c in range(C):
+                        o[c] += s[c] * v[c]
+
+
+@njit(parallel=True, cache=True, boundscheck=False)
+def lattice_depthwise_weight_grad(src, S0, S1, C, O0, O1, A0, A1, E0, E1, B, g, partial):
+    """partial[p, k, c] = sum over the rows of part p of src[b, A*o + E_k, c] * g[(b, o), c]."""
+    K0 = E0.shape[0]
+    K1 = E1.shape[0]
+    parts = partial.shape[0]
+    rows = B * O0
+    per = (rows + parts - 1) // parts
+    for p in prange(parts):
+        acc = partial[p]
+        for row in range(p * per, min(rows, p * per + per)):
+            b = row // O0
+            o0 = row - b * O0
+            for o1 in range(O1):
+                gg = g[(row * O1 + o1) * C:(row * O1 + o1 + 1) * C]
+                for k0 in range(K0):
+                    h = A0 * o0 + E0[k0]
+                    if h < 0 or h >= S0:
+                        continue
+                    for k1 in range(K1):
+                        x = A1 * o1 + E1[k1]
+                        if x < 0 or x >= S1:
+                            continue
+                        s = src[((b * S0 + h) * S1 + x) * C:((b * S0 + h) * S1 + x + 1) * C]
+                        a = acc[(k0 * K1 + k1) * C:(k0 * K1 + k1 + 1) * C]
+                        for c in range(C):
+                            a[c] += s[c] * gg[c]

@@ -46,7 +46,8 @@ def _build():
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return {"gather_rows": k.gather_rows, "gather_sum": k.gather_sum, "depthwise": k.depthwise,
-            "depthwise_weight_grad": k.depthwise_weight_grad}
+            "depthwise_weight_grad": k.depthwise_weight_grad, "lattice_gather": k.lattice_gather,
+            "lattice_depthwise": k.lattice_depthwise, "lattice_depthwise_weight_grad": k.lattice_depthwise_weight_grad}
 
 
 def available(*tensors: Tensor) -> bool:
@@ -104,4 +105,50 @@ def depthwise_weight_grad(src: Tensor, index: Tensor, g: Tensor) -> Tensor:
     parts = max(1, min(torch.get_num_threads() * 4, index.size(0) // 256 or 1))
     partial = src.new_zeros(parts, index.size(1), src.size(1))
     _KERNELS["depthwise_weight_grad"](_np(src), index.numpy(), _np(g), partial.numpy())
+    return partial.sum(0)
+
+
+# ------------------------------------------------------------------------------ lattice loops (2-D grids)
+def _np_offsets(gather):
+    """The gather's per-axis offsets as int64 arrays (made once, kept on the gather)."""
+    import numpy as np
+
+    if gather.np_offsets is None:
+        gather.np_offsets = tuple(np.asarray(e, dtype=np.int64) for e in gather.offsets)
+    return gather.np_offsets
+
+
+def gather2d(src: Tensor, num_images: int, gather, start: int, stop: int, out: Tensor) -> Tensor:
+    """The gathered rows ``start:stop`` of a 2-D lattice gather (:class:`gridgraph.nn.lattice.Gather`) into
+    ``out`` ``[stop - start, S * C]`` (zeros outside the grid)."""
+    _threads()
+    (s0, s1), (o0, o1), (a0, a1) = gather.src_size, gather.out_size, gather.anchor
+    e0, e1 = _np_offsets(gather)
+    _KERNELS["lattice_gather"](_np(src).reshape(-1), s0, s1, src.size(-1), o0, o1, a0, a1, e0, e1,
+                               start // o1, stop // o1, out.numpy().reshape(-1))
+    return out
+
+
+def depthwise2d(src: Tensor, num_images: int, gather, w: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
+    """``out[(b, o), c] = bias[c] + sum_k w[k, c] src[b, A*o + E_k, c]`` on a 2-D lattice gather (``w`` ``[S, C]``)."""
+    _threads()
+    (s0, s1), (o0, o1), (a0, a1) = gather.src_size, gather.out_size, gather.anchor
+    e0, e1 = _np_offsets(gather)
+    b = bias if bias is not None else src.new_zeros(src.size(-1))
+    _KERNELS["lattice_depthwise"](_np(src).reshape(-1), s0, s1, src.size(-1), o0, o1, a0, a1, e0, e1, num_images,
+                                  _np(w).reshape(-1), _np(b), out.numpy().reshape(-1))
+    return out
+
+
+def depthwise_weight_grad2d(src: Tensor, num_images: int, gather, g: Tensor) -> Tensor:
+    """``grad[k, c] = sum_(b, o) src[b, A*o + E_k, c] g[(b, o), c]`` on a 2-D lattice gather: ``[S, C]``."""
+    _threads()
+    (s0, s1), (o0, o1), (a0, a1) = gather.src_size, gather.out_size, gather.anchor
+    e0, e1 = _np_offsets(gather)
+    c = src.size(-1)
+    rows = num_images * o0
+    parts = max(1, min(torch.get_num_threads() * 4, rows))
+    partial = src.new_zeros(parts, gather.num_slots, c)
+    _KERNELS["lattice_depthwise_weight_grad"](_np(src).reshape(-1), s0, s1, c, o0, o1, a0, a1, e0, e1, num_images,
+                                              _np(g).reshape(-1), partial.numpy().reshape(parts, -1))
     return partial.sum(0)

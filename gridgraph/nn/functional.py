@@ -24,17 +24,20 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from typing import Iterator, NamedTuple, Optional, Union
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
+from ..geometry import ConvGeometry, TransposedGeometry
 from ..pixel_graph import PixelEdgeIndex, pixel_structure
-from ..structure import GraphPart, PixelStructure
-from . import ops
+from ..structure import REGISTRY, GraphPart, PixelStructure
+from . import kernels, layout, ops
 from .kernels import apply_tap, tap_weights
 
-__all__ = ["conv", "EdgeList", "kernel_trace", "tap_weights", "apply_tap", "tap_messages"]
+__all__ = ["conv", "conv_image", "EdgeList", "kernel_trace", "tap_weights", "apply_tap", "tap_messages", "ImagePlan"]
 
 
 class EdgeList(NamedTuple):
@@ -191,3 +194,219 @@ def tap_messages(x_j: Tensor, edge_type: Tensor, weight: Tensor, groups: int) ->
     pieces = [apply_tap(chunk, taps[t]) for t, chunk in enumerate(x_j[order].split(counts)) if counts[t]]
     sorted_messages = torch.cat(pieces, dim=0)
     return sorted_messages.new_empty(sorted_messages.shape).index_copy(0, order, sorted_messages)
+
+
+# ------------------------------------------------------------------------------------ image layers
+class ImagePlan:
+    """What one call signature of an image-facing layer needs (shapes, strides, dtype and device of its input
+    and weight, its geometry), worked out once and cached: the lattice of its pixel graph, the part key the
+    registered operators take, and the strides torch's convolution would give the output, the input's
+    gradient and the weight's gradient (:mod:`gridgraph.nn.layout`)."""
+
+    __slots__ = ("key", "lattice", "transposed", "groups", "out_strides", "in_strides", "weight_strides",
+                 "generation", "eager")
+
+    def __init__(self, key: str, transposed: bool, groups: int, out_strides: list[int], in_strides: list[int],
+                 weight_strides: list[int], eager: bool, compiling: bool = False) -> None:
+        self.key, self.transposed, self.groups = key, transposed, groups
+        self.out_strides, self.in_strides, self.weight_strides = out_strides, in_strides, weight_strides
+        self.lattice = None if compiling else kernels.grid_lattice(key)[0]
+        self.generation = REGISTRY.generation
+        self.eager = eager  # real floating point: the eager path may call the kernels directly
+
+    def forward(self, images: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return kernels.image_forward(images, weight, bias, self.lattice, self.transposed, self.groups,
+                                     self.out_strides)
+
+    def input_grad(self, grad: Tensor, weight: Tensor) -> Tensor:
+        return kernels.image_input_grad(grad, weight, self.lattice, self.transposed, self.groups, self.in_strides)
+
+    def weight_grad(self, images: Tensor, grad: Tensor, weight: Tensor) -> Tensor:
+        return kernels.image_weight_grad(images, grad, self.lattice, self.transposed, self.groups,
+                                         weight.shape, self.weight_strides)
+
+    def operator(self, images: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """The same call through the registered operator (differentiable under every torch transform)."""
+        return ops.apply("conv_image", images, weight, bias, self.key, self.groups, self.out_strides,
+                         self.in_strides, self.weight_strides)
+
+
+class _EagerImageConv(torch.autograd.Function):
+    """The eager path of an image layer: the kernels called directly, with one Python frame for the forward
+    and one for the backward (the registered operators' dispatch costs more than a small layer's work)."""
+
+    @staticmethod
+    def forward(ctx, images, weight, bias, plan):
+        ctx.save_for_backward(images, weight)
+        ctx.plan, ctx.has_bias = plan, bias is not None
+        return plan.forward(images, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        images, weight = ctx.saved_tensors
+        plan = ctx.plan
+        gx = gw = gb = None
+        if torch.is_grad_enabled():  # create_graph: the differentiable operators, for gradients of gradients
+            if ctx.needs_input_grad[0]:
+                gx = ops.apply("conv_image_input_grad", grad, weight, plan.key, plan.groups, plan.in_strides)
+            if ctx.needs_input_grad[1]:
+                gw = ops.apply("conv_image_weight_grad", images, grad, plan.key, plan.groups, list(weight.shape),
+                               plan.weight_strides)
+        else:
+            if ctx.needs_input_grad[0]:
+                gx = plan.input_grad(grad, weight)
+            if ctx.needs_input_grad[1]:
+                gw = plan.weight_grad(images, grad, weight)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = ops._bias_grad(grad)
+        return gx, gw, gb, None
+
+
+_PLANS: dict = {}
+#: Call signatures kept (a plan holds no tensors: a few hundred bytes each).
+PLAN_LIMIT = 4096
+_REAL = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _eager(images: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether nothing but plain eager autograd watches this call: no compiler or tracer, no torch.func
+    transform, no dispatch mode (fake tensors, FLOP counters), no forward-mode AD, no tensor subclass."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch._C._are_functorch_transforms_active() and torch._C._len_torch_dispatch_stack() == 0
+            and _forward_ad._current_level < 0 and type(images) is Tensor
+            and (type(weight) is Tensor or type(weight) is torch.nn.Parameter)
+            and (bias is None or type(bias) is Tensor or type(bias) is torch.nn.Parameter))
+
+
+def _autocast(images: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """``nn.Conv2d``'s autocast policy: inside an autocast region of the tensors' device type, floating
+    tensors other than float64 are cast to the autocast dtype (float64 ones are left alone)."""
+    device_type = images.device.type
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        if t is None or not t.is_floating_point() or t.dtype == torch.float64 or t.device.type != device_type:
+            return t
+        return t.to(dtype)
+    return cast(images), cast(weight), cast(bias)
+
+
+def conv_image(input: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: Union[ConvGeometry, TransposedGeometry],
+               groups: int = 1, name: str = "conv") -> Tensor:
+    """The convolution of images by message passing on their pixel graph: the stateless form of the layers
+    :func:`~gridgraph.convert` makes, as ``F.conv2d`` is for ``nn.Conv2d``.
+
+    ``input`` is ``(B, C_in, *grid)`` or ``(C_in, *grid)`` in any memory format; the result has the strides
+    torch's convolution would give it (channels-last when the input or the weight is, as torch decides), and
+    so have the gradients. A :class:`~gridgraph.geometry.TransposedGeometry` makes it the transposed
+    convolution (``weight`` ``(C_in, C_out/G, *kernel)``, as ``nn.ConvTransposeNd``'s). Each call signature is
+    planned once (:class:`ImagePlan`); in plain eager mode the kernels then run with no per-call work beyond
+    a dictionary lookup, and under ``torch.compile``, ``torch.export``, ``torch.func``, tracing and dispatch
+    modes the registered operators run the same kernels.
+
+    Args:
+        input (Tensor): the images.
+        weight (Tensor): ``(C_out, C_in/groups, *kernel)`` (transposed: ``(C_in, C_out/groups, *kernel)``).
+        bias (Tensor, optional): ``(C_out)``.
+        geometry: the convolution's geometry.
+        groups (int): channel groups.
+        name (str): how error messages name the caller.
+
+    Example:
+        >>> conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        >>> image = torch.randn(2, 3, 5, 6).to(memory_format=torch.channels_last)
+        >>> out = conv_image(image, conv.weight, conv.bias, ConvGeometry.from_module(conv))
+        >>> torch.allclose(out, conv(image), atol=1e-6), out.stride() == conv(image).stride()
+        (True, True)
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name} expects an image tensor (got {type(input).__name__})")
+    if input.device.type != "meta" and autocast_enabled(input.device.type):
+        input, weight, bias = _autocast(input, weight, bias)
+        with torch.autocast(input.device.type, enabled=False):
+            return _conv_image(input, weight, bias, geometry, groups, name)
+    return _conv_image(input, weight, bias, geometry, groups, name)
+
+
+def _conv_image(input, weight, bias, geometry, groups, name) -> Tensor:
+    if torch.compiler.is_compiling():  # no cache, no lock: the compiler folds the plan into its graph
+        plan = _plan(input, weight, bias, geometry, groups, name, compiling=True)
+        batched = input.dim() == geometry.ndim + 2
+        out = plan.operator(input if batched else input.unsqueeze(0), weight, bias)
+        return out if batched else out[0]
+    if torch.jit.is_tracing():  # sizes are traced tensors: the plan (grid sizes, strides) is specialised on purpose
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            plan = _plan(input, weight, bias, geometry, groups, name, traced=True)
+        batched = input.dim() == geometry.ndim + 2
+        _record("grid")
+        out = plan.operator(input if batched else input.unsqueeze(0), weight, bias)
+        return out if batched else out[0]
+    sig = (geometry, groups, input.shape, input.stride(), input.dtype, input.device, weight.shape, weight.stride(),
+           weight.dtype, weight.device, None if bias is None else (bias.shape, bias.dtype, bias.device))
+    plan = _PLANS.get(sig)
+    if plan is None or plan.generation != REGISTRY.generation:
+        plan = _plan(input, weight, bias, geometry, groups, name)
+        if len(_PLANS) >= PLAN_LIMIT:
+            _PLANS.clear()
+        _PLANS[sig] = plan
+    batched = input.dim() == geometry.ndim + 2
+    images = input if batched else input.unsqueeze(0)
+    if plan.eager and _eager(input, weight, bias):
+        _record("grid")
+        if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            out = _EagerImageConv.apply(images, weight, bias, plan)
+        else:
+            out = plan.forward(images, weight, bias)
+    else:
+        _record("grid")
+        out = plan.operator(images, weight, bias)
+    return out if batched else out[0]
+
+
+def _plan(input: Tensor, weight: Tensor, bias: Optional[Tensor], geometry, groups: int, name: str,
+          traced: bool = False, compiling: bool = False) -> ImagePlan:
+    """Check a new call signature (the errors ``nn.ConvNd`` would raise, with our messages) and plan it."""
+    n = geometry.ndim
+    transposed = isinstance(geometry, TransposedGeometry)
+    dims = {1: "L", 2: "H, W", 3: "D, H, W"}.get(n, "*grid")
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name} expects an image tensor (got {type(input).__name__})")
+    if input.dim() not in (n + 1, n + 2):
+        hint = ("; to run on node features, pass edge_index and edge_type as well"
+                if input.dim() == 2 and n != 1 else "")
+        raise ValueError(f"{name}: expected input of shape (C, {dims}) or (B, C, {dims}): {n + 1} or {n + 2} "
+                         f"dims (got a {input.dim()}-dim tensor of shape {tuple(input.shape)}){hint}")
+    in_channels = int(weight.size(0) if transposed else weight.size(1) * groups)
+    channels = input.size(-n - 1)
+    if channels != in_channels:
+        raise ValueError(f"{name}: expected input with {in_channels} channels "
+                         f"(got {channels} channels, input of shape {tuple(input.shape)})")
+    if input.dtype != weight.dtype:
+        raise TypeError(f"{name}: expected input of dtype {weight.dtype}, the layer's dtype (got {input.dtype})")
+    if input.device != weight.device:
+        raise ValueError(f"{name}: input is on {input.device} but the layer's weight is on {weight.device}")
+    if bias is not None and (bias.dtype != weight.dtype or bias.device != weight.device):
+        raise TypeError(f"{name}: expected bias of dtype {weight.dtype} on {weight.device} (got {bias.dtype} on "
+                        f"{bias.device})")
+    images = input if input.dim() == n + 2 else input.unsqueeze(0)
+    if traced:  # plain ints, and a tensor of those sizes to ask torch about the layout
+        images = torch.empty_strided(tuple(int(v) for v in images.shape), images.stride(), dtype=images.dtype,
+                                     device=images.device)
+        weight = torch.empty_strided(tuple(int(v) for v in weight.shape), weight.stride(), dtype=weight.dtype,
+                                     device=weight.device)
+    num_images, _, *grid = (int(v) for v in images.shape)
+    part = GraphPart.grid(geometry, grid, num_images)  # raises the ValueError Conv2d raises for a small image
+    conv = geometry.conv if transposed else geometry
+    torch_padding = [a for a, _ in conv.padding]
+    if any(a != b for a, b in conv.padding):  # 'same' with an even kernel: torch pads asymmetrically itself
+        torch_padding = [0] * n
+    conv_layout = layout.conv_layout(images, weight, bias, conv.stride, torch_padding, conv.dilation, transposed,
+                                     geometry.output_padding if transposed else [0] * n, groups)
+    weight_shape = tuple(int(v) for v in weight.shape)
+    out_shape = (num_images, weight_shape[1] * groups if transposed else weight_shape[0], *part.out_size)
+    eager = input.dtype in _REAL and input.device.type != "meta"
+    return ImagePlan(part.key, transposed, groups, list(conv_layout.strides(out_shape)),
+                     list(conv_layout.strides((num_images, in_channels, *grid))),
+                     list(conv_layout.weight_grad_strides(weight_shape)), eager, compiling)

@@ -6,51 +6,38 @@ gradient ``Ft(g, W)`` (the adjoint in ``x``: ``Ft(g, W)_j = sum over edges (j ->
 the weight gradient ``G(x, g)`` (``G_t = sum over edges of tap t of g_i x_j^T``). None conjugates: the
 autograd formulas pass conjugates where complex numbers need them. Two layouts of the edges:
 
-**Grid kernels** (a pixel graph whose edges follow from its geometry: at most one edge per (target, tap),
-a fixed-slot table ``index[i, t]``). They run block by block of targets (a block's temporaries stay in
-cache and are reused, so nothing of size ``E x C`` is ever allocated):
-
-* ``F``: gather the block's ``S`` source rows per target into one buffer ``[n, S*C_in]`` (absent edges
-  zeroed), then one GEMM with the taps' weights stacked ``[S*C_in, C_out]`` (bias fused); when ``C_out``
-  is much smaller than ``C_in`` (``2*T*C_out <= C_in``), transform-then-gather instead (one GEMM gives
-  each source's message for every tap; targets gather and sum ``C_out``-wide messages). Depthwise weights
-  mix by a per-tap multiply-add, other groupings by a batched GEMM. In a stride-1 graph whose grids
-  coincide, the centre tap reads the target's own row: depthwise and 1x1 layers take it from ``x``
-  without a gather.
-* ``Ft``: the same gather-then-GEMM on the *reverse* table (``rev[j, t]`` = the target that reads source
-  ``j`` through tap ``t``) with the weights transposed, where that table has one slot per (source, tap)
-  (zero and circular padding); sources are split by stride phase so a strided graph gathers only the taps
-  that reach each phase. Reflect and replicate padding (a border pixel can feed one target twice through
-  one tap) and strided dense graphs use a blocked scatter-add.
-* ``G``: re-gathers the same blocks (``g^T @ cols``).
+**Grid kernels** (a pixel graph whose edges follow from its geometry: a full grid, or the reversed graph
+of a strided convolution): the edges of one tap are one shifted, strided view of the node features, so
+:mod:`gridgraph.nn.lattice` gathers each block of targets' taps from those views and multiplies once by the
+stacked tap weights (depthwise layers: one multiply-add per tap), computes the input gradient per stride
+phase of the sources (the same gather on the gradient, weights transposed) and the weight gradient from the
+forward's blocks. A transposed part's forward is the input gradient of the convolution it reverses.
 
 **Edge kernels** (any edge list: a masked or sparse pixel graph, or a plain graph): per tap, the pairs
 ``(src, dst)`` it joins, a gather of the sources, one GEMM with the tap's weight and an add into the
 targets. A tap that joins every node to itself (the centre of a submanifold graph) is one GEMM on ``x``.
 Work and memory scale with the edges; temporaries are one tap's ``[E_t, C]`` at a time.
 
-The index tensors (batched gather indices, int32 where they fit, hole positions, reverse tables, per-tap
-pairs) are built once per structure and kept in :data:`~gridgraph.structure.REGISTRY`. No convolution or
-unfold primitive appears here: gathers, GEMMs and scatters only.
+The edge kernels' index tensors (slot tables, reverse tables, per-tap pairs) are built once per structure
+and kept in :data:`~gridgraph.structure.REGISTRY`. No convolution or unfold primitive appears here: gathers,
+strided views, GEMMs and scatters only.
 """
 from __future__ import annotations
 
 import bisect
 import math
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ..structure import REGISTRY, NeighbourTable, cached_table, parse_key, table_edges, tensor_bytes
-from . import compiled
+from ..structure import REGISTRY, parse_key, table_edges, tensor_bytes
+from . import lattice, layout
 
 __all__ = ["tap_weights", "apply_tap", "grid_forward", "grid_input_grad", "grid_weight_grad", "edge_forward",
            "edge_input_grad", "edge_weight_grad", "CPU_BLOCK_BYTES", "DEVICE_BLOCK_BYTES"]
 
-#: Rows of at most this many channels are gathered by the compiled loop (:mod:`gridgraph.nn.compiled`).
-NARROW = 16
 #: Bytes of gathered rows per block on CPU (fits the caches; one buffer reused across blocks).
 CPU_BLOCK_BYTES = 4 << 20
 #: Bytes of gathered rows per block on an accelerator (few, large blocks: kernel launches cost more).
@@ -87,208 +74,10 @@ def _all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all()) if (t.is_floating_point() or t.is_complex()) else True
 
 
-# ------------------------------------------------------------------------------------ index plans
-class _Gather:
-    """A blocked gather: output row ``r`` reads source rows ``index[r, :]`` (``slots`` of them).
-
-    ``index`` is stored flat (``[rows * slots]``, int32 when the ids fit) with absent entries
-    replaced by row 0; ``holes`` lists their flat positions, zeroed after each gather.
-    ``taps`` names the kernel tap of each slot; ``centre`` is the tap (if any) that reads the
-    output row's own id, handled without a gather; ``rows`` are the output rows (None: ``0..n-1``).
-    """
-
-    def __init__(self, index: Tensor, taps: list[int], centre: Optional[int], rows: Optional[Tensor],
-                 num_src: int) -> None:
-        num_rows, slots = index.shape
-        holes = index < 0
-        self.num_rows, self.slots, self.taps, self.centre, self.rows = num_rows, slots, taps, centre, rows
-        flat = index.masked_fill(holes, 0).reshape(-1)
-        self.index = flat.to(torch.int32) if num_src < 2 ** 31 - 1 else flat
-        self.holes = holes.reshape(-1).nonzero().squeeze(1) if bool(holes.any()) else None
-        # The same table for the compiled loops: int32, -1 where a slot is empty (CPU only).
-        self.table = index.to(torch.int32) if index.device.type == "cpu" and num_src < 2 ** 31 - 1 else None
-        self._cuts: dict[int, list[int]] = {}  # block size -> hole ranges per block (plain ints)
-
-    def tensors(self) -> tuple[Optional[Tensor], ...]:
-        return self.index, self.holes, self.rows, self.table
-
-    def blocks(self, block_rows: int) -> list[tuple[int, int, Optional[Tensor]]]:
-        """``(start, stop, holes)`` per block of ``block_rows`` rows; holes relative to the block."""
-        starts = list(range(0, self.num_rows, block_rows))
-        bounds = starts + [self.num_rows]
-        if self.holes is None:
-            return [(s, e, None) for s, e in zip(bounds[:-1], bounds[1:])]
-        cuts = self._cuts.get(block_rows)
-        if cuts is None:
-            edges = torch.tensor(bounds, device=self.holes.device) * self.slots
-            cuts = self._cuts[block_rows] = torch.searchsorted(self.holes, edges).tolist()
-        out = []
-        for k, start in enumerate(starts):
-            holes = None
-            if cuts[k + 1] > cuts[k]:
-                holes = self.holes[cuts[k]:cuts[k + 1]] - start * self.slots
-            out.append((start, bounds[k + 1], holes))
-        return out
-
-    def gather(self, src: Tensor, start: int, stop: int, holes: Optional[Tensor], buf: Tensor,
-               fill: Optional[Tensor] = None) -> Tensor:
-        """Rows ``start:stop`` gathered from ``src`` into ``buf``, as ``[stop-start, slots*C]``; absent
-        entries zero, or ``fill[slot]`` (the absent edge's value for its tap) when given."""
-        n = stop - start
-        cols = buf[:n * self.slots]
-        if fill is None and self.table is not None and src.size(1) <= NARROW and compiled.available(src):
-            # narrow rows (a few channels): one compiled pass instead of a copy per row
-            return compiled.gather_rows(src, self.table[start:stop], cols.view(n, -1))
-        torch.index_select(src, 0, self.index[start * self.slots:stop * self.slots], out=cols)
-        if holes is not None:
-            if fill is None:
-                cols.index_fill_(0, holes, 0)
-            else:
-                cols.index_copy_(0, holes, fill[holes % self.slots])
-        return cols.view(n, -1)
-
-
-def _centre_tap(index: Tensor) -> Optional[int]:
-    """The tap that maps every row to itself (a stride-1 graph's centre), if any."""
-    ids = torch.arange(index.size(0), device=index.device)
-    for t in range(index.size(1)):
-        if bool((index[:, t] == ids).all()):
-            return t
-    return None
-
-
-def _batched(index: Tensor, num_images: int, src_stride: int) -> Tensor:
-    """Repeat a per-image table for ``num_images`` images (source ids offset, holes kept)."""
-    offs = (torch.arange(num_images, device=index.device) * src_stride).view(-1, 1, 1)
-    out = torch.where(index[None] >= 0, index[None] + offs, -1)
-    return out.reshape(num_images * index.size(0), index.size(1))
-
-
-class _Reverse:
-    """The input gradient's gathers (None: the reverse table needs two slots for one (source, tap))."""
-
-    def __init__(self, gathers: Optional[list[_Gather]]) -> None:
-        self.gathers = gathers
-
-    def tensors(self) -> list[Optional[Tensor]]:
-        return [t for g in self.gathers or () for t in g.tensors()]
-
-
-class _Part:
-    """A grid part's table, batch size and centre tap, resolved from its key (cheap; not cached)."""
-
-    def __init__(self, key: str, device: torch.device) -> None:
-        kind, geometry, in_size, num_images = parse_key(key)
-        self.key, self.device, self.num_images, self.kind = key, device, num_images, kind
-        self.table: NeighbourTable = cached_table(geometry, in_size, device)
-        self.num_src = num_images * self.table.num_src
-        self.num_dst = num_images * self.table.num_dst
-        stride = self.table.geometry.stride
-        same_grid = kind == "grid" and self.table.in_size == self.table.out_size and all(s == 1 for s in stride)
-        self._same_grid = same_grid
-
-    @property
-    def centre(self) -> Optional[int]:
-        if not self._same_grid:
-            return None
-        return REGISTRY.get(("centre", self.table.geometry, self.table.in_size, self.device),
-                            lambda: (_centre_tap(self.table.index), ()))
-
-    def split_centre(self, kind: str) -> bool:
-        """Whether to run the centre tap without a gather: always for per-tap multiply-adds and for a
-        1x1 graph; for a GEMM, gathering it too keeps one GEMM per block (fewer, larger operations)."""
-        return self.centre is not None and (kind != "dense" or self.table.num_taps == 1)
-
-    def _cached(self, what: tuple, build) -> object:
-        def wrapped():
-            value = build()
-            return value, value.tensors()
-        return REGISTRY.get(("plan", self.key, self.device) + what, wrapped)
-
-    def forward(self, split_centre: bool) -> _Gather:
-        def build():
-            centre = self.centre if split_centre else None
-            taps = [t for t in range(self.table.num_taps) if t != centre]
-            index = _batched(self.table.index[:, taps], self.num_images, self.table.num_src)
-            return _Gather(index, taps, centre, None, self.num_src)
-        return self._cached(("forward", split_centre), build)
-
-    def transformed(self) -> _Gather:
-        """The gather of transform-then-gather: entry ``(i, t)`` reads row ``index[i, t] * T + t`` of the
-        per-tap transformed features ``[N_src * T, C_out]``."""
-        def build():
-            index, num_taps = self.table.index, self.table.num_taps
-            taps = torch.arange(num_taps, device=index.device)
-            shifted = torch.where(index >= 0, index * num_taps + taps, -1)
-            batched = _batched(shifted, self.num_images, self.table.num_src * num_taps)
-            return _Gather(batched, list(range(num_taps)), None, None, self.num_src * num_taps)
-        return self._cached(("transformed",), build)
-
-    def transformed_reverse(self) -> Optional[list[_Gather]]:
-        """The input gradient's transform-then-gather, one gather per stride phase of the sources: entry
-        ``(j, s)`` reads row ``rev[j, t] * T + t`` (``t`` the slot's tap) of the per-tap messages
-        ``[N_dst * T, C_in]``, ``rev[j, t]`` being the target that reads source ``j`` through tap ``t``.
-        None when a (source, tap) pair feeds several targets (reflect / replicate padding)."""
-        def build():
-            return _Reverse(self._build_reverse(None, message_rows=True))
-        return self._cached(("transformed-reverse",), build).gathers
-
-    def reverse(self, split_centre: bool) -> Optional[list[_Gather]]:
-        """The input gradient's gathers, one per stride phase of the sources, or None when the reverse
-        table would need two slots for one (source, tap) pair (reflect / replicate padding)."""
-        def build():
-            return _Reverse(self._build_reverse(self.centre if split_centre else None))
-        return self._cached(("reverse", split_centre), build).gathers
-
-    def _build_reverse(self, centre: Optional[int], message_rows: bool = False) -> Optional[list[_Gather]]:
-        table = self.table
-        index, n_src, n_dst, num_taps = table.index, table.num_src, table.num_dst, table.num_taps
-        device = index.device
-        dst, tap = (index >= 0).nonzero(as_tuple=True)
-        src = index[dst, tap]
-        key = src * num_taps + tap
-        if key.numel() and int(torch.bincount(key, minlength=n_src * num_taps).max()) > 1:
-            return None  # reflect / replicate: a (source, tap) pair feeds several targets
-        rev = torch.full((n_src * num_taps,), -1, dtype=torch.long, device=device)
-        rev[key] = dst * num_taps + tap if message_rows else dst  # the target, or its message row for tap t
-        rev = rev.view(n_src, num_taps)
-        # Stride phase of every source pixel: a phase only receives from the taps that land on it.
-        phase = torch.zeros(n_src, dtype=torch.long, device=device)
-        ids = torch.arange(n_src, device=device)
-        inner = 1
-        stride = tuple(table.geometry.stride) if self.key.startswith("grid|") else (1,) * len(table.in_size)
-        for size, s in zip(reversed(table.in_size), reversed(stride)):
-            coord = (ids // inner) % size
-            phase = phase * s + coord % s
-            inner *= size
-        num_phases = math.prod(stride)
-        gathers = []
-        for p in range(num_phases):
-            rows = None if num_phases == 1 else (phase == p).nonzero().squeeze(1)
-            sub = rev if rows is None else rev[rows]
-            if sub.size(0) == 0:
-                continue
-            present = (sub >= 0).any(0)
-            if centre is not None:
-                present[centre] = False
-            taps = present.nonzero().squeeze(1).tolist()
-            if not taps and centre is None:
-                continue
-            sub = sub[:, taps]
-            batched_rows = None
-            if rows is not None:
-                offs = torch.arange(self.num_images, device=device)[:, None] * n_src
-                batched_rows = (rows[None, :] + offs).reshape(-1)
-            scale = num_taps if message_rows else 1
-            gathers.append(_Gather(_batched(sub, self.num_images, n_dst * scale), taps, centre, batched_rows,
-                                   self.num_dst * scale))
-        return gathers
-
-
-# ------------------------------------------------------------------------------- block kernels
-# A "mix" applies stacked tap weights ``M`` ``[S, G, a, b]`` to gathered rows ``cols`` ``[n, S*G*a]``
-# (slot-major, then group, then channel), giving ``[n, G*b]``: out[n, g, k] = sum_{s, c} cols[n, s, g, c] M[s, g, c, k].
-# Forward: ``M = W^T`` per tap (a = C_in/G, b = C_out/G); input gradient: ``M = W`` per tap.
+# ------------------------------------------------------------------------------------ grid kernels
+# A full grid's pixel graph is regular: its three maps run on the per-tap shifted views of the node features
+# (:mod:`gridgraph.nn.lattice`). A transposed part is the reversed graph of the strided convolution it comes
+# from: its forward is that convolution's input gradient, its input gradient that convolution's forward.
 
 _ONEDNN = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 #: Use oneDNN's matrix product (the library behind nn.Conv2d on CPU) for float32/bfloat16 on the CPU: on CPUs
@@ -305,342 +94,118 @@ def _linear(x: Tensor, w_nk: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return torch.addmm(bias, x, w_nk.t()) if bias is not None else x @ w_nk.t()
 
 
-def _kind(groups: int, a: int, b: int) -> str:
-    if groups == 1:
-        return "dense"
-    if a == 1 or b == 1:
-        return "elementwise"  # depthwise and its transpose: a per-tap multiply-add
-    return "grouped"
+
+def grid_lattice(key: str, num_images: Optional[int] = None) -> tuple[lattice.Lattice, bool]:
+    """The :class:`~gridgraph.nn.lattice.Lattice` of a grid part's key, and whether the part is transposed
+    (then the lattice is the strided convolution whose edges it reverses, on the part's output grid).
+    ``num_images`` overrides the key's image count (the image operators read it off their input)."""
+    kind, geometry, in_size, key_images = parse_key(key)
+    num_images = key_images if num_images is None else num_images
+    if kind == "transposed":
+        return lattice.lattice(geometry.conv, geometry.output_size(in_size), num_images, tuple(in_size)), True
+    return lattice.lattice(geometry, in_size, num_images), False
 
 
-def _prepare(m: Tensor, kind: str) -> Tensor:
-    """``M`` ``[S, G, a, b]`` in the layout its kind multiplies with."""
-    s, g, a, b = m.shape
-    if kind == "dense":
-        return m.reshape(s * a, b).t().contiguous()  # [b, S*a]: the layout of a linear layer's weight
-    if kind == "grouped":
-        return m.permute(1, 0, 2, 3).reshape(g, s * a, b)
-    return m.contiguous()
+def _conv_weight_of_reversed(weight: Tensor, groups: int) -> Tensor:
+    """A reversed graph's weight ``(G*o, i, *k)`` (:meth:`~gridgraph.GridConvTransposeNd.conv_weight`) as the
+    weight of the convolution it reverses ``(G*i, o, *k)`` (the transposed layer's own weight), and back."""
+    a, b = weight.shape[:2]
+    return weight.reshape(groups, a // groups, b, -1).transpose(1, 2).reshape(groups * b, a // groups,
+                                                                              *weight.shape[2:])
 
 
-def _mix(cols: Tensor, m: Tensor, kind: str, shape: tuple[int, int, int, int], out: Tensor,
-         accumulate: bool = False, bias: Optional[Tensor] = None) -> None:
-    """``out = bias + mix(cols, M)`` (``out +=`` when ``accumulate``); ``m`` from :func:`_prepare`,
-    ``shape`` = ``(S, G, a, b)``."""
-    s, g, a, b = shape
-    n = cols.size(0)
-    if kind == "dense":
-        if accumulate:
-            out.add_(_linear(cols, m))
-        else:
-            out.copy_(_linear(cols, m, bias))
-        return
-    if kind == "elementwise":
-        if a == 1 and b == 1:  # depthwise: a multiply-add per tap, straight into ``out``
-            c3, m2 = cols.view(n, s, g), m.view(s, g)
-            first = 0
-            if not accumulate:
-                torch.mul(c3[:, 0], m2[0], out=out)
-                first = 1
-            for t in range(first, s):
-                out.addcmul_(c3[:, t], m2[t])
-            if bias is not None:
-                out.add_(bias)
-            return
-        if a == 1:
-            res = (cols.view(n, s, g, 1) * m.view(s, g, b)).sum(1)
-        else:
-            res = (cols.view(n, s, g, a) * m.view(s, g, a)).sum((1, 3))
-        res = res.reshape(n, g * b)
-    else:
-        cg = cols.view(n, s, g, a).permute(2, 0, 1, 3).reshape(g, n, s * a)
-        res = torch.bmm(cg, m).transpose(0, 1).reshape(n, g * b)
-    if bias is not None:
-        res = res + bias
-    if accumulate:
-        out.add_(res)
-    else:
-        out.copy_(res)
+def _check_rows(t: Tensor, expected: int, what: str, key: str) -> None:
+    if t.size(0) != expected:
+        raise ValueError(f"expected {what} with {expected} rows, the nodes of the pixel graph {key!r} (got {t.size(0)}): "
+                         "a traced or exported program runs on the graph it was traced with")
 
 
-def _mix_grad(cols: Tensor, gout: Tensor, kind: str, shape: tuple[int, int, int, int], acc: Tensor) -> None:
-    """``acc += d(sum gout * mix(cols, M)) / dM``, in the layout of :func:`_prepare` (no conjugation)."""
-    s, g, a, b = shape
-    n = cols.size(0)
-    if kind == "dense":
-        acc.add_(_linear(gout.t(), cols.t()))  # [b, S*a], as _prepare lays it out (oneDNN reads the strides)
-    elif kind == "elementwise":
-        acc.add_((cols.view(n, s, g, a, 1) * gout.view(n, 1, g, 1, b)).sum(0))
-    else:
-        cg = cols.view(n, s, g, a).permute(2, 1, 3, 0).reshape(g, s * a, n)
-        acc.baddbmm_(cg, gout.view(n, g, b).transpose(0, 1))
-
-
-def _unprepare(acc: Tensor, kind: str, shape: tuple[int, int, int, int]) -> Tensor:
-    """A gradient accumulated in :func:`_prepare`'s layout, back as ``[S, G, a, b]``."""
-    s, g, a, b = shape
-    if kind == "grouped":
-        return acc.view(g, s, a, b).permute(1, 0, 2, 3)
-    if kind == "dense":
-        return acc.t().reshape(s, g, a, b)
-    return acc.view(s, g, a, b)
-
-
-def _block_rows(slots: int, channels: int, element_size: int, device: torch.device) -> int:
-    budget = CPU_BLOCK_BYTES if device.type == "cpu" else DEVICE_BLOCK_BYTES
-    return max(64, budget // max(1, slots * channels * element_size))
-
-
-def _identity_gemm(gather: _Gather, src: Tensor, m_taps: Tensor, kind: str, num_out: int,
-                   bias: Optional[Tensor]) -> Optional[Tensor]:
-    """A dense gather that is the centre tap alone, row ``i`` reading source ``i`` for every row (a 1x1
-    convolution at stride 1): the whole result is one GEMM, returned as it comes (``None``: not this case).
-    Written into a preallocated output it would cost a copy of the output per call."""
-    if kind != "dense" or gather.taps or gather.centre is None or gather.rows is not None \
-            or gather.num_rows != num_out or src.size(0) != num_out:
-        return None
-    m = _prepare(m_taps[gather.centre:gather.centre + 1], kind)
-    return _linear(src, m, bias)
-
-
-def _run(gather: _Gather, src: Tensor, m_taps: Tensor, kind: str, out: Tensor, bias: Optional[Tensor]) -> None:
-    """``out[rows] = bias + sum_t M_t src[index[rows, t]]`` over every block of ``gather``.
-
-    ``m_taps`` is ``[T, G, a, b]`` for all kernel taps; ``src`` ``[N, G*a]``; ``out`` ``[*, G*b]``.
-    """
-    _, g, a, b = m_taps.shape
-    taps = gather.taps
-    shape = (len(taps), g, a, b)
-    m = _prepare(m_taps[taps], kind) if taps else None
-    centre_shape = (1, g, a, b)
-    mc = _prepare(m_taps[gather.centre:gather.centre + 1], kind) if gather.centre is not None else None
-    rows_out = gather.rows
-    n_rows = max(1, _block_rows(gather.slots, src.size(1), src.element_size(), src.device))
-    buf = src.new_empty(min(n_rows, gather.num_rows) * gather.slots, src.size(1)) if taps else None
-    direct = rows_out is None
-    tmp = None if direct else out.new_empty(min(n_rows, gather.num_rows), out.size(1))
-    for start, stop, holes in gather.blocks(n_rows):
-        target = out[start:stop] if direct else tmp[:stop - start]
-        filled = False
-        if mc is not None:
-            _mix(src[start:stop], mc, kind, centre_shape, target, bias=bias)
-            filled = True
-        if m is not None:
-            cols = gather.gather(src, start, stop, holes, buf)
-            _mix(cols, m, kind, shape, target, accumulate=filled, bias=None if filled else bias)
-            filled = True
-        if not filled:
-            target.zero_()
-            if bias is not None:
-                target.add_(bias)
-        if not direct:
-            out.index_copy_(0, rows_out[start:stop], target)
-
-
-def _transform_then_gather(gather: _Gather, x: Tensor, m_taps: Tensor, out: Tensor, bias: Optional[Tensor]) -> None:
-    """Dense forward when ``C_out`` is much smaller than ``C_in``: one GEMM gives every source's
-    message for every tap (``[N_src, T*C_out]``, no larger than half of ``x``), then each target
-    gathers and sums its ``T`` messages: the gather moves ``C_out`` channels instead of ``C_in``.
-    An absent edge adds what ``nn.Conv2d`` adds for zero padding (zero, or NaN for non-finite weights)."""
-    num_taps, _, c_in, c_out = m_taps.shape
-    messages = _linear(x, m_taps[:, 0].permute(0, 2, 1).reshape(num_taps * c_out, c_in).contiguous())
-    messages = messages.view(-1, c_out)  # row j*T + t: tap t's message from source j
-    fill = None if _all_finite(m_taps) else _hole_values(m_taps)
-    _gather_sum(gather, messages, out, fill)
-    if bias is not None:
-        out.add_(bias)
-
-
-def _gather_sum(gather: _Gather, rows: Tensor, out: Tensor, fill: Optional[Tensor] = None) -> None:
-    """``out[i] = sum_s rows[index[i, s]]``; an empty slot adds nothing, or ``fill[s]`` when given."""
-    if fill is None and gather.table is not None and compiled.available(rows):
-        compiled.gather_sum(rows, gather.table, out)
-        return
-    num_taps, c = gather.slots, rows.size(1)
-    n_rows = _block_rows(num_taps, c, rows.element_size(), rows.device)
-    buf = rows.new_empty(min(n_rows, gather.num_rows) * num_taps, c)
-    for start, stop, holes in gather.blocks(n_rows):
-        cols = gather.gather(rows, start, stop, holes, buf, fill).view(stop - start, num_taps, c)
-        torch.sum(cols, 1, out=out[start:stop])
-
-
-def _weight_grad(gather: _Gather, x: Tensor, g: Tensor, m_shape: tuple[int, int, int, int], kind: str) -> Tensor:
-    """``G`` as ``[T, G, a, b]`` (forward direction), re-gathering ``x`` block by block."""
-    num_taps, groups, a, b = m_shape
-    grad = x.new_zeros(m_shape)
-    n_rows = _block_rows(gather.slots, x.size(1), x.element_size(), x.device)
-    taps, centre = gather.taps, gather.centre
-    buf = x.new_empty(min(n_rows, gather.num_rows) * gather.slots, x.size(1)) if taps else None
-    shape = (len(taps), groups, a, b)
-    acc = x.new_zeros(_prepare(grad[taps], kind).shape) if taps else None
-    acc_c = x.new_zeros(_prepare(grad[:1], kind).shape) if centre is not None else None
-    for start, stop, holes in gather.blocks(n_rows):
-        gb = g[start:stop]
-        if acc is not None:
-            _mix_grad(gather.gather(x, start, stop, holes, buf), gb, kind, shape, acc)
-        if acc_c is not None:
-            _mix_grad(x[start:stop], gb, kind, (1, groups, a, b), acc_c)
-    if acc is not None:
-        grad[taps] = _unprepare(acc, kind, shape)
-    if acc_c is not None:
-        grad[centre] = _unprepare(acc_c, kind, (1, groups, a, b))[0]
-    return grad
-
-
-def _input_grad_scatter(gather: _Gather, g: Tensor, m_taps: Tensor, kind: str, num_src: int) -> Tensor:
-    """``Ft`` by scatter-add: each block's column gradients are added to their source rows."""
-    num_taps, groups, a, b = m_taps.shape  # forward direction: a = C_in/G, b = C_out/G
-    c_in = groups * a
-    grad_x = g.new_zeros(num_src, c_in)
-    taps, centre = gather.taps, gather.centre
-    s = len(taps)
-    # d cols = mix(g, M'), M' [1, G, b, S*a]: one "tap" mapping C_out/G -> S*C_in/G per group.
-    mt = m_taps[taps].permute(1, 3, 0, 2).reshape(1, groups, b, s * a)
-    kind_t = _kind(groups, b, s * a)
-    mt_p = _prepare(mt, kind_t) if s else None
-    mc = _prepare(m_taps[centre:centre + 1].transpose(2, 3), _kind(groups, b, a)) if centre is not None else None
-    n_rows = _block_rows(max(1, s), c_in, g.element_size(), g.device)
-    buf = g.new_empty(min(n_rows, gather.num_rows), groups * s * a)
-    for start, stop, holes in gather.blocks(n_rows):
-        gb = g[start:stop]
-        n = stop - start
-        if s:
-            cols = buf[:n]
-            _mix(gb, mt_p, kind_t, (1, groups, b, s * a), cols)
-            if groups > 1:
-                cols = cols.view(n, groups, s, a).transpose(1, 2).reshape(n * s, c_in)
-            else:
-                cols = cols.view(n * s, c_in)
-            if holes is not None:
-                cols.index_fill_(0, holes, 0)
-            grad_x.index_add_(0, gather.index[start * s:stop * s], cols)
-        if mc is not None:
-            _mix(gb, mc, _kind(groups, b, a), (1, groups, b, a), grad_x[start:stop], accumulate=True)
-    return grad_x
-
-
-# ----------------------------------------------------------------------------- compiled depthwise
-def _depthwise(kind: str, m: Tensor) -> bool:
-    """One input channel per output channel (depthwise, multiplier 1): the weights are a ``[T, C]`` table."""
-    return kind == "elementwise" and m.size(2) == 1 and m.size(3) == 1
-
-
-def _compiled_depthwise(gathers: list[_Gather], src: Tensor, w: Tensor, bias: Optional[Tensor], out: Tensor) -> bool:
-    """``out[rows] = bias + sum_t src[table[rows, t]] * w[t]`` in one compiled pass per gather (False: not here)."""
-    if not gathers or any(gth.table is None for gth in gathers) or not compiled.available(src, w) or \
-            not _all_finite(w):  # non-finite weights: the torch path, which keeps nn.Conv2d's NaNs at holes
-        return False
-    covered = 0
-    for gather in gathers:
-        w_slots = w[gather.taps].contiguous()
-        if gather.rows is None:
-            compiled.depthwise(src, gather.table, w_slots, bias, out[:gather.num_rows])
-        else:
-            tmp = out.new_empty(gather.num_rows, out.size(1))
-            out.index_copy_(0, gather.rows, compiled.depthwise(src, gather.table, w_slots, bias, tmp))
-        covered += gather.num_rows
-    if covered < out.size(0):  # rows no gather wrote (sources no tap reads): zero
-        seen = torch.zeros(out.size(0), dtype=torch.bool, device=out.device)
-        for gather in gathers:
-            seen[gather.rows if gather.rows is not None else slice(0, gather.num_rows)] = True
-        out[~seen] = 0
-    return True
-
-
-# ----------------------------------------------------------------------------- grid entry points
 def grid_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], key: str, groups: int) -> Tensor:
     """``F(x, W) + b`` on the grid part ``key``: ``[N_dst, C_out]``."""
-    part = _Part(key, x.device)
+    lat, transposed = grid_lattice(key)
+    _check_rows(x, lat.num_out if transposed else lat.num_in, "x", key)
     x = x.contiguous()
-    m_fwd = tap_weights(weight, groups).transpose(2, 3)  # [T, G, a = C_in/G, b = C_out/G]
-    kind = _kind(groups, m_fwd.size(2), m_fwd.size(3))
-    num_taps, c_out, c_in = m_fwd.size(0), weight.size(0), x.size(1)
-    if part.num_dst and kind == "dense" and num_taps == 1:
-        whole = _identity_gemm(part.forward(part.split_centre(kind)), x, m_fwd, kind, part.num_dst, bias)
-        if whole is not None:
-            return whole
-    out = x.new_empty(part.num_dst, weight.size(0))
-    if part.num_dst == 0:
-        return out
-    if _depthwise(kind, m_fwd) and _compiled_depthwise([part.forward(False)], x, m_fwd.reshape(num_taps, c_out),
-                                                        bias, out):
-        return out
-    if kind == "dense" and num_taps > 1 and 2 * num_taps * c_out <= c_in:
-        _transform_then_gather(part.transformed(), x, m_fwd, out, bias)
-    else:
-        _run(part.forward(part.split_centre(kind)), x, m_fwd, kind, out, bias)
-    return out
+    if not transposed:
+        return lattice.forward(x, weight, bias, lat, groups)
+    out = lattice.input_grad(x, _conv_weight_of_reversed(weight, groups), lat, groups)
+    return out.add_(bias) if bias is not None else out
 
 
 def grid_input_grad(g: Tensor, weight: Tensor, key: str, groups: int) -> Tensor:
     """``Ft(g, W)`` on the grid part ``key``: ``[N_src, C_in]``."""
-    part = _Part(key, g.device)
+    lat, transposed = grid_lattice(key)
+    _check_rows(g, lat.num_in if transposed else lat.num_out, "grad_out", key)
     g = g.contiguous()
-    taps = tap_weights(weight, groups)  # [T, G, C_out/G, C_in/G]
-    m_fwd = taps.transpose(2, 3)
-    kind = _kind(groups, m_fwd.size(2), m_fwd.size(3))
-    c_in = weight.size(1) * groups
-    if part.num_dst == 0:
-        return g.new_zeros(part.num_src, c_in)
-    if _depthwise(kind, m_fwd):
-        reverse = part.reverse(False)
-        grad_x = g.new_empty(part.num_src, c_in)
-        if reverse is not None and _compiled_depthwise(reverse, g, taps.reshape(taps.size(0), c_in), None, grad_x):
-            return grad_x
-    if kind == "dense" and taps.size(0) > 1 and c_in * 4 <= weight.size(0):
-        # C_in much smaller than C_out (a stem): each target's messages to its sources first
-        # ([N_dst, T*C_in], one GEMM), then each source sums the few that reach it.
-        gathers = part.transformed_reverse()
-        if gathers is not None:
-            num_taps = taps.size(0)
-            messages = _linear(g, taps[:, 0].permute(0, 2, 1).reshape(num_taps * c_in, weight.size(0)).contiguous())
-            messages = messages.view(-1, c_in)  # row i*T + t: what target i sends back through tap t
-            covered = sum(gth.num_rows for gth in gathers) == part.num_src
-            grad_x = (g.new_empty if covered else g.new_zeros)(part.num_src, c_in)
-            for gather in gathers:
-                if gather.rows is None:
-                    _gather_sum(gather, messages, grad_x)
-                else:
-                    part_x = g.new_empty(gather.num_rows, c_in)
-                    _gather_sum(gather, messages, part_x)
-                    grad_x.index_copy_(0, gather.rows, part_x)
-            return grad_x
-    split = part.split_centre(kind)
-    reverse = part.reverse(split)
-    if reverse is None:
-        return _input_grad_scatter(part.forward(split), g, m_fwd, kind, part.num_src)
-    if kind == "dense" and taps.size(0) == 1 and len(reverse) == 1:
-        whole = _identity_gemm(reverse[0], g, taps, kind, part.num_src, None)
-        if whole is not None:
-            return whole
-    covered = sum(r.num_rows for r in reverse) == part.num_src
-    grad_x = (g.new_empty if covered else g.new_zeros)(part.num_src, c_in)
-    m_rev = taps.contiguous()  # [T, G, a = C_out/G, b = C_in/G]
-    kind_rev = _kind(groups, m_rev.size(2), m_rev.size(3))
-    for gather in reverse:
-        _run(gather, g, m_rev, kind_rev, grad_x, None)
-    return grad_x
+    if not transposed:
+        return lattice.input_grad(g, weight, lat, groups)
+    return lattice.forward(g, _conv_weight_of_reversed(weight, groups), None, lat, groups)
 
 
 def grid_weight_grad(x: Tensor, g: Tensor, key: str, groups: int, weight_shape: list[int]) -> Tensor:
     """``G(x, g)`` on the grid part ``key``, shaped like the weight ``(C_out, C_in/G, *kernel)``."""
-    part = _Part(key, x.device)
+    lat, transposed = grid_lattice(key)
+    _check_rows(x, lat.num_out if transposed else lat.num_in, "x", key)
+    _check_rows(g, lat.num_in if transposed else lat.num_out, "grad_out", key)
     x, g = x.contiguous(), g.contiguous()
-    c_out, c_in_g = weight_shape[0], weight_shape[1]
-    num_taps = math.prod(weight_shape[2:])
-    m_shape = (num_taps, groups, c_in_g, c_out // groups)
-    kind = _kind(groups, c_in_g, c_out // groups)
-    if part.num_dst == 0:
-        return x.new_zeros(weight_shape)
-    if c_in_g == 1 and c_out == groups and compiled.available(x, g):  # depthwise: one compiled pass
-        gather = part.forward(False)
-        if gather.table is not None:
-            grad = x.new_zeros(num_taps, c_out)
-            grad[gather.taps] = compiled.depthwise_weight_grad(x, gather.table, g)
-            return grad.t().reshape(weight_shape).contiguous()
-    grad_m = _weight_grad(part.forward(part.split_centre(kind)), x, g, m_shape, kind)
-    # grad_m [T, G, C_in/G, C_out/G] -> weight (C_out, C_in/G, *kernel)
-    return grad_m.permute(1, 3, 2, 0).reshape(weight_shape).contiguous()
+    if not transposed:
+        return lattice.weight_grad(x, g, lat, groups, weight_shape)
+    a, b = weight_shape[:2]  # the reversed graph's (G*o, i): the convolution's weight is (G*i, o)
+    conv_shape = [groups * b, a // groups, *weight_shape[2:]]
+    grad = lattice.weight_grad(g, x, lat, groups, conv_shape)
+    return _conv_weight_of_reversed(grad, groups).contiguous()
+
+
+# ------------------------------------------------------------------------------------ image kernels
+# The same maps on images ``(B, C, *grid)`` of any memory format, for the image-facing layers: node features
+# in (a view of a channels-last image, else one copy), results out with the strides torch's convolution
+# would give them (:mod:`gridgraph.nn.layout`). ``lat`` is the lattice of the convolution; a transposed layer
+# (``transposed``) computes that convolution's input gradient, its weight ``(C_in, C_out/G, *k)`` being the
+# convolution's ``(C_out, C_in/G, *k)``.
+
+def _check_grid(images: Tensor, grid: Sequence[int], what: str) -> None:
+    if tuple(images.shape[2:]) != tuple(grid):
+        raise ValueError(f"expected {what} images of size {tuple(grid)} (got {tuple(images.shape[2:])}): a traced or "
+                         "exported program runs on images of the size it was traced with (the batch size may vary)")
+
+
+def image_forward(images: Tensor, weight: Tensor, bias: Optional[Tensor], lat: "lattice.Lattice", transposed: bool,
+                  groups: int, out_strides: Sequence[int]) -> Tensor:
+    """The layer's output image (strides ``out_strides``) from ``images`` ``(B, C_in, *grid)``."""
+    _check_grid(images, lat.out_size if transposed else lat.in_size, "input")
+    x = layout.to_nodes(images)
+    if transposed:
+        y = lattice.input_grad(x, weight, lat, groups)
+        if bias is not None:
+            y.add_(bias)
+        grid = lat.in_size
+    else:
+        y = lattice.forward(x, weight, bias, lat, groups)
+        grid = lat.out_size
+    return layout.to_image(y, lat.num_images, grid, out_strides)
+
+
+def image_input_grad(grad_out: Tensor, weight: Tensor, lat: "lattice.Lattice", transposed: bool, groups: int,
+                     in_strides: Sequence[int]) -> Tensor:
+    """The gradient of the layer's input image (strides ``in_strides``) from the output's gradient."""
+    _check_grid(grad_out, lat.in_size if transposed else lat.out_size, "grad_out")
+    g = layout.to_nodes(grad_out)
+    if transposed:
+        gx, grid = lattice.forward(g, weight, None, lat, groups), lat.out_size
+    else:
+        gx, grid = lattice.input_grad(g, weight, lat, groups), lat.in_size
+    return layout.to_image(gx, lat.num_images, grid, in_strides)
+
+
+def image_weight_grad(images: Tensor, grad_out: Tensor, lat: "lattice.Lattice", transposed: bool, groups: int,
+                      weight_shape: Sequence[int], weight_strides: Sequence[int]) -> Tensor:
+    """The gradient of the layer's weight (strides ``weight_strides``) from its input image and the output's
+    gradient."""
+    x, g = layout.to_nodes(images), layout.to_nodes(grad_out)
+    grad = lattice.weight_grad(g, x, lat, groups, list(weight_shape)) if transposed else \
+        lattice.weight_grad(x, g, lat, groups, list(weight_shape))
+    if tuple(grad.stride()) == tuple(weight_strides):
+        return grad
+    return grad.new_empty_strided(tuple(weight_shape), tuple(weight_strides)).copy_(grad)
 
 
 # ----------------------------------------------------------------------------- edge kernels

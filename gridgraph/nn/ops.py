@@ -32,10 +32,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from torch.utils.flop_counter import register_flop_formula
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from ..structure import parse_key
-from . import kernels
+from . import kernels, layout
 
 __all__ = ["grid_conv", "grid_conv_input_grad", "grid_conv_weight_grad", "edge_conv", "edge_conv_input_grad",
            "edge_conv_weight_grad", "apply", "FUNCTIONS"]
@@ -237,6 +237,137 @@ edge_conv_input_grad.register_autograd(_edge_input_grad_backward, setup_context=
 edge_conv_weight_grad.register_autograd(_edge_weight_grad_backward, setup_context=_edge_weight_grad_setup)
 
 
+# ----------------------------------------------------------------------------------- image family
+# The grid maps on images of any memory format (the image-facing layers that ``convert`` makes): the same
+# kernels, with node features read from the image (a view when it is channels-last) and results handed out
+# with the strides torch's convolution would give them, passed in by the caller (:mod:`gridgraph.nn.layout`):
+# ``out_strides`` for the output, ``in_strides`` for the input's gradient, ``weight_strides`` for the weight's.
+# A transposed part's weight is the transposed layer's own ``(C_in, C_out/G, *k)``.
+def _dense_strides(t: Tensor) -> list[int]:
+    """``t``'s strides when they lay it out densely, else the contiguous ones (for gradients of gradients)."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) and t.dim() == 4 or \
+            t.is_contiguous(memory_format=torch.channels_last_3d) and t.dim() == 5:
+        return list(t.stride())
+    return list(layout.contiguous_strides(t.shape))
+
+
+def _image_out_shape(key: str, batch: int, weight: Tensor, groups: int) -> list[int]:
+    kind, geometry, in_size, num_images = parse_key(key)
+    c_out = weight.size(1) * groups if kind == "transposed" else weight.size(0)
+    return [batch, c_out, *geometry.output_size(in_size)]
+
+
+def _image_in_shape(key: str, batch: int, weight: Tensor, groups: int) -> list[int]:
+    kind, geometry, in_size, num_images = parse_key(key)
+    c_in = weight.size(0) if kind == "transposed" else weight.size(1) * groups
+    return [batch, c_in, *in_size]
+
+
+@torch.library.custom_op("gridgraph::conv_image", mutates_args=())
+def conv_image(input: Tensor, weight: Tensor, bias: Optional[Tensor], key: str, groups: int, out_strides: list[int],
+               in_strides: list[int], weight_strides: list[int]) -> Tensor:
+    """The image layer's output ``(B, C_out, *out_grid)`` (strides ``out_strides``) from ``input``."""
+    lat, transposed = kernels.grid_lattice(key, input.size(0))
+    return kernels.image_forward(input.resolve_conj(), weight.resolve_conj(),
+                                 None if bias is None else bias.resolve_conj(), lat, transposed, groups, out_strides)
+
+
+@torch.library.custom_op("gridgraph::conv_image_input_grad", mutates_args=())
+def conv_image_input_grad(grad_out: Tensor, weight: Tensor, key: str, groups: int, in_strides: list[int]) -> Tensor:
+    """The gradient of the image layer's input (strides ``in_strides``)."""
+    lat, transposed = kernels.grid_lattice(key, grad_out.size(0))
+    return kernels.image_input_grad(grad_out.resolve_conj(), weight.resolve_conj(), lat, transposed, groups,
+                                    in_strides)
+
+
+@torch.library.custom_op("gridgraph::conv_image_weight_grad", mutates_args=())
+def conv_image_weight_grad(input: Tensor, grad_out: Tensor, key: str, groups: int, weight_shape: list[int],
+                           weight_strides: list[int]) -> Tensor:
+    """The gradient of the image layer's weight (strides ``weight_strides``)."""
+    lat, transposed = kernels.grid_lattice(key, input.size(0))
+    return kernels.image_weight_grad(input.resolve_conj(), grad_out.resolve_conj(), lat, transposed, groups,
+                                     weight_shape, weight_strides)
+
+
+@conv_image.register_fake
+def _(input, weight, bias, key, groups, out_strides, in_strides, weight_strides):
+    return input.new_empty_strided(_image_out_shape(key, input.size(0), weight, groups), out_strides)
+
+
+@conv_image_input_grad.register_fake
+def _(grad_out, weight, key, groups, in_strides):
+    return grad_out.new_empty_strided(_image_in_shape(key, grad_out.size(0), weight, groups), in_strides)
+
+
+@conv_image_weight_grad.register_fake
+def _(input, grad_out, key, groups, weight_shape, weight_strides):
+    return input.new_empty_strided(list(weight_shape), weight_strides)
+
+
+def _bias_grad(grad: Tensor) -> Tensor:
+    return grad.sum([0] + list(range(2, grad.dim())))
+
+
+def _conv_image_setup(ctx, inputs, output):
+    input, weight, bias, key, groups, out_strides, in_strides, weight_strides = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.key, ctx.groups, ctx.has_bias = key, groups, bias is not None
+    ctx.in_strides, ctx.weight_strides = in_strides, weight_strides
+
+
+def _conv_image_backward(ctx, grad):
+    input, weight = ctx.saved_tensors
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = _apply("conv_image_input_grad", grad, _conj(weight), ctx.key, ctx.groups, ctx.in_strides)
+    if ctx.needs_input_grad[1]:
+        gw = _apply("conv_image_weight_grad", _conj(input), grad, ctx.key, ctx.groups, list(weight.shape),
+                    ctx.weight_strides)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        gb = _bias_grad(grad)
+    return gx, gw, gb, None, None, None, None, None
+
+
+def _image_input_grad_setup(ctx, inputs, output):
+    grad_out, weight, key, groups, in_strides = inputs
+    ctx.save_for_backward(grad_out, weight)
+    ctx.key, ctx.groups = key, groups
+
+
+def _image_input_grad_backward(ctx, grad):
+    g, weight = ctx.saved_tensors
+    dg = dw = None
+    if ctx.needs_input_grad[0]:
+        dg = _apply("conv_image", grad, _conj(weight), None, ctx.key, ctx.groups, _dense_strides(g),
+                    _dense_strides(grad), _dense_strides(weight))
+    if ctx.needs_input_grad[1]:
+        dw = _apply("conv_image_weight_grad", grad, _conj(g), ctx.key, ctx.groups, list(weight.shape),
+                    _dense_strides(weight))
+    return dg, dw, None, None, None
+
+
+def _image_weight_grad_setup(ctx, inputs, output):
+    input, grad_out, key, groups, weight_shape, weight_strides = inputs
+    ctx.save_for_backward(input, grad_out)
+    ctx.key, ctx.groups = key, groups
+
+
+def _image_weight_grad_backward(ctx, grad):
+    x, g = ctx.saved_tensors
+    dx = dg = None
+    if ctx.needs_input_grad[0]:
+        dx = _apply("conv_image_input_grad", _conj(g), grad, ctx.key, ctx.groups, _dense_strides(x))
+    if ctx.needs_input_grad[1]:
+        dg = _apply("conv_image", _conj(x), grad, None, ctx.key, ctx.groups, _dense_strides(g), _dense_strides(x),
+                    _dense_strides(grad))
+    return dx, dg, None, None, None, None
+
+
+conv_image.register_autograd(_conv_image_backward, setup_context=_conv_image_setup)
+conv_image_input_grad.register_autograd(_image_input_grad_backward, setup_context=_image_input_grad_setup)
+conv_image_weight_grad.register_autograd(_image_weight_grad_backward, setup_context=_image_weight_grad_setup)
+
+
 # ------------------------------------------------------------------------- autograd.Function twins
 # ``torch.func`` transforms (grad, vjp, jacrev) differentiate autograd.Functions that define
 # ``setup_context``; the autograd that ``register_autograd`` generates for a custom op does not, so each
@@ -307,12 +438,49 @@ class EdgeConvWeightGradFunction(torch.autograd.Function):
     backward = staticmethod(_edge_weight_grad_backward)
 
 
-FUNCTIONS = {"grid_conv": GridConvFunction, "grid_conv_input_grad": GridConvInputGradFunction, "grid_conv_weight_grad": GridConvWeightGradFunction, "edge_conv": EdgeConvFunction, "edge_conv_input_grad": EdgeConvInputGradFunction, "edge_conv_weight_grad": EdgeConvWeightGradFunction}
+class ConvImageFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, weight, bias, key, groups, out_strides, in_strides, weight_strides):
+        return conv_image(input, weight, bias, key, groups, out_strides, in_strides, weight_strides)
+
+    setup_context = staticmethod(_conv_image_setup)
+    backward = staticmethod(_conv_image_backward)
+
+
+class ConvImageInputGradFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_out, weight, key, groups, in_strides):
+        return conv_image_input_grad(grad_out, weight, key, groups, in_strides)
+
+    setup_context = staticmethod(_image_input_grad_setup)
+    backward = staticmethod(_image_input_grad_backward)
+
+
+class ConvImageWeightGradFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, grad_out, key, groups, weight_shape, weight_strides):
+        return conv_image_weight_grad(input, grad_out, key, groups, weight_shape, weight_strides)
+
+    setup_context = staticmethod(_image_weight_grad_setup)
+    backward = staticmethod(_image_weight_grad_backward)
+
+
+FUNCTIONS = {"grid_conv": GridConvFunction, "grid_conv_input_grad": GridConvInputGradFunction, "grid_conv_weight_grad": GridConvWeightGradFunction, "edge_conv": EdgeConvFunction, "edge_conv_input_grad": EdgeConvInputGradFunction, "edge_conv_weight_grad": EdgeConvWeightGradFunction,
+             "conv_image": ConvImageFunction, "conv_image_input_grad": ConvImageInputGradFunction,
+             "conv_image_weight_grad": ConvImageWeightGradFunction}
 
 
 _OPS = {"grid_conv": grid_conv, "grid_conv_input_grad": grid_conv_input_grad,
         "grid_conv_weight_grad": grid_conv_weight_grad, "edge_conv": edge_conv,
-        "edge_conv_input_grad": edge_conv_input_grad, "edge_conv_weight_grad": edge_conv_weight_grad}
+        "edge_conv_input_grad": edge_conv_input_grad, "edge_conv_weight_grad": edge_conv_weight_grad,
+        "conv_image": conv_image, "conv_image_input_grad": conv_image_input_grad,
+        "conv_image_weight_grad": conv_image_weight_grad}
 
 
 def _apply(name: str, *args):
@@ -374,6 +542,54 @@ for _op in (edge_conv, edge_conv_input_grad, edge_conv_weight_grad):
     torch.library.register_vmap(_op, _per_sample(_op))
 
 
+def _refold(strides: list[int], shape: list[int], new_shape: list[int]) -> list[int]:
+    """Strides of the same memory format for ``new_shape`` (channels-last stays channels-last)."""
+    if list(strides) == list(layout.channels_last_strides(shape)) != list(layout.contiguous_strides(shape)):
+        return list(layout.channels_last_strides(new_shape))
+    return list(layout.contiguous_strides(new_shape))
+
+
+def _image_fold_rule(op, feature: int, shape_of):
+    """Batched images (argument ``feature``) with unbatched weights: the samples are more images, so the key's
+    image count is multiplied and the operator runs once; the stride arguments follow the folded shapes."""
+    loop = _per_sample(op)
+
+    def rule(info, in_dims, *args):
+        batched = [i for i, d in enumerate(in_dims) if isinstance(d, int)]
+        if batched != [feature]:
+            return loop(info, in_dims, *args)
+        v = info.batch_size
+        images = args[feature].movedim(in_dims[feature], 0)
+        args = list(args)
+        args[feature] = images.reshape(v * images.size(1), *images.shape[2:])
+        key_index = next(i for i, a in enumerate(args) if isinstance(a, str))
+        key = args[key_index]
+        args[key_index] = _more_images(key, v)
+        weight = args[1]
+        groups = args[key_index + 1]
+        for i, a in enumerate(args):  # the stride lists: re-derived for the folded shapes
+            if isinstance(a, list) and i > key_index + 1:
+                old, new = shape_of(i, key, images.size(1), weight, groups), shape_of(i, key, v * images.size(1),
+                                                                                      weight, groups)
+                args[i] = _refold(a, old, new)
+        out = op(*args)
+        return out.view(v, out.size(0) // v, *out.shape[1:]), 0
+    return rule
+
+
+def _conv_image_shapes(i, key, batch, weight, groups):
+    return (_image_out_shape, _image_in_shape, lambda *a: list(weight.shape))[i - 5](key, batch, weight, groups)
+
+
+def _input_grad_shapes(i, key, batch, weight, groups):
+    return _image_in_shape(key, batch, weight, groups)
+
+
+torch.library.register_vmap(conv_image, _image_fold_rule(conv_image, 0, _conv_image_shapes))
+torch.library.register_vmap(conv_image_input_grad, _image_fold_rule(conv_image_input_grad, 0, _input_grad_shapes))
+torch.library.register_vmap(conv_image_weight_grad, _per_sample(conv_image_weight_grad))
+
+
 # ----------------------------------------------------------------------------------------- FLOPs
 # torch.utils.flop_counter.FlopCounterMode sees the operators, not their insides: count each as the GEMM work
 # it does, 2 * (slots or edges) * C_in/groups * C_out, which for a full grid is what it counts for nn.Conv2d.
@@ -411,3 +627,29 @@ def _edge_input_grad_flops(g_shape, ei_shape, et_shape, w_shape, *args, out_shap
 def _edge_weight_grad_flops(x_shape, g_shape, ei_shape, et_shape, groups, weight_shape, *args, out_shape=None,
                             **kwargs) -> int:
     return 2 * ei_shape[1] * weight_shape[1] * weight_shape[0]
+
+
+# The image operators count as torch counts the convolution they replace (torch.utils.flop_counter's own rule).
+def _transposed(key: str) -> bool:
+    return key.startswith("transposed|")
+
+
+def _swap(shape):
+    return [shape[1], shape[0]] + list(shape[2:])
+
+
+@register_flop_formula(torch.ops.gridgraph.conv_image)
+def _conv_image_flops(x_shape, w_shape, bias_shape, key, groups, *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), _transposed(key))
+
+
+@register_flop_formula(torch.ops.gridgraph.conv_image_input_grad)
+def _conv_image_input_grad_flops(g_shape, w_shape, key, groups, *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(list(g_shape), list(w_shape), list(out_shape), not _transposed(key))
+
+
+@register_flop_formula(torch.ops.gridgraph.conv_image_weight_grad)
+def _conv_image_weight_grad_flops(x_shape, g_shape, key, groups, *args, out_shape=None, **kwargs) -> int:
+    if _transposed(key):
+        return conv_flop_count(_swap(g_shape), _swap(x_shape), _swap(out_shape), transposed=False)
+    return conv_flop_count(_swap(x_shape), _swap(g_shape), _swap(out_shape), transposed=False)

@@ -10,8 +10,6 @@ from torch.nn import Parameter
 from torch_geometric.nn import MessagePassing
 
 from ..geometry import TransposedGeometry, _ntuple, check_conv_arguments
-from ..pixel_graph import node_features
-from ..structure import GraphPart
 from . import functional as F
 from .functional import tap_messages
 from .grid_conv import GridConvNd, check_graph_inputs
@@ -306,19 +304,9 @@ class _ImageGridConvTranspose:
         name = type(self).__name__
         if not isinstance(input, Tensor):
             raise TypeError(f"{name} expects an image tensor (got {type(input).__name__})")
-        if input.dim() not in (n + 1, n + 2):
-            dims = {1: "L", 2: "H, W", 3: "D, H, W"}[n]
-            raise ValueError(f"{name}: expected input of shape (C, {dims}) or (B, C, {dims}): {n + 1} or {n + 2} dims "
-                             f"(got a {input.dim()}-dim tensor of shape {tuple(input.shape)})")
-        GridConvNd._check_x(self, input.new_empty(0, input.size(-n - 1)))  # channels, dtype, device
-        batched = input.dim() == n + 2
-        images = input if batched else input.unsqueeze(0)
-        num_images, channels, *grid = images.shape
-        part = GraphPart.grid(self._geometry_for(tuple(grid), output_size), grid, num_images, batched)
-        out = F.conv(node_features(images), part, self.conv_weight(), self.bias, self.groups)
-        out_size = part.out_size
-        out = out.view(num_images, *out_size, out.size(1)).permute(0, n + 1, *range(1, n + 1)).contiguous()
-        return out if batched else out[0]
+        geometry = self.transposed_geometry if output_size is None else \
+            self._geometry_for(tuple(input.shape[-n:]), output_size)
+        return F.conv_image(input, self.weight, self.bias, geometry, self.groups, name)
 
     def _geometry_for(self, grid: tuple[int, ...], output_size: Any) -> TransposedGeometry:
         """The layer's geometry, with the output padding that ``output_size`` asks for (as torch picks it)."""
