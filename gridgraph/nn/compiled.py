@@ -47,7 +47,8 @@ def _build():
         torch.set_num_threads(threads)
     return {"gather_rows": k.gather_rows, "gather_sum": k.gather_sum, "depthwise": k.depthwise,
             "depthwise_weight_grad": k.depthwise_weight_grad, "lattice_gather": k.lattice_gather,
-            "lattice_depthwise": k.lattice_depthwise, "lattice_depthwise_weight_grad": k.lattice_depthwise_weight_grad}
+            "lattice_depthwise": k.lattice_depthwise, "lattice_depthwise_weight_grad": k.lattice_depthwise_weight_grad,
+            "lattice_gather_grouped": k.lattice_gather_grouped}
 
 
 def available(*tensors: Tensor) -> bool:
@@ -71,10 +72,35 @@ def _np(t: Tensor):
     return t.detach().contiguous().numpy()
 
 
-def _threads() -> None:
-    import numba
+def _flat(t: Tensor):
+    """A contiguous tensor's memory as a flat numpy array (no copy)."""
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return (t.detach() if t.requires_grad else t).numpy().reshape(-1)
 
-    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))
+
+_ZEROS: dict = {}
+
+
+def _zeros(n: int, dtype: torch.dtype):
+    key = (n, dtype)
+    z = _ZEROS.get(key)
+    if z is None:
+        z = _ZEROS[key] = torch.zeros(n, dtype=dtype).numpy()
+    return z
+
+
+_THREADS = [0]
+
+
+def _threads() -> None:
+    """numba's thread count follows torch's (set only when torch's changes: the call costs microseconds)."""
+    want = torch.get_num_threads()
+    if want != _THREADS[0]:
+        import numba
+
+        numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, want)))
+        _THREADS[0] = want
 
 
 def gather_rows(src: Tensor, index: Tensor, out: Tensor) -> Tensor:
@@ -118,37 +144,47 @@ def _np_offsets(gather):
     return gather.np_offsets
 
 
-def gather2d(src: Tensor, num_images: int, gather, start: int, stop: int, out: Tensor) -> Tensor:
+def gather2d(src: Tensor, gather, start: int, stop: int, out: Tensor) -> Tensor:
     """The gathered rows ``start:stop`` of a 2-D lattice gather (:class:`gridgraph.nn.lattice.Gather`) into
     ``out`` ``[stop - start, S * C]`` (zeros outside the grid)."""
     _threads()
     (s0, s1), (o0, o1), (a0, a1) = gather.src_size, gather.out_size, gather.anchor
     e0, e1 = _np_offsets(gather)
-    _KERNELS["lattice_gather"](_np(src).reshape(-1), s0, s1, src.size(-1), o0, o1, a0, a1, e0, e1,
+    _KERNELS["lattice_gather"](_flat(src), s0, s1, src.size(-1), o0, o1, a0, a1, e0, e1,
                                start // o1, stop // o1, out.numpy().reshape(-1))
     return out
 
 
-def depthwise2d(src: Tensor, num_images: int, gather, w: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
+def gather2d_grouped(src: Tensor, gather, groups: int, start: int, stop: int, out: Tensor) -> Tensor:
+    """Group-major gathered rows ``start:stop`` of a 2-D lattice gather into ``out`` ``[G, stop - start, S*C/G]``."""
+    _threads()
+    (s0, s1), (o0, o1), (a0, a1) = gather.src_size, gather.out_size, gather.anchor
+    e0, e1 = _np_offsets(gather)
+    _KERNELS["lattice_gather_grouped"](_flat(src), s0, s1, src.size(-1), o0, o1, a0, a1, e0, e1, groups,
+                                       start // o1, stop // o1, out.numpy().reshape(-1))
+    return out
+
+
+def depthwise2d(src: Tensor, gather, w: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
     """``out[(b, o), c] = bias[c] + sum_k w[k, c] src[b, A*o + E_k, c]`` on a 2-D lattice gather (``w`` ``[S, C]``)."""
     _threads()
     (s0, s1), (o0, o1), (a0, a1) = gather.src_size, gather.out_size, gather.anchor
     e0, e1 = _np_offsets(gather)
-    b = bias if bias is not None else src.new_zeros(src.size(-1))
-    _KERNELS["lattice_depthwise"](_np(src).reshape(-1), s0, s1, src.size(-1), o0, o1, a0, a1, e0, e1, num_images,
-                                  _np(w).reshape(-1), _np(b), out.numpy().reshape(-1))
+    b = _np(bias) if bias is not None else _zeros(src.size(-1), src.dtype)
+    _KERNELS["lattice_depthwise"](_flat(src), s0, s1, src.size(-1), o0, o1, a0, a1, e0, e1, gather.num_images,
+                                  _flat(w), b, out.numpy().reshape(-1))
     return out
 
 
-def depthwise_weight_grad2d(src: Tensor, num_images: int, gather, g: Tensor) -> Tensor:
+def depthwise_weight_grad2d(src: Tensor, gather, g: Tensor) -> Tensor:
     """``grad[k, c] = sum_(b, o) src[b, A*o + E_k, c] g[(b, o), c]`` on a 2-D lattice gather: ``[S, C]``."""
     _threads()
     (s0, s1), (o0, o1), (a0, a1) = gather.src_size, gather.out_size, gather.anchor
     e0, e1 = _np_offsets(gather)
     c = src.size(-1)
-    rows = num_images * o0
+    rows = gather.num_images * o0
     parts = max(1, min(torch.get_num_threads() * 4, rows))
     partial = src.new_zeros(parts, gather.num_slots, c)
-    _KERNELS["lattice_depthwise_weight_grad"](_np(src).reshape(-1), s0, s1, c, o0, o1, a0, a1, e0, e1, num_images,
-                                              _np(g).reshape(-1), partial.numpy().reshape(parts, -1))
+    _KERNELS["lattice_depthwise_weight_grad"](_flat(src), s0, s1, c, o0, o1, a0, a1, e0, e1, gather.num_images,
+                                              _flat(g), partial.numpy().reshape(parts, -1))
     return partial.sum(0)

@@ -204,22 +204,24 @@ class ImagePlan:
     gradient and the weight's gradient (:mod:`gridgraph.nn.layout`)."""
 
     __slots__ = ("key", "lattice", "transposed", "groups", "out_strides", "in_strides", "weight_strides",
-                 "generation", "eager")
+                 "generation", "eager", "out_view", "in_view")
 
     def __init__(self, key: str, transposed: bool, groups: int, out_strides: list[int], in_strides: list[int],
                  weight_strides: list[int], eager: bool, compiling: bool = False) -> None:
         self.key, self.transposed, self.groups = key, transposed, groups
         self.out_strides, self.in_strides, self.weight_strides = out_strides, in_strides, weight_strides
         self.lattice = None if compiling else kernels.grid_lattice(key)[0]
+        self.out_view = self.in_view = None  # whether the output / input gradient is a view of node features
         self.generation = REGISTRY.generation
         self.eager = eager  # real floating point: the eager path may call the kernels directly
 
     def forward(self, images: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return kernels.image_forward(images, weight, bias, self.lattice, self.transposed, self.groups,
-                                     self.out_strides)
+                                     self.out_strides, self.out_view)
 
     def input_grad(self, grad: Tensor, weight: Tensor) -> Tensor:
-        return kernels.image_input_grad(grad, weight, self.lattice, self.transposed, self.groups, self.in_strides)
+        return kernels.image_input_grad(grad, weight, self.lattice, self.transposed, self.groups, self.in_strides,
+                                        self.in_view)
 
     def weight_grad(self, images: Tensor, grad: Tensor, weight: Tensor) -> Tensor:
         return kernels.image_weight_grad(images, grad, self.lattice, self.transposed, self.groups,
@@ -407,6 +409,11 @@ def _plan(input: Tensor, weight: Tensor, bias: Optional[Tensor], geometry, group
     weight_shape = tuple(int(v) for v in weight.shape)
     out_shape = (num_images, weight_shape[1] * groups if transposed else weight_shape[0], *part.out_size)
     eager = input.dtype in _REAL and input.device.type != "meta"
-    return ImagePlan(part.key, transposed, groups, list(conv_layout.strides(out_shape)),
-                     list(conv_layout.strides((num_images, in_channels, *grid))),
-                     list(conv_layout.weight_grad_strides(weight_shape)), eager, compiling)
+    in_shape = (num_images, in_channels, *grid)
+    plan = ImagePlan(part.key, transposed, groups, list(conv_layout.strides(out_shape)),
+                     list(conv_layout.strides(in_shape)), list(conv_layout.weight_grad_strides(weight_shape)), eager,
+                     compiling)
+    if not compiling:
+        plan.out_view = layout.is_node_layout(out_shape, plan.out_strides)
+        plan.in_view = layout.is_node_layout(in_shape, plan.in_strides)
+    return plan

@@ -182,7 +182,13 @@ class GridConvNd(MessagePassing):
         attrs = (self._ndim, self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode)
         if torch.compiler.is_compiling():
             return ConvGeometry.from_keywords(*attrs)
-        return _geometry(*(tuple(a) if isinstance(a, list) else a for a in attrs))
+        attrs = tuple(tuple(a) if isinstance(a, list) else a for a in attrs)  # a list edited in place: its values
+        cached = self.__dict__.get("_geometry_of")
+        if cached is not None and cached[0] == attrs:  # the attributes as they were: the same geometry
+            return cached[1]
+        geometry = _geometry(*attrs)
+        self.__dict__["_geometry_of"] = (attrs, geometry)
+        return geometry
 
     @property
     def num_taps(self) -> int:

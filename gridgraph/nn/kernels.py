@@ -169,7 +169,7 @@ def _check_grid(images: Tensor, grid: Sequence[int], what: str) -> None:
 
 
 def image_forward(images: Tensor, weight: Tensor, bias: Optional[Tensor], lat: "lattice.Lattice", transposed: bool,
-                  groups: int, out_strides: Sequence[int]) -> Tensor:
+                  groups: int, out_strides: Sequence[int], out_view: Optional[bool] = None) -> Tensor:
     """The layer's output image (strides ``out_strides``) from ``images`` ``(B, C_in, *grid)``."""
     _check_grid(images, lat.out_size if transposed else lat.in_size, "input")
     x = layout.to_nodes(images)
@@ -181,11 +181,11 @@ def image_forward(images: Tensor, weight: Tensor, bias: Optional[Tensor], lat: "
     else:
         y = lattice.forward(x, weight, bias, lat, groups)
         grid = lat.out_size
-    return layout.to_image(y, lat.num_images, grid, out_strides)
+    return layout.to_image(y, lat.num_images, grid, out_strides, out_view)
 
 
 def image_input_grad(grad_out: Tensor, weight: Tensor, lat: "lattice.Lattice", transposed: bool, groups: int,
-                     in_strides: Sequence[int]) -> Tensor:
+                     in_strides: Sequence[int], in_view: Optional[bool] = None) -> Tensor:
     """The gradient of the layer's input image (strides ``in_strides``) from the output's gradient."""
     _check_grid(grad_out, lat.in_size if transposed else lat.out_size, "grad_out")
     g = layout.to_nodes(grad_out)
@@ -193,7 +193,7 @@ def image_input_grad(grad_out: Tensor, weight: Tensor, lat: "lattice.Lattice", t
         gx, grid = lattice.forward(g, weight, None, lat, groups), lat.out_size
     else:
         gx, grid = lattice.input_grad(g, weight, lat, groups), lat.in_size
-    return layout.to_image(gx, lat.num_images, grid, in_strides)
+    return layout.to_image(gx, lat.num_images, grid, in_strides, in_view)
 
 
 def image_weight_grad(images: Tensor, grad_out: Tensor, lat: "lattice.Lattice", transposed: bool, groups: int,

@@ -32,6 +32,7 @@ depthwise sums (:mod:`gridgraph.nn.compiled`); everything else runs the same ari
 from __future__ import annotations
 
 import math
+import threading
 from typing import Iterator, Optional
 
 import torch
@@ -41,12 +42,20 @@ from ..geometry import ConvGeometry
 from ..structure import REGISTRY, _remap
 from . import compiled
 
-__all__ = ["Lattice", "lattice", "forward", "input_grad", "weight_grad", "BLOCK_BYTES", "DEVICE_BLOCK_BYTES"]
+__all__ = ["Lattice", "lattice", "forward", "input_grad", "weight_grad", "workspace", "BLOCK_BYTES",
+           "DEVICE_BLOCK_BYTES", "SMALL"]
 
-#: Bytes of gathered rows per block on the CPU: a block's gather and GEMM stay in the caches.
-BLOCK_BYTES = 6 << 20
+#: Bytes of gathered rows per block on the CPU: the GEMM is the most efficient on large blocks, and the
+#: block's buffer is reused from call to call (:func:`workspace`).
+BLOCK_BYTES = 24 << 20
 #: Bytes of gathered rows per block on an accelerator (few large blocks: launches cost more there).
 DEVICE_BLOCK_BYTES = 512 << 20
+#: Gathered elements (targets x slots x channels) up to which a gather is one ``index_select`` by a cached
+#: index (four torch calls per map, whatever the geometry) instead of the strided-view blocks.
+SMALL = 1 << 15
+#: Gather dense layers' rows with the compiled loop (else torch's strided copy, on torch's own threads:
+#: numba's thread pool is another OpenMP runtime, and switching between the two costs more than it saves).
+COMPILED_GATHER = False
 
 
 class Gather:
@@ -54,13 +63,17 @@ class Gather:
     that lies outside the source grid. ``offsets[a]`` ascend in equal steps (an arithmetic progression);
     ``taps`` are the kernel taps (flat, row-major) in the order of the gathered slots."""
 
-    __slots__ = ("src_size", "out_size", "anchor", "offsets", "taps", "num_slots", "identity", "pad_lo", "pad_hi",
-                 "steps", "inside", "np_offsets")
+    __slots__ = ("src_size", "out_size", "anchor", "offsets", "taps", "num_images", "num_slots", "num_rows",
+                 "num_src", "identity", "pad_lo", "pad_hi", "steps", "inside", "np_offsets", "recipes")
 
     def __init__(self, src_size: tuple[int, ...], out_size: tuple[int, ...], anchor: tuple[int, ...],
-                 offsets: tuple[tuple[int, ...], ...], taps: tuple[int, ...]) -> None:
+                 offsets: tuple[tuple[int, ...], ...], taps: tuple[int, ...], num_images: int) -> None:
         self.src_size, self.out_size, self.anchor, self.offsets, self.taps = src_size, out_size, anchor, offsets, taps
+        self.num_images = num_images
         self.num_slots = len(taps)
+        self.num_rows = num_images * math.prod(out_size)  # targets (rows of the gathered matrix)
+        self.num_src = num_images * math.prod(src_size)
+        self.recipes: dict = {}  # (channels, groups, device) -> _Recipe
         # one slot reading the source itself, row for row: the gather is the identity (a 1x1 kernel)
         self.identity = (self.num_slots == 1 and src_size == out_size and all(a == 1 for a in anchor)
                          and all(e == (0,) for e in offsets))
@@ -113,7 +126,8 @@ class Lattice:
             self.src_size = self.in_size
             offsets = tuple(tuple(u * d - lo for u in range(k)) for k, d, (lo, _) in
                             zip(kernel, dilation, geometry.padding))
-        self.forward = Gather(self.src_size, self.out_size, tuple(stride), offsets, tuple(range(self.num_taps)))
+        self.forward = Gather(self.src_size, self.out_size, tuple(stride), offsets, tuple(range(self.num_taps)),
+                              num_images)
         self.phases = self._phases(offsets)
 
     def _phases(self, offsets: tuple[tuple[int, ...], ...]) -> list[Phase]:
@@ -138,7 +152,7 @@ class Lattice:
                 continue
             taps = tuple(sum(u * st for u, st in zip(us, strides)) for us in _product([c[3] for c in combo]))
             phases.append(Phase(start, count, Gather(self.out_size, count, (1,) * self.ndim,
-                                                     tuple(c[2] for c in combo), taps)))
+                                                     tuple(c[2] for c in combo), taps, self.num_images)))
         return phases
 
     def describe(self) -> str:
@@ -197,62 +211,113 @@ def _fold_remapped(lat: Lattice, grad_padded: Tensor) -> Tensor:
     return grid.reshape(-1, c)
 
 
+# ------------------------------------------------------------------------------------ workspace
+_LOCAL = threading.local()
+
+
+def workspace(numel: int, like: Tensor, slot: str) -> Tensor:
+    """A flat buffer of ``numel`` elements for a kernel's temporaries, reused from call to call (per thread,
+    device, dtype and ``slot``): a fresh multi-MiB buffer costs a page fault per 4 KiB at every call (0.5 ms
+    of a 1.5 ms layer). Valid until the next call with the same slot; never saved for backward."""
+    spaces = getattr(_LOCAL, "spaces", None)
+    if spaces is None or _LOCAL.generation != REGISTRY.generation:
+        spaces = _LOCAL.spaces = {}
+        _LOCAL.generation = REGISTRY.generation
+    key = (like.device, like.dtype, slot)
+    buf = spaces.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = spaces[key] = like.new_empty(max(numel, 1))
+    return buf[:numel]
+
+
+def _zero_padded(grid: Tensor, lo: tuple[int, ...], hi: tuple[int, ...]) -> Tensor:
+    """``grid`` ``[B, *size, C]`` with ``lo``/``hi`` zeros around each spatial axis, in the workspace."""
+    n = len(lo)
+    shape = (grid.size(0), *(s + a + b for s, a, b in zip(grid.shape[1:n + 1], lo, hi)), grid.size(-1))
+    out = workspace(math.prod(shape), grid, "padded").view(shape)
+    for a in range(n):
+        if lo[a]:
+            out.narrow(a + 1, 0, lo[a]).zero_()
+        if hi[a]:
+            out.narrow(a + 1, shape[a + 1] - hi[a], hi[a]).zero_()
+    inner = out
+    for a in range(n):
+        inner = inner.narrow(a + 1, lo[a], grid.size(a + 1))
+    inner.copy_(grid)
+    return out
+
+
 # ------------------------------------------------------------------------------------ gathers
+class _Recipe:
+    """How one gather reads a source of ``channels`` channels in ``groups`` groups on one device, worked out
+    once: a small gather is one ``index_select`` by ``index`` (the slot's source row, ``num_src`` -- a zero
+    row -- where it lies outside the grid; group-major when grouped: row ``src * G + g`` of the ``[N*G, C/G]``
+    view); a large one reads strided views of the zero-padded source, block by block (``blocks``)."""
+
+    __slots__ = ("index", "blocks", "channels", "groups")
+
+    def __init__(self, gather: Gather, channels: int, groups: int, device: torch.device, element_size: int) -> None:
+        self.channels, self.groups = channels, groups
+        self.index = None
+        self.blocks: list[tuple[int, int]] = []
+        if gather.num_rows * gather.num_slots * channels <= SMALL:
+            self.index = _slot_index(gather, device, groups)
+        else:
+            self.blocks = _blocks(gather, channels, element_size, device)
+
+
+def _small_index(gather: Gather, channels: int, groups: int, device: torch.device) -> Tensor:
+    """The slot index of a gather from a source of ``channels`` channels (built even where that gather would
+    run by blocks: the scatter of a small input gradient reads it)."""
+    key = ("index", groups, device)
+    index = gather.recipes.get(key)
+    if index is None:
+        index = gather.recipes[key] = _slot_index(gather, device, groups)
+    return index
+
+
+def recipe(gather: Gather, src: Tensor, groups: int = 1) -> _Recipe:
+    key = (src.size(-1), groups, src.device)
+    rec = gather.recipes.get(key)
+    if rec is None:
+        rec = gather.recipes[key] = _Recipe(gather, src.size(-1), groups, src.device, src.element_size())
+    return rec
+
+
+def _slot_index(gather: Gather, device: torch.device, groups: int) -> Tensor:
+    """``[(G,) rows * slots]`` long: the source row of every (target, slot), ``num_src`` outside the grid (the
+    zero row appended to the source); with ``groups > 1``, group-major rows of the ``[N*G, C/G]`` view."""
+    n = len(gather.out_size)
+    index = torch.zeros((), dtype=torch.long)
+    valid = torch.ones((), dtype=torch.bool)
+    stride = 1
+    for a in reversed(range(n)):
+        o = torch.arange(gather.out_size[a]) * gather.anchor[a]
+        e = torch.tensor(gather.offsets[a])
+        pos = o[:, None] + e[None, :]  # [O_a, K_a]
+        shape = [1] * (2 * n)
+        shape[a], shape[n + a] = gather.out_size[a], len(gather.offsets[a])
+        index = index + (pos * stride).view(shape)
+        valid = valid & ((pos >= 0) & (pos < gather.src_size[a])).view(shape)
+        stride *= gather.src_size[a]
+    per_image = torch.where(valid, index, -1).reshape(math.prod(gather.out_size), -1)
+    images = torch.arange(gather.num_images)[:, None, None] * stride
+    flat = torch.where(per_image[None] >= 0, per_image[None] + images, gather.num_src).reshape(-1)
+    if groups > 1:
+        flat = (flat[None, :] * groups + torch.arange(groups)[:, None]).reshape(-1)
+    return flat.to(device)
+
+
 def _block_rows(gather: Gather, channels: int, element_size: int, device: torch.device) -> int:
     """Target rows per block: the block's gathered rows fill about :data:`BLOCK_BYTES`."""
     budget = BLOCK_BYTES if device.type == "cpu" else DEVICE_BLOCK_BYTES
     return max(1, budget // max(1, gather.num_slots * channels * element_size))
 
 
-class _Source:
-    """A source grid ready to be gathered from: zero-padded once for the torch gather (or the raw rows for a
-    compiled one), with the strided view of every slot."""
-
-    def __init__(self, gather: Gather, src: Tensor, num_images: int, allow_compiled: bool = True) -> None:
-        self.gather, self.num_images, self.channels = gather, num_images, src.size(-1)
-        self.compiled = allow_compiled and len(gather.src_size) == 2 and compiled.available(src)
-        self.src = src
-        if self.compiled:
-            return
-        grid = _grid(src, num_images, gather.src_size)
-        if not gather.inside:
-            pads = []
-            for lo, hi in zip(reversed(gather.pad_lo), reversed(gather.pad_hi)):
-                pads += [lo, hi]
-            grid = torch.nn.functional.pad(grid, [0, 0] + pads)
-        strides = grid.stride()
-        n = len(gather.out_size)
-        base = grid.storage_offset() + sum((e[0] + lo) * st for e, lo, st in
-                                           zip(gather.offsets, gather.pad_lo, strides[1:n + 1]))
-        shape = (num_images, *gather.out_size, *(len(e) for e in gather.offsets), self.channels)
-        view_strides = (strides[0], *(a * st for a, st in zip(gather.anchor, strides[1:n + 1])),
-                        *(step * st for step, st in zip(gather.steps, strides[1:n + 1])), strides[-1])
-        self.view = grid.as_strided(shape, view_strides, base)  # [B, *out, *slots, C]
-
-    def rows(self, start: int, stop: int, out: Tensor) -> Tensor:
-        """Gathered rows ``start:stop`` (flat targets ``b * prod(out) + o``) into ``out`` ``[stop-start, S*C]``."""
-        gather = self.gather
-        if self.compiled:
-            return compiled.gather2d(self.src, self.num_images, gather, start, stop, out)
-        per_image = math.prod(gather.out_size)
-        b0, b1 = start // per_image, (stop - 1) // per_image
-        if b0 == b1:  # inside one image: rows of its first axis
-            inner = per_image // gather.out_size[0]
-            r0, r1 = (start - b0 * per_image) // inner, (stop - b0 * per_image) // inner
-            if (r1 - r0) * inner == stop - start and (start - b0 * per_image) % inner == 0:
-                out.view(r1 - r0, *self.view.shape[2:]).copy_(self.view[b0, r0:r1])
-                return out
-        if start % per_image == 0 and stop % per_image == 0:  # whole images
-            out.view(b1 - b0 + 1, *self.view.shape[1:]).copy_(self.view[b0:b1 + 1])
-            return out
-        raise AssertionError("blocks are whole rows of one image or whole images")
-
-
-def _blocks(gather: Gather, num_images: int, channels: int, element_size: int,
-            device: torch.device) -> list[tuple[int, int]]:
+def _blocks(gather: Gather, channels: int, element_size: int, device: torch.device) -> list[tuple[int, int]]:
     """Blocks of target rows: whole images, or whole rows of the first axis inside one image."""
     per_image = math.prod(gather.out_size)
-    total = num_images * per_image
+    total = gather.num_rows
     if total == 0:
         return []
     rows = _block_rows(gather, channels, element_size, device)
@@ -260,11 +325,59 @@ def _blocks(gather: Gather, num_images: int, channels: int, element_size: int,
         return [(0, total)]
     if rows >= per_image:
         k = rows // per_image
-        return [(b * per_image, min(num_images, b + k) * per_image) for b in range(0, num_images, k)]
+        return [(b * per_image, min(gather.num_images, b + k) * per_image) for b in range(0, gather.num_images, k)]
     inner = per_image // gather.out_size[0] if gather.out_size[0] else per_image
     step = max(1, rows // max(1, inner)) * inner
     return [(b * per_image + r, b * per_image + min(per_image, r + step))
-            for b in range(num_images) for r in range(0, per_image, step)]
+            for b in range(gather.num_images) for r in range(0, per_image, step)]
+
+
+def _view(gather: Gather, src: Tensor, groups: int = 1) -> Tensor:
+    """The gathered view of ``src`` ``[N, C]`` (zero-padded in the workspace where a slot leaves the grid):
+    ``[B, *out, *slots, C]``, or ``[G, B, *out, *slots, C/G]`` when grouped. No copy of the rows."""
+    grid = _grid(src, gather.num_images, gather.src_size)
+    if not gather.inside:
+        grid = _zero_padded(grid, gather.pad_lo, gather.pad_hi)
+    strides = grid.stride()
+    n = len(gather.out_size)
+    base = grid.storage_offset() + sum((e[0] + lo) * st for e, lo, st in
+                                       zip(gather.offsets, gather.pad_lo, strides[1:n + 1]))
+    shape = (gather.num_images, *gather.out_size, *(len(e) for e in gather.offsets))
+    view_strides = (strides[0], *(a * st for a, st in zip(gather.anchor, strides[1:n + 1])),
+                    *(step * st for step, st in zip(gather.steps, strides[1:n + 1])))
+    c = src.size(-1)
+    if groups == 1:
+        return grid.as_strided(shape + (c,), view_strides + (1,), base)
+    return grid.as_strided((groups,) + shape + (c // groups,), (c // groups,) + view_strides + (1,), base)
+
+
+def _rows(gather: Gather, view: Tensor, start: int, stop: int, out: Tensor, grouped: bool) -> Tensor:
+    """Gathered rows ``start:stop`` (flat targets ``b * prod(out) + o``) of a :func:`_view` into ``out``
+    (``[m, S*C]``, or ``[G, m, S*C/G]`` when grouped)."""
+    per_image = math.prod(gather.out_size)
+    b0 = start // per_image
+    lead = 1 if grouped else 0
+    if stop - start == gather.num_rows:
+        piece = view
+    elif start % per_image == 0 and stop % per_image == 0:  # whole images
+        piece = view.narrow(lead, b0, (stop - start) // per_image)
+    else:  # whole rows of the first axis inside one image
+        inner = per_image // gather.out_size[0]
+        r0 = (start - b0 * per_image) // inner
+        piece = view.select(lead, b0).narrow(lead, r0, (stop - start) // inner)
+    target = out.view(piece.shape)
+    target.copy_(piece)
+    return out
+
+
+def _gathered(gather: Gather, rec: _Recipe, src: Tensor) -> Tensor:
+    """All gathered rows of a small gather: ``[rows, S*C]`` (grouped: ``[G, rows, S*C/G]``)."""
+    c, groups = src.size(-1), rec.groups
+    padded = torch.constant_pad_nd(src, [0, 0, 0, 1])  # the zero row that slots outside the grid read
+    if groups > 1:
+        padded = padded.view(-1, c // groups)
+        return padded.index_select(0, rec.index).view(groups, gather.num_rows, -1)
+    return padded.index_select(0, rec.index).view(gather.num_rows, -1)
 
 
 # ------------------------------------------------------------------------------------ weights
@@ -277,16 +390,25 @@ def _kind(groups: int, c_in_g: int, c_out_g: int) -> str:
 
 
 def _slot_weights(weight: Tensor, taps: tuple[int, ...], groups: int, transpose: bool) -> Tensor:
-    """The weights of the gathered slots as ``[G, S * a, b]`` (rows: slot-major, then channel): forward
-    ``a = C_in/G, b = C_out/G``; with ``transpose`` (input gradient) ``a = C_out/G, b = C_in/G``."""
+    """The weights of the gathered slots as ``[G, b, S * a]`` (a linear layer's weight per group; columns
+    slot-major, then channel): forward ``a = C_in/G, b = C_out/G``; with ``transpose`` (input gradient)
+    ``a = C_out/G, b = C_in/G``. A view of a channels-last weight's memory in the forward (no copy)."""
     c_out, c_in_g = weight.shape[:2]
     k = weight[0, 0].numel()
     w = weight.reshape(groups, c_out // groups, c_in_g, k)  # [G, o, i, T]
     if len(taps) != k or taps != tuple(range(k)):
         w = w[..., list(taps)]
-    if transpose:  # [G, S, o, i]
-        return w.permute(0, 3, 1, 2).reshape(groups, -1, c_in_g)
-    return w.permute(0, 3, 2, 1).reshape(groups, -1, c_out // groups)  # [G, S, i, o]
+    if transpose:  # [G, i, S, o]
+        return w.permute(0, 2, 3, 1).reshape(groups, c_in_g, -1)
+    return w.permute(0, 1, 3, 2).reshape(groups, c_out // groups, -1)  # [G, o, S, i]
+
+
+def _depthwise_weights(weight: Tensor, taps: tuple[int, ...]) -> Tensor:
+    """A depthwise weight ``(C, 1, *k)`` as ``[S, C]`` for the gathered slots."""
+    w = weight.reshape(weight.size(0), -1)  # [C, T]
+    if taps != tuple(range(w.size(1))):
+        w = w[:, list(taps)]
+    return w.t().contiguous()
 
 
 _ONEDNN = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -295,48 +417,67 @@ USE_ONEDNN = True
 _ONEDNN_MIN_ROWS = 2048
 
 
-def _gemm(cols: Tensor, w_kn: Tensor, bias: Optional[Tensor], out: Optional[Tensor]) -> Tensor:
-    """``cols @ w_kn (+ bias)``, written into ``out`` when given."""
+def _gemm(cols: Tensor, w_nk: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    """``cols @ w_nk^T (+ bias)`` (``w_nk`` ``[N, K]``, a linear layer's weight), written into ``out`` when
+    given."""
     if (USE_ONEDNN and _ONEDNN is not None and cols.device.type == "cpu" and cols.dtype in (torch.float32, torch.bfloat16)
-            and cols.size(0) >= _ONEDNN_MIN_ROWS and cols.size(1) and w_kn.size(1) and not cols.requires_grad):
+            and cols.size(0) >= _ONEDNN_MIN_ROWS and cols.size(1) and w_nk.size(0) and not cols.requires_grad
+            and w_nk.is_contiguous()):
         with torch.no_grad():
-            res = _ONEDNN(cols, w_kn.t(), bias, "none", [], "")
-        if out is None:
-            return res
-        return out.copy_(res)
+            res = _ONEDNN(cols, w_nk, bias, "none", [], "")
+        return res if out is None else out.copy_(res)
     if bias is not None:
-        return torch.addmm(bias, cols, w_kn, out=out) if out is not None else torch.addmm(bias, cols, w_kn)
-    return torch.mm(cols, w_kn, out=out) if out is not None else cols @ w_kn
+        return torch.addmm(bias, cols, w_nk.t(), out=out) if out is not None else torch.addmm(bias, cols, w_nk.t())
+    return torch.mm(cols, w_nk.t(), out=out) if out is not None else torch.mm(cols, w_nk.t())
 
 
-# ------------------------------------------------------------------------------------ the three maps
-def _apply(gather: Gather, src: Tensor, num_images: int, w: Tensor, kind: str, bias: Optional[Tensor],
-           out: Tensor) -> Tensor:
-    """``out[(b, o)] = bias + sum_k M_k src[b, A o + E_k]`` with slot weights ``w`` (:func:`_slot_weights`,
-    ``[G, S*a, b]``; depthwise ``[S, C]``)."""
-    n_rows, c = out.size(0), src.size(-1)
-    if n_rows == 0:
-        return out
+# ------------------------------------------------------------------------------------ one gather, one map
+def _apply(gather: Gather, src: Tensor, w: Tensor, kind: str, bias: Optional[Tensor]) -> Tensor:
+    """``out[(b, o)] = bias + sum_k M_k src[b, A o + E_k]`` for every target of ``gather``, with slot weights
+    ``w`` (:func:`_slot_weights` ``[G, b, S*a]``; depthwise :func:`_depthwise_weights` ``[S, C]``)."""
+    m, c = gather.num_rows, src.size(-1)
     if kind == "depthwise":
-        return _depthwise(gather, src, num_images, w, bias, out)
+        return _depthwise(gather, src, w, bias)
     groups = w.size(0)
+    c_out = groups * w.size(1)
+    if m == 0:
+        return src.new_empty(0, c_out)
     if gather.identity and kind == "dense":
-        return _gemm(src, w[0], bias, out)
-    source = _Source(gather, src, num_images)
-    blocks = _blocks(gather, num_images, c, src.element_size(), src.device)
-    buf = src.new_empty(max(b - a for a, b in blocks) * gather.num_slots * c)
-    for start, stop in blocks:
-        cols = source.rows(start, stop, buf[:(stop - start) * gather.num_slots * c].view(stop - start, -1))
-        if kind == "dense":
+        return _gemm(src, w[0], bias)
+    rec = recipe(gather, src, groups if kind == "grouped" else 1)
+    if kind == "dense":
+        if rec.index is not None:
+            return _gemm(_gathered(gather, rec, src), w[0], bias)
+        view = _view(gather, src)
+        buf = workspace(max(b - a for a, b in rec.blocks) * gather.num_slots * c, src, "cols")
+        if len(rec.blocks) == 1:  # one block: the GEMM's result is the output
+            return _gemm(_rows(gather, view, 0, m, buf.view(m, -1), False), w[0], bias)
+        out = src.new_empty(m, c_out)
+        for start, stop in rec.blocks:
+            cols = _rows(gather, view, start, stop, buf[:(stop - start) * gather.num_slots * c].view(stop - start, -1),
+                         False)
             _gemm(cols, w[0], bias, out[start:stop])
-            continue
-        a = c // groups
-        cg = cols.view(stop - start, gather.num_slots, groups, a).permute(2, 0, 1, 3).reshape(groups, stop - start, -1)
-        res = torch.bmm(cg, w)  # [G, m, b]
-        target = out[start:stop].view(stop - start, groups, -1)
-        target.copy_(res.transpose(0, 1))
-        if bias is not None:
-            out[start:stop] += bias
+        return out
+    # grouped: group-major gathered rows [G, m, S*a], one batched GEMM per block written straight into the
+    # output's groups ([G, m, b] strided view of [m, G*b])
+    out = src.new_empty(m, c_out)
+    wt = w.transpose(1, 2)
+    if rec.index is not None:
+        torch.bmm(_gathered(gather, rec, src), wt, out=out.view(m, groups, -1).transpose(0, 1))
+    else:
+        fast = len(gather.src_size) == 2 and compiled.available(src)
+        view = None if fast else _view(gather, src, groups)
+        buf = workspace(max(b - a for a, b in rec.blocks) * gather.num_slots * c, src, "cols")
+        for start, stop in rec.blocks:
+            n = stop - start
+            cols = buf[:n * gather.num_slots * c].view(groups, n, -1)
+            if fast:
+                compiled.gather2d_grouped(src, gather, groups, start, stop, cols)
+            else:
+                _rows(gather, view, start, stop, cols, True)
+            torch.bmm(cols, wt, out=out[start:stop].view(n, groups, -1).transpose(0, 1))
+    if bias is not None:
+        out += bias
     return out
 
 
@@ -348,21 +489,28 @@ def padding_multiplies(dtype: torch.dtype, device: torch.device, kind: str) -> b
                                                                           torch.float16))
 
 
-def _depthwise(gather: Gather, src: Tensor, num_images: int, w: Tensor, bias: Optional[Tensor],
-               out: Tensor) -> Tensor:
+def _depthwise(gather: Gather, src: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``out[(b, o), c] = bias[c] + sum_k w[k, c] src[b, A o + E_k, c]``. An absent slot (zero padding)
     adds what torch's depthwise convolution adds there: nothing, or ``0 * w`` (:func:`padding_multiplies`)."""
+    m, c = gather.num_rows, src.size(-1)
     skip = gather.inside or not padding_multiplies(src.dtype, src.device, "depthwise") or _finite(w)
-    if skip and len(gather.src_size) == 2 and compiled.available(src, w):
-        return compiled.depthwise2d(src, num_images, gather, w, bias, out)
-    view = _Source(gather, src, num_images, allow_compiled=False).view  # [B, *out, *slots, C]
-    target = out.view(num_images, *gather.out_size, out.size(-1))
-    for k in range(gather.num_slots):
-        piece = _slot(view, gather, k)
-        if k == 0:
-            torch.mul(piece, w[k], out=target)
-        else:
-            target.addcmul_(piece, w[k])
+    if m and skip and len(gather.src_size) == 2 and compiled.available(src, w):
+        return compiled.depthwise2d(src, gather, w, bias, src.new_empty(m, c))
+    if m == 0:
+        return src.new_empty(0, c)
+    rec = recipe(gather, src)
+    if rec.index is not None:  # [m, S, C] * [S, C], summed over the slots
+        out = (_gathered(gather, rec, src).view(m, gather.num_slots, c) * w).sum(1)
+    else:
+        view = _view(gather, src)  # [B, *out, *slots, C]
+        out = src.new_empty(m, c)
+        target = out.view(gather.num_images, *gather.out_size, c)
+        for k in range(gather.num_slots):
+            piece = _slot(view, gather, k)
+            if k == 0:
+                torch.mul(piece, w[k], out=target)
+            else:
+                target.addcmul_(piece, w[k])
     if bias is not None:
         out += bias
     return out
@@ -382,23 +530,43 @@ def _slot(view: Tensor, gather: Gather, k: int) -> Tensor:
     return view
 
 
-def _weights_for(weight: Tensor, groups: int, kind: str, taps: tuple[int, ...], transpose: bool) -> Tensor:
-    if kind == "depthwise":
-        w = weight.reshape(weight.size(0), -1)  # [C, T]
-        return w[:, list(taps)].t().contiguous() if taps != tuple(range(w.size(1))) else w.t().contiguous()
-    return _slot_weights(weight, taps, groups, transpose).contiguous()
+_WEIGHT_VIEWS: dict = {}
 
 
+def _weights(weight: Tensor, groups: int, kind: str, taps: tuple[int, ...], transpose: bool) -> Tensor:
+    """The slot weights of a gather (:func:`_slot_weights`, :func:`_depthwise_weights`). Where they are a view
+    of the weight's memory (a channels-last weight in the forward), that view is remembered per weight
+    layout and taken again with one ``as_strided``; otherwise they are rebuilt (a copy) at every call, so an
+    edit of the weight always takes effect."""
+    key = (weight.shape, weight.stride(), weight.dtype, groups, kind, taps, transpose)
+    view = _WEIGHT_VIEWS.get(key)
+    if view:
+        return weight.as_strided(view[0], view[1], weight.storage_offset() + view[2])
+    w = _depthwise_weights(weight, taps) if kind == "depthwise" else _slot_weights(weight, taps, groups, transpose)
+    if view is None:
+        shares = weight.numel() and w.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+        if len(_WEIGHT_VIEWS) > 4096:
+            _WEIGHT_VIEWS.clear()
+        _WEIGHT_VIEWS[key] = (tuple(w.shape), tuple(w.stride()), w.storage_offset() - weight.storage_offset()) \
+            if shares else False
+    return w
+
+
+# ------------------------------------------------------------------------------------ the three maps
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lat: Lattice, groups: int) -> Tensor:
     """``F(x, W) + b``: ``[num_out, C_out]`` from node features ``x`` ``[num_in, C_in]`` (contiguous)."""
     c_out, c_in_g = weight.shape[:2]
     kind = _kind(groups, c_in_g, c_out // groups)
     src = _pad_remapped(lat, x) if lat.remapped else x
-    w = _weights_for(weight, groups, kind, lat.forward.taps, transpose=False)
-    if kind == "dense" and lat.forward.identity and lat.num_out:
-        return _gemm(src, w[0], bias, None)  # a 1x1 convolution: one GEMM, its result is the output
-    out = x.new_empty(lat.num_out, c_out)
-    return _apply(lat.forward, src, lat.num_images, w, kind, bias, out)
+    return _apply(lat.forward, src, _weights(weight, groups, kind, lat.forward.taps, False), kind, bias)
+
+
+def _scatter_small(lat: Lattice, channels: int) -> bool:
+    """Whether the input gradient runs as one GEMM and one ``index_add`` by the forward's slot index (small
+    problems on the CPU, where ``index_add`` is deterministic), instead of one gather per stride phase: fewer
+    torch calls, and the forward's weights as they are."""
+    gather = lat.forward
+    return gather.num_rows * gather.num_slots * channels <= SMALL
 
 
 def input_grad(g: Tensor, weight: Tensor, lat: Lattice, groups: int) -> Tensor:
@@ -406,26 +574,48 @@ def input_grad(g: Tensor, weight: Tensor, lat: Lattice, groups: int) -> Tensor:
     c_out, c_in_g = weight.shape[:2]
     c_in = c_in_g * groups
     kind = _kind(groups, c_in_g, c_out // groups)
-    num_src = lat.num_images * math.prod(lat.src_size)
-    if len(lat.phases) == 1 and lat.phases[0].gather is not None:  # stride 1: one phase covers every source
+    num_src = lat.forward.num_src
+    if lat.num_out and g.device.type == "cpu" and _scatter_small(lat, max(c_in, c_out)):
+        grad = _input_grad_scatter(g, weight, lat, groups, kind)
+    elif len(lat.phases) == 1 and lat.phases[0].gather is not None:  # stride 1: one phase covers every source
         gather = lat.phases[0].gather
-        w = _weights_for(weight, groups, kind, gather.taps, transpose=True)
-        if kind == "dense" and gather.identity and num_src:
-            grad = _gemm(g, w[0], None, None)
-        else:
-            grad = _apply(gather, g, lat.num_images, w, kind, None, g.new_empty(num_src, c_in))
+        grad = _apply(gather, g, _weights(weight, groups, kind, gather.taps, True), kind, None)
     else:
         grad = g.new_zeros(num_src, c_in)
         grid = _grid(grad, lat.num_images, lat.src_size)
         for phase in lat.phases:
             if phase.gather is None or not math.prod(phase.count):
                 continue
-            w = _weights_for(weight, groups, kind, phase.gather.taps, transpose=True)
-            part = _apply(phase.gather, g, lat.num_images, w, kind, None,
-                          g.new_empty(lat.num_images * math.prod(phase.count), c_in))
+            part = _apply(phase.gather, g, _weights(weight, groups, kind, phase.gather.taps, True), kind, None)
             index = (slice(None),) + tuple(slice(st, None, s) for st, s in zip(phase.start, lat.geometry.stride))
             grid[index] = _grid(part, lat.num_images, phase.count)
     return _fold_remapped(lat, grad) if lat.remapped else grad
+
+
+def _input_grad_scatter(g: Tensor, weight: Tensor, lat: Lattice, groups: int, kind: str) -> Tensor:
+    """The input gradient of a small strided problem: every target's messages back to its sources (one GEMM)
+    added into the sources by the forward's slot index (the zero row takes what falls outside the grid)."""
+    gather = lat.forward
+    m, s = gather.num_rows, gather.num_slots
+    c_out = weight.size(0)
+    c_in = weight.size(1) * groups
+    if kind == "depthwise":
+        w = _weights(weight, groups, kind, gather.taps, False)  # [S, C]
+        messages = (g.view(m, 1, c_out) * w).view(m * s, c_in)
+        index = recipe(gather, g).index
+    elif kind == "dense":
+        w = _weights(weight, groups, kind, gather.taps, False)[0]  # [C_out, S*C_in]
+        messages = torch.mm(g, w).view(m * s, c_in)
+        index = _small_index(gather, c_in, 1, g.device)
+    else:
+        w = _weights(weight, groups, kind, gather.taps, False)  # [G, b, S*a]
+        b = c_out // groups
+        messages = torch.bmm(g.view(m, groups, b).transpose(0, 1), w).view(groups * m * s, c_in // groups)
+        index = _small_index(gather, c_in, groups, g.device)
+    width = c_in // groups if kind == "grouped" else c_in
+    rows = (gather.num_src + 1) * (groups if kind == "grouped" else 1)
+    grad = g.new_zeros(rows, width).index_add_(0, index, messages)
+    return grad.view(gather.num_src + 1, c_in)[:gather.num_src]
 
 
 def weight_grad(x: Tensor, g: Tensor, lat: Lattice, groups: int, weight_shape: list[int]) -> Tensor:
@@ -437,35 +627,53 @@ def weight_grad(x: Tensor, g: Tensor, lat: Lattice, groups: int, weight_shape: l
     if lat.num_out == 0:
         return x.new_zeros(weight_shape)
     src = _pad_remapped(lat, x) if lat.remapped else x
+    m, c = gather.num_rows, src.size(-1)
     if kind == "depthwise":
         if len(gather.src_size) == 2 and compiled.available(src, g):
-            grad = compiled.depthwise_weight_grad2d(src, lat.num_images, gather, g)  # [T, C]
+            grad = compiled.depthwise_weight_grad2d(src, gather, g)  # [T, C]
         else:
-            view = _Source(gather, src, lat.num_images, allow_compiled=False).view
-            gg = _grid(g, lat.num_images, gather.out_size)
-            dims = tuple(range(lat.ndim + 1))
-            grad = torch.stack([(_slot(view, gather, k) * gg).sum(dims) for k in range(num_taps)])
+            rec = recipe(gather, src)
+            if rec.index is not None:
+                grad = (_gathered(gather, rec, src).view(m, num_taps, c) * g.view(m, 1, c)).sum(0)
+            else:
+                view = _view(gather, src)
+                gg = _grid(g, lat.num_images, gather.out_size)
+                dims = tuple(range(lat.ndim + 1))
+                grad = torch.stack([(_slot(view, gather, k) * gg).sum(dims) for k in range(num_taps)])
         return grad.t().reshape(weight_shape).contiguous()
-    c = src.size(-1)
     if kind == "dense" and gather.identity:
-        acc = g.t() @ src  # [C_out, C_in]
-        return acc.reshape(weight_shape)
-    source = _Source(gather, src, lat.num_images)
-    blocks = _blocks(gather, lat.num_images, c, src.element_size(), src.device)
-    buf = src.new_empty(max(b - a for a, b in blocks) * gather.num_slots * c)
+        return (g.t() @ src).reshape(weight_shape)  # [C_out, C_in]
+    grouped = kind == "grouped"
+    rec = recipe(gather, src, groups if grouped else 1)
     if kind == "dense":
-        acc = x.new_zeros(c_out, num_taps * c)
-        for start, stop in blocks:
-            cols = source.rows(start, stop, buf[:(stop - start) * num_taps * c].view(stop - start, -1))
-            acc.addmm_(g[start:stop].t(), cols)
+        if rec.index is not None:
+            acc = g.t() @ _gathered(gather, rec, src)
+        else:
+            view = _view(gather, src)
+            buf = workspace(max(b - a for a, b in rec.blocks) * num_taps * c, src, "cols")
+            acc = x.new_zeros(c_out, num_taps * c)
+            for start, stop in rec.blocks:
+                cols = _rows(gather, view, start, stop, buf[:(stop - start) * num_taps * c].view(stop - start, -1),
+                             False)
+                acc.addmm_(g[start:stop].t(), cols)
         # acc[o, (t, i)] -> weight (o, i, *kernel)
         return acc.view(c_out, num_taps, c).transpose(1, 2).reshape(weight_shape).contiguous()
     a, b = c // groups, c_out // groups
-    acc = x.new_zeros(groups, b, num_taps * a)
-    for start, stop in blocks:
-        m = stop - start
-        cols = source.rows(start, stop, buf[:m * num_taps * c].view(m, -1))
-        cg = cols.view(m, num_taps, groups, a).permute(2, 0, 1, 3).reshape(groups, m, -1)
-        acc.baddbmm_(g[start:stop].view(m, groups, b).transpose(0, 1).transpose(1, 2), cg)
+    gt = g.view(m, groups, b).permute(1, 2, 0)  # [G, b, m]
+    if rec.index is not None:
+        acc = torch.bmm(gt, _gathered(gather, rec, src))
+    else:
+        fast = len(gather.src_size) == 2 and compiled.available(src)
+        view = None if fast else _view(gather, src, groups)
+        buf = workspace(max(e - s for s, e in rec.blocks) * num_taps * c, src, "cols")
+        acc = x.new_zeros(groups, b, num_taps * a)
+        for start, stop in rec.blocks:
+            n = stop - start
+            cols = buf[:n * num_taps * c].view(groups, n, -1)
+            if fast:
+                compiled.gather2d_grouped(src, gather, groups, start, stop, cols)
+            else:
+                _rows(gather, view, start, stop, cols, True)
+            acc.baddbmm_(gt[:, :, start:stop], cols)
     # acc[G, o, (t, i)] -> weight (G*o, i, *kernel)
     return acc.view(groups, b, num_taps, a).permute(0, 1, 3, 2).reshape(weight_shape).contiguous()

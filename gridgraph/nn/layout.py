@@ -142,26 +142,39 @@ def _suggested(t: Tensor, n: int) -> torch.memory_format:
 
 
 # ------------------------------------------------------------------------------------ conversions
+_CL = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def to_nodes(images: Tensor) -> Tensor:
     """``(B, C, *grid)`` -> node features ``[B * prod(grid), C]``, row-major: a view when the images are
     channels-last in memory (their ``[nodes, channels]`` rows), else one copy."""
-    n = images.dim() - 2
+    dim = images.dim()
     c = images.size(1)
-    nodes = images.permute(0, *range(2, n + 2), 1)
-    if nodes.is_contiguous():
-        return nodes.view(-1, c)
-    return nodes.reshape(-1, c).contiguous()
+    fmt = _CL.get(dim)
+    if fmt is not None and images.is_contiguous(memory_format=fmt) or \
+            fmt is None and _is_contiguous_as(images.shape, images.stride(), channels_last_strides(images.shape)):
+        return images.as_strided((images.numel() // max(c, 1), c), (c, 1), images.storage_offset()) if c else \
+            images.new_empty(images.numel(), 0)
+    return images.permute(0, *range(2, dim), 1).reshape(-1, c).contiguous()
 
 
-def to_image(nodes: Tensor, num_images: int, grid: Sequence[int], strides: Sequence[int]) -> Tensor:
-    """Node features ``[B * prod(grid), C]`` as the image ``(B, C, *grid)`` with exactly ``strides``: a view
-    when the strides describe the nodes' own memory (channels-last), else one copy."""
+def is_node_layout(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether an image of ``shape``/``strides`` is laid out as its node features (channels-last memory)."""
+    return _is_contiguous_as(shape, strides, channels_last_strides(shape))
+
+
+def to_image(nodes: Tensor, num_images: int, grid: Sequence[int], strides: Sequence[int],
+             view: Optional[bool] = None) -> Tensor:
+    """Node features ``[B * prod(grid), C]`` (contiguous) as the image ``(B, C, *grid)`` with exactly
+    ``strides``: a view when the strides describe the nodes' own memory (channels-last), else one copy.
+    ``view``: :func:`is_node_layout` of the result, when the caller knows it."""
     c = nodes.size(-1)
     shape = (num_images, c, *grid)
-    cl = channels_last_strides(shape)
-    if _is_contiguous_as(shape, strides, cl) and nodes.is_contiguous():
-        return nodes.as_strided(shape, tuple(strides), nodes.storage_offset())
-    out = nodes.new_empty_strided(shape, tuple(strides))
+    if view is None:
+        view = is_node_layout(shape, strides)
+    if view:
+        return nodes.as_strided(shape, strides, nodes.storage_offset())
+    out = nodes.new_empty_strided(shape, strides)
     out.copy_(nodes.view(num_images, *grid, c).permute(0, len(grid) + 1, *range(1, len(grid) + 1)))
     return out
 
