@@ -56,9 +56,11 @@ _LOCAL = threading.local()
 
 @contextlib.contextmanager
 def kernel_trace() -> Iterator[list[str]]:
-    """Record the kernels :func:`conv` chooses inside the block: ``'grid'`` (neighbour table of a full or
-    transposed grid), ``'sparse'`` (the edges of a masked / sparse pixel graph) or ``'edges'`` (a plain
-    edge list), one entry per kernel call.
+    """Record the kernels :func:`conv` and :func:`conv_image` choose inside the block: ``'grid'`` (the lattice
+    kernels of a full or transposed grid), ``'sparse'`` (the edges of a masked / sparse pixel graph),
+    ``'edges'`` (a plain edge list), ``'image'`` (an image layer's eager path: the lattice kernels called
+    directly) or ``'image-op'`` (an image layer through its registered operator: under ``torch.compile``,
+    tracing, ``torch.func`` and dispatch modes), one entry per kernel call.
 
     Example:
         >>> layer = GridConv2d(2, 3, 3, padding=1)
@@ -341,7 +343,7 @@ def _conv_image(input, weight, bias, geometry, groups, name) -> Tensor:
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             plan = _plan(input, weight, bias, geometry, groups, name, traced=True)
         batched = input.dim() == geometry.ndim + 2
-        _record("grid")
+        _record("image-op")
         out = plan.operator(input if batched else input.unsqueeze(0), weight, bias)
         return out if batched else out[0]
     sig = (geometry, groups, input.shape, input.stride(), input.dtype, input.device, weight.shape, weight.stride(),
@@ -355,14 +357,14 @@ def _conv_image(input, weight, bias, geometry, groups, name) -> Tensor:
     batched = input.dim() == geometry.ndim + 2
     images = input if batched else input.unsqueeze(0)
     if plan.eager and _eager(input, weight, bias):
-        _record("grid")
+        _record("image")
         if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             out = _EagerImageConv.apply(images, weight, bias, plan)
         else:
             out = plan.forward(images, weight, bias)
     else:
-        _record("grid")
+        _record("image-op")
         out = plan.operator(images, weight, bias)
     return out if batched else out[0]
 
@@ -404,15 +406,21 @@ def _plan(input: Tensor, weight: Tensor, bias: Optional[Tensor], geometry, group
     torch_padding = [a for a, _ in conv.padding]
     if any(a != b for a, b in conv.padding):  # 'same' with an even kernel: torch pads asymmetrically itself
         torch_padding = [0] * n
-    conv_layout = layout.conv_layout(images, weight, bias, conv.stride, torch_padding, conv.dilation, transposed,
-                                     geometry.output_padding if transposed else [0] * n, groups)
+    in_shape = (num_images, in_channels, *grid)
+    in_strides = None
+    if conv.padding_mode != "zeros":  # torch pads first (F.pad), then convolves the padded image unpadded
+        padded, in_strides = layout.padded_image(images, conv.padding, conv.padding_mode)
+        conv_layout = layout.conv_layout(padded, weight, bias, conv.stride, [0] * n, conv.dilation, False, [0] * n,
+                                         groups)
+    else:
+        conv_layout = layout.conv_layout(images, weight, bias, conv.stride, torch_padding, conv.dilation, transposed,
+                                         geometry.output_padding if transposed else [0] * n, groups)
     weight_shape = tuple(int(v) for v in weight.shape)
     out_shape = (num_images, weight_shape[1] * groups if transposed else weight_shape[0], *part.out_size)
     eager = input.dtype in _REAL and input.device.type != "meta"
-    in_shape = (num_images, in_channels, *grid)
     plan = ImagePlan(part.key, transposed, groups, list(conv_layout.strides(out_shape)),
-                     list(conv_layout.strides(in_shape)), list(conv_layout.weight_grad_strides(weight_shape)), eager,
-                     compiling)
+                     list(in_strides if in_strides is not None else conv_layout.strides(in_shape)),
+                     list(conv_layout.weight_grad_strides(weight_shape)), eager, compiling)
     if not compiling:
         plan.out_view = layout.is_node_layout(out_shape, plan.out_strides)
         plan.in_view = layout.is_node_layout(in_shape, plan.in_strides)

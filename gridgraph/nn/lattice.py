@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
 from ..geometry import ConvGeometry
-from ..structure import REGISTRY, _remap
+from ..structure import REGISTRY, _remap, tensor_bytes
 from . import compiled
 
 __all__ = ["Lattice", "lattice", "forward", "input_grad", "weight_grad", "workspace", "BLOCK_BYTES",
@@ -64,7 +65,7 @@ class Gather:
     ``taps`` are the kernel taps (flat, row-major) in the order of the gathered slots."""
 
     __slots__ = ("src_size", "out_size", "anchor", "offsets", "taps", "num_images", "num_slots", "num_rows",
-                 "num_src", "identity", "pad_lo", "pad_hi", "steps", "inside", "np_offsets", "recipes")
+                 "num_src", "identity", "pad_lo", "pad_hi", "steps", "inside", "np_offsets", "recipes", "charge")
 
     def __init__(self, src_size: tuple[int, ...], out_size: tuple[int, ...], anchor: tuple[int, ...],
                  offsets: tuple[tuple[int, ...], ...], taps: tuple[int, ...], num_images: int) -> None:
@@ -74,6 +75,7 @@ class Gather:
         self.num_rows = num_images * math.prod(out_size)  # targets (rows of the gathered matrix)
         self.num_src = num_images * math.prod(src_size)
         self.recipes: dict = {}  # (channels, groups, device) -> _Recipe
+        self.charge = None  # the cache's callback: re-count the lattice's bytes after a recipe was added
         # one slot reading the source itself, row for row: the gather is the identity (a 1x1 kernel)
         self.identity = (self.num_slots == 1 and src_size == out_size and all(a == 1 for a in anchor)
                          and all(e == (0,) for e in offsets))
@@ -155,6 +157,19 @@ class Lattice:
                                                      tuple(c[2] for c in combo), taps, self.num_images)))
         return phases
 
+    def gathers(self) -> list[Gather]:
+        return [self.forward] + [p.gather for p in self.phases if p.gather is not None]
+
+    def tensors(self) -> list[Tensor]:
+        """The index tensors its gathers' recipes hold (what the cache charges it)."""
+        out = []
+        for gather in self.gathers():
+            for rec in gather.recipes.values():
+                index = rec.index if isinstance(rec, _Recipe) else rec
+                if index is not None:
+                    out.append(index)
+        return out
+
     def describe(self) -> str:
         return f"{self.geometry.describe()} on {self.num_images} x {self.in_size}"
 
@@ -171,7 +186,19 @@ def lattice(geometry: ConvGeometry, in_size: tuple[int, ...], num_images: int,
     """The :class:`Lattice` of ``geometry`` on ``num_images`` grids of ``in_size`` (kept in the one cache,
     :data:`~gridgraph.structure.REGISTRY`: it holds no tensors)."""
     key = ("lattice", geometry, tuple(in_size), num_images, out_size)
-    return REGISTRY.get(key, lambda: (Lattice(geometry, tuple(in_size), num_images, out_size), ()))
+
+    def build():
+        lat = Lattice(geometry, tuple(in_size), num_images, out_size)
+        ref = weakref.ref(lat)
+
+        def charge() -> None:  # a recipe added an index tensor: the cache counts what the lattice holds
+            held = ref()
+            if held is not None:
+                REGISTRY.recharge(key, held, tensor_bytes(held.tensors()))
+        for gather in lat.gathers():
+            gather.charge = charge
+        return lat, ()
+    return REGISTRY.get(key, build)
 
 
 def _remap_index(geometry: ConvGeometry, in_size: tuple[int, ...], device: torch.device) -> tuple[Tensor, ...]:
@@ -273,6 +300,8 @@ def _small_index(gather: Gather, channels: int, groups: int, device: torch.devic
     index = gather.recipes.get(key)
     if index is None:
         index = gather.recipes[key] = _slot_index(gather, device, groups)
+        if gather.charge is not None:
+            gather.charge()
     return index
 
 
@@ -281,6 +310,8 @@ def recipe(gather: Gather, src: Tensor, groups: int = 1) -> _Recipe:
     rec = gather.recipes.get(key)
     if rec is None:
         rec = gather.recipes[key] = _Recipe(gather, src.size(-1), groups, src.device, src.element_size())
+        if gather.charge is not None and rec.index is not None:
+            gather.charge()
     return rec
 
 

@@ -141,6 +141,24 @@ def _suggested(t: Tensor, n: int) -> torch.memory_format:
     return suggest_memory_format(t)
 
 
+def padded_image(images: Tensor, padding: Sequence[tuple[int, int]], mode: str) -> tuple[Tensor, tuple[int, ...]]:
+    """What ``F.pad(images, mode=mode)`` hands torch's convolution (an empty tensor of the padded image's shape
+    and strides, to ask torch about: a batch of at most two images, which decides the same), and the strides
+    of the gradient its backward gives ``images``: reflect and replicate padding keep the input's memory
+    format (its own strides when it is dense), circular padding (slices and concatenations) is contiguous."""
+    shape = tuple(int(v) for v in images.shape)
+    padded = (shape[0], shape[1], *(n + a + b for n, (a, b) in zip(shape[2:], padding)))
+    probe = (min(padded[0], 2), *padded[1:])
+    dense = images.is_contiguous() or images.dim() in _CL and images.is_contiguous(memory_format=_CL[images.dim()])
+    if mode == "circular" or images.dim() not in _CL:
+        return images.new_empty(probe), contiguous_strides(shape)
+    fmt = _suggested(images, images.dim() - 2)
+    padded_probe = torch.empty(probe, dtype=images.dtype, device=images.device, memory_format=fmt)
+    grad = tuple(images.stride()) if dense else (channels_last_strides(shape) if fmt != torch.contiguous_format
+                                                 else contiguous_strides(shape))
+    return padded_probe, grad
+
+
 # ------------------------------------------------------------------------------------ conversions
 _CL = {4: torch.channels_last, 5: torch.channels_last_3d}
 
