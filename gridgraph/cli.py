@@ -85,7 +85,37 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     verify.add_argument("--debug", action="store_true",
                         help="print the traceback of an error in your model (--model), not just its message")
+    sub.add_parser("info", help="print the versions and which kernels run here (what a bug report needs)",
+                   description="Versions of gridgraph and its dependencies, the devices, which loops run the grid "
+                               "kernels (numba's compiled loops, or torch's) and the structure cache.")
     return parser
+
+
+def kernels_line() -> str:
+    """One line: which loops run the lattice kernels here, and what it costs when they are not compiled."""
+    from .nn import compiled
+
+    info = compiled.describe()
+    if info["compiled"]:
+        return f"kernels: lattice gathers and GEMMs in torch; depthwise/grouped loops compiled (numba {info['numba']}, " \
+               f"{info['threading']} threads)"
+    return f"kernels: torch only -- compiled loops off: {info['reason']}; {compiled.COST}"
+
+
+def _info() -> int:
+    import platform
+
+    from .structure import cache_info
+
+    print(_version_line())
+    print(f"platform: {platform.platform()}, {platform.machine()}, {torch.get_num_threads()} torch threads")
+    devices = ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    print(f"devices: {', '.join(devices)}")
+    print(kernels_line())
+    print(f"oneDNN (the CPU GEMMs of float32 blocks): {'yes' if torch.backends.mkldnn.is_available() else 'no'}")
+    cache = cache_info()
+    print(f"structure cache: {cache['entries']} entries, {cache['bytes']} bytes of at most {cache['max_bytes']}")
+    return EXIT_PASS
 
 
 def _and(words: Any) -> str:
@@ -229,7 +259,8 @@ def _verify_run(args: argparse.Namespace, run: _Run) -> int:
     where = f"{_dtype_words(dtypes)}, on {_device_words(devices)}"
 
     def layer_section(key: str, title: str, verify, cases: Sequence[Any], what: str) -> bool:
-        run.print(f"{what}: {_count(len(cases), 'configuration')}, {where} (seed {args.seed}, TF32 off)\n")
+        run.print(f"{what}: {_count(len(cases), 'configuration')}, {where} (seed {args.seed}, TF32 off)")
+        run.print(kernels_line() + "\n")
         report = verify(cases, dtypes, devices, seed=args.seed,
                         progress=lambda part: run.progress(
                             f"{title}, {_dtype_words([part.results[0].dtype])} on {part.results[0].device}: "
@@ -302,6 +333,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "verify":
         return _verify(args, argv)
+    if args.command == "info":
+        return _info()
     return EXIT_ERROR  # pragma: no cover - argparse requires a command
 
 

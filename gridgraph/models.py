@@ -4,7 +4,8 @@ Each family of convolution that real CNNs use appears at least once: MobileNet-s
 depthwise-separable blocks and inverted residuals with stride-2 stages, ResNet basic and bottleneck
 blocks with 1x1 projection shortcuts, a ResNeXt grouped block, an Inception block (1x1 reductions,
 1x7 and 7x1 kernels), a dilated (atrous) segmentation head, EfficientNet-style squeeze-and-excitation
-(1x1 convolutions on a 1x1 grid), and a "zoo" of the remaining ``nn.Conv2d`` corners (every padding
+(1x1 convolutions on a 1x1 grid), a U-Net (pooling, transposed convolutions, upsampling, skip concatenations),
+and a "zoo" of the remaining ``nn.Conv2d`` corners (every padding
 mode, even kernels with ``'same'``, ``'valid'``, uneven strides and dilations, depth multipliers, no
 bias, odd image sizes). They are tiny (8-64 channels, 16-32 pixels) so that all of them verify in
 seconds on a laptop CPU.
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 __all__ = ["ReferenceModel", "REFERENCE_MODELS", "reference_model",
            "MobileNetish", "ResNetish", "ResNeXtish", "Inceptionish", "DilatedSegmenter", "SqueezeExciteNet",
-           "ConvZoo"]
+           "ConvZoo", "UNet"]
 
 
 # -------------------------------------------------------------------------------- building blocks
@@ -291,6 +292,51 @@ class ConvZoo(nn.Module):
         return self.classifier(x).mean((2, 3))
 
 
+class UNet(nn.Module):
+    """A U-Net: double 3x3 conv blocks (BatchNorm, ReLU), max pooling down, transposed convolutions and
+    bilinear upsampling up (alternating), skip connections by channel concatenation, per-pixel 1x1 logits.
+
+    Args:
+        in_channels (int): image channels (default: 3).
+        num_classes (int): output channels (default: 2).
+        width (int): channels of the first level, doubled at each level down (default: 8).
+        depth (int): pooling steps (default: 2).
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 2, width: int = 8, depth: int = 2) -> None:
+        super().__init__()
+        widths = [width * 2 ** i for i in range(depth + 1)]
+
+        def block(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(_conv_bn(c_in, c_out), _conv_bn(c_out, c_out))
+
+        self.down = nn.ModuleList([block(in_channels, widths[0])] +
+                                  [block(widths[i], widths[i + 1]) for i in range(depth)])
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.ModuleList()
+        self.merge = nn.ModuleList()
+        for i in reversed(range(depth)):
+            if (depth - 1 - i) % 2 == 0:  # a learned upsampling
+                self.up.append(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2))
+            else:  # a fixed one, then a 1x1 convolution to the level's width
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                                             nn.Conv2d(widths[i + 1], widths[i], 1)))
+            self.merge.append(block(2 * widths[i], widths[i]))
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            if i:
+                x = self.pool(x)
+            x = block(x)
+            skips.append(x)
+        skips.pop()
+        for up, merge in zip(self.up, self.merge):
+            x = merge(torch.cat([up(x), skips.pop()], dim=1))
+        return self.head(x)
+
+
 # ------------------------------------------------------------------------------------------ registry
 @dataclass(frozen=True)
 class ReferenceModel:
@@ -345,6 +391,8 @@ REFERENCE_MODELS: dict[str, ReferenceModel] = {m.name: m for m in [
                    "MBConv with squeeze-and-excitation (1x1 convolutions on a 1x1 grid)"),
     ReferenceModel("conv_zoo", ConvZoo, (2, 3, 19, 23),
                    "all padding modes, even 'same', 'valid', uneven stride/dilation, shared conv"),
+    ReferenceModel("unet", UNet, (2, 3, 16, 16),
+                   "U-Net: max pooling, transposed convolution and bilinear upsampling, skip concatenations"),
 ]}
 
 
@@ -353,7 +401,7 @@ def reference_model(name: str, *, seed: int = 0, dtype: torch.dtype | None = Non
 
     Example:
         >>> sorted(REFERENCE_MODELS)
-        ['conv_zoo', 'dilated', 'inception', 'mobilenet', 'resnet', 'resnext', 'squeeze_excite']
+        ['conv_zoo', 'dilated', 'inception', 'mobilenet', 'resnet', 'resnext', 'squeeze_excite', 'unet']
         >>> net = reference_model('resnet')
         >>> net(torch.randn(REFERENCE_MODELS['resnet'].input_shape)).shape
         torch.Size([2, 10])

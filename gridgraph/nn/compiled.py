@@ -1,36 +1,43 @@
-"""Compiled CPU loops for the kernels that torch's operators serve badly: numba, when it is installed.
+"""Compiled CPU loops (numba) for the lattice kernels that torch's operators serve badly.
 
-Some of the table kernels read rows much narrower than a cache line (a 3-channel stem gathers 3 floats
-per slot) or do a few multiply-adds per row over many rows (depthwise layers): as torch operations they
-cost a pass over memory per tap. Each loop here does the same arithmetic in one pass, reading the same
-neighbour table (``index[i, t]`` = the source that slot ``t`` of row ``i`` reads, ``-1``: none), so the
-honesty rule holds: gathers by the table, no convolution or unfold. They run only on CPU tensors of
-float32/float64, only where they return exactly what the torch path returns up to rounding, and only when
-numba imports (``pip install gridgraph[fast]``); :data:`ENABLED` turns them off. Every caller keeps its
-torch path as the fallback, and the tests run both.
+Depthwise layers do a few multiply-adds per pixel over many pixels: as torch operations they cost a pass over
+memory per tap (9 for a 3x3 kernel, 49 for 7x7), as one compiled loop a single pass. Grouped layers gather
+their taps group-major in one pass. Each loop reads the source through the same per-tap shifted views as the
+torch path (:mod:`gridgraph.nn.lattice`), so the honesty rule holds: gathers and multiply-adds, no
+convolution or unfold. They run on CPU tensors of float32/float64 of 2-D grids; everything else runs the torch
+path, which the tests also run.
 
-* :func:`gather_rows`: ``out[i, s*C:(s+1)*C] = src[index[i, s]]`` (zeros where ``index`` is ``-1``);
-* :func:`gather_sum`: ``out[i] = sum_s src[index[i, s]]`` (``-1`` skipped; the transform-then-gather
-  sums, forward and input gradient);
-* :func:`depthwise`: ``out[i, c] = bias[c] + sum_s src[index[i, s], c] * w[s, c]`` (depthwise forward,
-  and its input gradient on the reverse table);
-* :func:`depthwise_weight_grad`: ``grad[s, c] = sum_i src[index[i, s], c] * g[i, c]``.
+numba is a dependency of gridgraph (the default install is the fast install). Where it cannot be imported (a
+platform without its wheels) or is switched off (``GRIDGRAPH_COMPILED=0`` or :data:`ENABLED` = False), the
+torch path computes the same numbers, and a warning says once what that costs.
+
+* :func:`depthwise2d`: ``out[(b, o), c] = bias[c] + sum_k w[k, c] src[b, A*o + E_k, c]``;
+* :func:`depthwise_weight_grad2d`: ``grad[k, c] = sum_(b, o) src[b, A*o + E_k, c] g[(b, o), c]``;
+* :func:`gather2d`, :func:`gather2d_grouped`: the gathered rows of a block (zeros outside the grid), the
+  latter group-major for grouped layers.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["ENABLED", "available", "gather_rows", "gather_sum", "depthwise", "depthwise_weight_grad"]
+__all__ = ["ENABLED", "available", "describe", "depthwise2d", "depthwise_weight_grad2d", "gather2d",
+           "gather2d_grouped"]
 
-#: Use the compiled loops where numba is installed (set False, or GRIDGRAPH_COMPILED=0, to use torch's ops).
+#: Use the compiled loops (set False, or the environment variable GRIDGRAPH_COMPILED=0, for torch's ops only).
 ENABLED = os.environ.get("GRIDGRAPH_COMPILED", "1") != "0"
 
+#: What the torch path costs where the compiled loops would run (measured on a 2-core CPU, float32: the
+#: depthwise layers of MobileNetV2 and ConvNeXt, and RegNet's grouped layers; benchmarks/networks.py).
+COST = "depthwise and grouped layers run 3-10x slower"
+
 _KERNELS = None
-_FAILED = False
+_FAILED: Optional[str] = None
+_WARNED = False
 
 
 def _build():
@@ -45,27 +52,65 @@ def _build():
     k.launch(np.zeros(1, dtype=np.int64))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    return {"gather_rows": k.gather_rows, "gather_sum": k.gather_sum, "depthwise": k.depthwise,
-            "depthwise_weight_grad": k.depthwise_weight_grad, "lattice_gather": k.lattice_gather,
-            "lattice_depthwise": k.lattice_depthwise, "lattice_depthwise_weight_grad": k.lattice_depthwise_weight_grad,
+    return {"lattice_gather": k.lattice_gather, "lattice_depthwise": k.lattice_depthwise,
+            "lattice_depthwise_weight_grad": k.lattice_depthwise_weight_grad,
             "lattice_gather_grouped": k.lattice_gather_grouped}
+
+
+def _warn(reason: str) -> None:
+    global _WARNED
+    if not _WARNED:
+        _WARNED = True
+        warnings.warn(f"gridgraph's compiled loops are off ({reason}): the same numbers, but {COST}. "
+                      "gridgraph info says which kernels are active.", RuntimeWarning, stacklevel=4)
 
 
 def available(*tensors: Tensor) -> bool:
     """Whether the compiled loops can run on ``tensors`` (numba importable, CPU, float32/float64)."""
     global _KERNELS, _FAILED
-    if not ENABLED or _FAILED or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return False
     if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64)
            for t in tensors if t is not None and t.is_floating_point()):
         return False
+    if not ENABLED:
+        _warn("GRIDGRAPH_COMPILED=0 or gridgraph.nn.compiled.ENABLED = False")
+        return False
+    if _FAILED is not None:
+        return False
     if _KERNELS is None:
         try:
             _KERNELS = _build()
-        except Exception:  # numba missing or unusable here: the torch path
-            _FAILED = True
+        except Exception as error:  # numba missing or unusable here: the torch path
+            _FAILED = f"numba could not be used: {type(error).__name__}: {error}"
+            _warn(_FAILED + "; pip install numba")
             return False
     return True
+
+
+def describe() -> dict:
+    """What runs the lattice kernels' loops here: ``{'compiled': bool, 'numba': version or None, 'threading':
+    numba's threading layer or None, 'reason': why not, when not}``."""
+    info = {"compiled": False, "numba": None, "threading": None, "reason": None}
+    try:
+        import numba
+
+        info["numba"] = numba.__version__
+    except Exception as error:  # pragma: no cover - where numba is absent
+        info["reason"] = f"numba is not installed ({type(error).__name__})"
+        return info
+    if not ENABLED:
+        info["reason"] = "switched off (GRIDGRAPH_COMPILED=0 or gridgraph.nn.compiled.ENABLED = False)"
+        return info
+    info["compiled"] = available(torch.zeros(1))
+    if info["compiled"]:
+        try:
+            info["threading"] = numba.threading_layer()
+        except ValueError:
+            info["threading"] = None
+    else:
+        info["reason"] = _FAILED
+    return info
 
 
 def _np(t: Tensor):
@@ -101,37 +146,6 @@ def _threads() -> None:
 
         numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, want)))
         _THREADS[0] = want
-
-
-def gather_rows(src: Tensor, index: Tensor, out: Tensor) -> Tensor:
-    """``out[i] = concat_s src[index[i, s]]`` (``out`` ``[n, S*C]``, contiguous; zeros for ``-1``)."""
-    _threads()
-    _KERNELS["gather_rows"](_np(src), index.numpy(), out.numpy())
-    return out
-
-
-def gather_sum(src: Tensor, index: Tensor, out: Tensor) -> Tensor:
-    """``out[i] = sum_s src[index[i, s]]`` (``-1`` skipped; ``out`` ``[n, C]`` contiguous)."""
-    _threads()
-    _KERNELS["gather_sum"](_np(src), index.numpy(), out.numpy())
-    return out
-
-
-def depthwise(src: Tensor, index: Tensor, w: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
-    """``out[i, c] = bias[c] + sum_s src[index[i, s], c] * w[s, c]`` (``w`` ``[S, C]``)."""
-    _threads()
-    b = bias if bias is not None else src.new_zeros(src.size(1))
-    _KERNELS["depthwise"](_np(src), index.numpy(), _np(w), _np(b), out.numpy())
-    return out
-
-
-def depthwise_weight_grad(src: Tensor, index: Tensor, g: Tensor) -> Tensor:
-    """``grad[s, c] = sum_i src[index[i, s], c] * g[i, c]``: ``[S, C]``."""
-    _threads()
-    parts = max(1, min(torch.get_num_threads() * 4, index.size(0) // 256 or 1))
-    partial = src.new_zeros(parts, index.size(1), src.size(1))
-    _KERNELS["depthwise_weight_grad"](_np(src), index.numpy(), _np(g), partial.numpy())
-    return partial.sum(0)
 
 
 # ------------------------------------------------------------------------------ lattice loops (2-D grids)

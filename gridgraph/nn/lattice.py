@@ -43,7 +43,7 @@ from ..geometry import ConvGeometry
 from ..structure import REGISTRY, _remap, tensor_bytes
 from . import compiled
 
-__all__ = ["Lattice", "lattice", "forward", "input_grad", "weight_grad", "workspace", "BLOCK_BYTES",
+__all__ = ["Lattice", "lattice", "forward", "input_grad", "weight_grad", "workspace", "workspace_bytes", "BLOCK_BYTES",
            "DEVICE_BLOCK_BYTES", "SMALL"]
 
 #: Bytes of gathered rows per block on the CPU: the GEMM is the most efficient on large blocks, and the
@@ -255,6 +255,12 @@ def workspace(numel: int, like: Tensor, slot: str) -> Tensor:
     if buf is None or buf.numel() < numel:
         buf = spaces[key] = like.new_empty(max(numel, 1))
     return buf[:numel]
+
+
+def workspace_bytes() -> int:
+    """Bytes this thread's kernel workspace holds between calls (counted in the benchmarks' peak memory)."""
+    spaces = getattr(_LOCAL, "spaces", None) or {}
+    return sum(t.numel() * t.element_size() for t in spaces.values())
 
 
 def _zero_padded(grid: Tensor, lo: tuple[int, ...], hi: tuple[int, ...]) -> Tensor:
