@@ -5,9 +5,11 @@
 #   2. pytest -k cuda                       the CUDA cases of the test suite (the device-parametrised tests)
 #   3. benchmarks/run.py --device cuda      the dense suite on the GPU, TF32 off, against cuDNN (run.py's
 #                                           conv2d reference; both layouts where run.py times both)
+#   4. benchmarks/networks.py --device cuda whole converted networks against the originals on cuDNN (TF32
+#                                           off; needs timm: pip install -e ".[bench]"), one pass
 #
-# Each step has its own time limit (VERIFY_S, TESTS_S, BENCH_S seconds; 90 + 210 + 150 by default, so
-# the whole run stays under 8 minutes even when a step hangs); a step that fails or runs out of time is
+# Each step has its own time limit (VERIFY_S, TESTS_S, BENCH_S, NETWORKS_S seconds; 90 + 210 + 150 + 270
+# by default: the networks step alone stays under 5 minutes); a step that fails or runs out of time is
 # reported and the next one still runs. Logs, the benchmark's JSON and chart, the machine's description
 # and a summary go to a fresh folder, benchmarks/results/gpu-<date>/ (or $OUT_DIR).
 #
@@ -24,11 +26,12 @@ PYTHON="${PYTHON:-python}"
 VERIFY_S="${VERIFY_S:-90}"
 TESTS_S="${TESTS_S:-210}"
 BENCH_S="${BENCH_S:-150}"
+NETWORKS_S="${NETWORKS_S:-270}"
 DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument '$arg' (expected --dry-run or --help)" >&2; exit 2 ;;
   esac
 done
@@ -50,11 +53,14 @@ if [ "$DEVICE" = "cpu" ]; then  # quick stand-ins of the same three steps
   VERIFY=("$PYTHON" -m gridgraph verify --device cpu --quick --no-progress)
   TESTS=("$PYTHON" -m pytest -q -p no:cacheprovider tests/test_masked.py -k "cpu and submanifold and float64")
   BENCH=("$PYTHON" benchmarks/run.py --device cpu --quick --threads 1 --methods "$METHODS" --out-dir "$OUT_DIR/bench")
+  NETWORKS=("$PYTHON" benchmarks/networks.py --device cpu --quick --cases unet-b1,tiny-conv --out-dir "$OUT_DIR/networks")
 else
   VERIFY=("$PYTHON" -m gridgraph verify --device "$DEVICE" --no-progress --json "$OUT_DIR/verify.json")
   TESTS=("$PYTHON" -m pytest -q -p no:cacheprovider -k cuda -rs)
   BENCH=("$PYTHON" benchmarks/run.py --device "$DEVICE" --methods "$METHODS" --rounds 3 --budget 0.6
          --no-construction --out-dir "$OUT_DIR/bench")
+  NETWORKS=("$PYTHON" benchmarks/networks.py --device "$DEVICE" --runs 1 --rounds 3 --min-block 0.1
+            --out-dir "$OUT_DIR/networks")
 fi
 
 if [ "$DRY_RUN" = 1 ]; then
@@ -62,6 +68,7 @@ if [ "$DRY_RUN" = 1 ]; then
   echo "  1. (limit ${VERIFY_S}s) ${VERIFY[*]}"
   echo "  2. (limit ${TESTS_S}s) ${TESTS[*]}"
   echo "  3. (limit ${BENCH_S}s) ${BENCH[*]}"
+  echo "  4. (limit ${NETWORKS_S}s) ${NETWORKS[*]}"
   exit 0
 fi
 
@@ -107,5 +114,6 @@ t0=$(date +%s)
 run_step "1. gridgraph verify" "$VERIFY_S" "$OUT_DIR/verify.log" "${VERIFY[@]}"
 run_step "2. tests on $DEVICE" "$TESTS_S" "$OUT_DIR/tests.log" "${TESTS[@]}"
 run_step "3. benchmark on $DEVICE" "$BENCH_S" "$OUT_DIR/bench.log" "${BENCH[@]}"
+run_step "4. networks on $DEVICE" "$NETWORKS_S" "$OUT_DIR/networks.log" "${NETWORKS[@]}"
 echo "total: $(( $(date +%s) - t0 )) s; results in $OUT_DIR" | tee -a "$OUT_DIR/summary.txt"
 exit $status

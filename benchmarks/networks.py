@@ -6,6 +6,7 @@ itself is installed plain, with nothing beyond its declared dependencies)::
     python benchmarks/networks.py             # every case, 3 passes, CPU, 2 threads (~15 minutes)
     python benchmarks/networks.py --quick     # tiny inputs: checks every case's outputs, times nothing
     python benchmarks/networks.py --cases resnet18-b1,unet --runs 1
+    python benchmarks/networks.py --device cuda --runs 1 --rounds 3   # on a GPU, against cuDNN (TF32 off)
 
 Each case builds the original (timm's definition with random weights, or this repository's U-Net), converts
 it with ``gridgraph.convert`` and **checks the twin's output against the original's before anything is
@@ -166,22 +167,32 @@ def check(case: Case, original: nn.Module, twin: nn.Module, x: torch.Tensor) -> 
     return result
 
 
-def time_variants(variants: dict[str, Callable[[], object]], rounds: int, min_block: float) -> dict[str, float]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variants(variants: dict[str, Callable[[], object]], rounds: int, min_block: float,
+                  device: torch.device) -> dict[str, float]:
     """Median per-call seconds of each variant, interleaved over ``rounds`` rounds of blocks >= ``min_block``."""
     calls = {}
     for name, fn in variants.items():  # warm-up, and a block size per variant
         for _ in range(3):
             fn()
+        _sync(device)
         t = time.perf_counter()
         fn()
+        _sync(device)
         once = max(time.perf_counter() - t, 1e-6)
         calls[name] = max(1, int(math.ceil(min_block / once)))
     samples = {name: [] for name in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
+            _sync(device)
             t = time.perf_counter()
             for _ in range(calls[name]):
                 fn()
+            _sync(device)
             samples[name].append((time.perf_counter() - t) / calls[name])
     return {name: statistics.median(v) for name, v in samples.items()}
 
@@ -191,9 +202,10 @@ def run_case(case: Case, args) -> Optional[dict]:
     original = build(case, args.quick)
     if original is None:
         return {"name": case.name, "skipped": "timm is not installed (pip install -e \".[bench]\")"}
-    original = original.train(case.train)
+    device = torch.device(args.device)
+    original = original.train(case.train).to(device)
     twin = gridgraph.convert(original).train(case.train)
-    x = example(case, args.quick)
+    x = example(case, args.quick).to(device)
     checked = check(case, original, twin, x)
     result = {"name": case.name, "model": case.model, "batch": x.size(0), "size": x.size(-1), "train": case.train,
               **checked}
@@ -204,13 +216,13 @@ def run_case(case: Case, args) -> Optional[dict]:
         for cl in (False, True):
             m, xi = _to_format(model, x, cl)
             variants[f"{side}-{'cl' if cl else 'nchw'}"] = _step(m, xi, case.train)
-    times = time_variants(variants, args.rounds, args.min_block)
+    times = time_variants(variants, args.rounds, args.min_block, device)
     best = {side: min(("nchw", "cl"), key=lambda f: times[f"{side}-{f}"]) for side in ("original", "twin")}
     for side, model in (("original", original), ("twin", twin)):
         m, xi = _to_format(model, x, best[side] == "cl")
         step = _step(m, xi, case.train)
         step()
-        memory[side] = peak_extra_bytes(step) + (lattice.workspace_bytes() if side == "twin" else 0)
+        memory[side] = peak_extra_bytes(step, device) + (lattice.workspace_bytes() if side == "twin" else 0)
     result.update(
         times_ms={k: v * 1e3 for k, v in times.items()}, best_layout=best,
         time_ratio=times[f"twin-{best['twin']}"] / times[f"original-{best['original']}"],
@@ -312,9 +324,15 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per case (default: 7)")
     parser.add_argument("--min-block", type=float, default=0.2, help="seconds per timed block (default: 0.2)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (TF32 off; default: cpu)")
     parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA device")
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     cases = CASES
     if args.cases:
         wanted = args.cases.split(",")
@@ -341,6 +359,7 @@ def main(argv=None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = {"gridgraph": gridgraph.__version__, "torch": torch.__version__, "threads": args.threads,
+            "device": args.device,
             "machine": platform.machine(), "processor": platform.processor(), "compiled": compiled.describe(),
             "malloc_recycling": malloc, "quick": args.quick}
     (out / "networks.json").write_text(json.dumps({"info": info, "passes": passes, "summary": summary}, indent=1))

@@ -198,7 +198,7 @@ def bench_machine():
 GPU_SCRIPT = SCRIPT.parent / "gpu.sh"
 
 
-def test_gpu_script_parses_and_dry_runs_the_three_steps():
+def test_gpu_script_parses_and_dry_runs_the_four_steps():
     assert subprocess.run(["bash", "-n", str(GPU_SCRIPT)], capture_output=True).returncode == 0
     proc = subprocess.run(["bash", str(GPU_SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
@@ -206,18 +206,20 @@ def test_gpu_script_parses_and_dry_runs_the_three_steps():
     assert "gridgraph verify --device cuda" in lines[1]
     assert "pytest" in lines[2] and "-k cuda" in lines[2]
     assert "benchmarks/run.py --device cuda" in lines[3] and "--budget" in lines[3]
-    limits = [int(re.search(r"limit (\d+)s", line).group(1)) for line in lines[1:4]]
-    assert sum(limits) < 8 * 60  # each step is cut at its limit: the whole run stays under 8 minutes
+    assert "benchmarks/networks.py --device cuda" in lines[4]
+    limits = [int(re.search(r"limit (\d+)s", line).group(1)) for line in lines[1:5]]
+    assert limits[3] < 5 * 60  # the whole-network benchmark is cut at its limit: under 5 minutes
 
 
 def test_gpu_script_runs_its_steps_on_the_cpu(tmp_path):
-    """DEVICE=cpu runs quick stand-ins of the same three steps and writes the logs and the summary."""
+    """DEVICE=cpu runs quick stand-ins of the same four steps and writes the logs and the summary."""
     env = {**__import__("os").environ, "DEVICE": "cpu", "OUT_DIR": str(tmp_path), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(GPU_SCRIPT)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (tmp_path / "summary.txt").read_text()
-    assert summary.count(" passed in ") == 3, summary
-    for name in ("verify.log", "tests.log", "bench.log", "environment.txt", "bench/results.json"):
+    assert summary.count(" passed in ") == 4, summary
+    for name in ("verify.log", "tests.log", "bench.log", "networks.log", "environment.txt", "bench/results.json",
+                 "networks/networks.json"):
         assert (tmp_path / name).is_file(), name
     assert "PASS" in (tmp_path / "verify.log").read_text()
 
@@ -227,3 +229,29 @@ def test_run_refuses_cuda_without_a_gpu():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cuda"], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "no CUDA device is available" in proc.stderr
+
+
+NETWORKS = SCRIPT.parent / "networks.py"
+
+
+def test_networks_quick_run_checks_the_cases_it_can_build(tmp_path):
+    """The whole-network benchmark's correctness run: the U-Net and the per-call case (no timm needed) are
+    converted and checked in float64 before anything would be timed; every convolution call is counted by
+    path; a timm case without timm is reported as skipped, not failed."""
+    import json
+
+    proc = subprocess.run([sys.executable, str(NETWORKS), "--quick", "--cases", "unet-b1,unet-b1-train,tiny-conv,resnet18-b1",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "networks.json").read_text())
+    cases = {r["name"]: r for r in result["passes"][0]}
+    for name in ("unet-b1", "unet-b1-train", "tiny-conv"):
+        assert cases[name]["passed"] and cases[name]["output_error"] < 1e-12, cases[name]
+        assert set(cases[name]["paths"]) == {"image"}, cases[name]["paths"]  # the eager kernels, no fallback
+    assert cases["unet-b1"]["paths"]["image"] == 13  # every convolution of the (quick) U-Net, transposed included
+    assert cases["unet-b1-train"]["input_grad_error"] < 1e-12 and cases["unet-b1-train"]["weight_grad_error"] < 1e-12
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        assert "skipped" in cases["resnet18-b1"]
+    assert "nan" not in proc.stdout.lower()

@@ -48,7 +48,7 @@ __all__ = ["Lattice", "lattice", "forward", "input_grad", "weight_grad", "worksp
 
 #: Bytes of gathered rows per block on the CPU: the GEMM is the most efficient on large blocks, and the
 #: block's buffer is reused from call to call (:func:`workspace`).
-BLOCK_BYTES = 24 << 20
+BLOCK_BYTES = 16 << 20
 #: Bytes of gathered rows per block on an accelerator (few large blocks: launches cost more there).
 DEVICE_BLOCK_BYTES = 512 << 20
 #: Gathered elements (targets x slots x channels) up to which a gather is one ``index_select`` by a cached
