@@ -61,6 +61,8 @@ class _ImageGridConv:
         if conv.bias is not None:
             layer.bias = conv.bias
         layer.train(conv.training)
+        if hasattr(conv, "_reversed_padding_repeated_twice"):  # the padding a non-zero mode pads with, as it is
+            layer._reversed_padding_repeated_twice = list(conv._reversed_padding_repeated_twice)
         return layer
 
     def _share_to_torch(self) -> nn.Module:
@@ -73,6 +75,8 @@ class _ImageGridConv:
         if self.bias is not None:  # type: ignore[attr-defined]
             conv.bias = self.bias  # type: ignore[attr-defined]
         conv.train(self.training)  # type: ignore[attr-defined]
+        if hasattr(self, "_reversed_padding_repeated_twice"):
+            conv._reversed_padding_repeated_twice = list(self._reversed_padding_repeated_twice)
         return conv
 
 
@@ -209,6 +213,10 @@ def _carry_state(old: nn.Module, new: nn.Module) -> list[str]:
         hooks = old.__dict__.get(attr)
         if hooks:
             new.__dict__[attr] = hooks
+    # whether _backward_hooks holds full backward hooks (register_full_backward_hook) or the old kind: without
+    # the flag torch would not call them
+    if "_is_full_backward_hook" in old.__dict__:
+        new.__dict__["_is_full_backward_hook"] = old.__dict__["_is_full_backward_hook"]
     own, twin_keys = frozenset(vars(fresh)), set(vars(new)) | set(dir(type(new)))
     for key, value in vars(old).items():
         if key in own or key in _HOOKS:

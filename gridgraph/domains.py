@@ -131,7 +131,7 @@ def check_point_features(features: Any, points: Tensor, name: str, conv: Any) ->
 
 
 def sparse_to_graph(coords: Tensor, features: Tensor, size: Sequence[int], conv: Any = None, *,
-                    kernel_size: Any = 3, stride: Any = 1, padding: Any = 1, dilation: Any = 1,
+                    kernel_size: Any = 3, stride: Any = 1, padding: Any = None, dilation: Any = 1,
                     padding_mode: str = "zeros", num_images: Optional[int] = None) -> MaskedPixelGraph:
     """The pixel graph of a sparse point set: active pixel coordinates with their features.
 

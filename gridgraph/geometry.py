@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["ConvGeometry", "TransposedGeometry", "PADDING_MODES"]
+__all__ = ["ConvGeometry", "TransposedGeometry", "PADDING_MODES", "default_padding"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # Tuples, not sets: the messages below list the choices, and a set's order changes with PYTHONHASHSEED.
@@ -66,6 +66,20 @@ def check_conv_arguments(in_channels: int, out_channels: int, stride: tuple[int,
     if padding_mode not in _VALID_PADDING_MODES:
         raise ValueError(
             f"padding_mode must be one of {_VALID_PADDING_MODES}, but got padding_mode='{padding_mode}'")
+
+
+def default_padding(kernel_size: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:
+    """The padding every graph builder (:func:`~gridgraph.image_to_graph`, ``sequence_to_graph``,
+    ``volume_to_graph``, ``sparse_to_graph``, ``positions_to_graph``, :class:`~gridgraph.ToPixelGraph`) takes when
+    none is given: ``dilation * (kernel_size - 1) // 2`` per dimension, so that at stride 1 an odd kernel's
+    output grid is the input grid and ``kernel_size=1`` is the graph of self-loops on the input grid. (A
+    transposed builder keeps ``nn.ConvTransposeNd``'s default, 0.)
+
+    Example:
+        >>> default_padding((3, 1, 4), (1, 1, 2))
+        (1, 0, 3)
+    """
+    return tuple(di * (ki - 1) // 2 for ki, di in zip(kernel_size, dilation))
 
 
 @dataclass(frozen=True)
@@ -115,10 +129,13 @@ class ConvGeometry:
     @classmethod
     def from_keywords(cls, ndim: int, kernel_size: Any = 3, stride: Any = 1, padding: Any = 0,
                       dilation: Any = 1, padding_mode: str = "zeros") -> "ConvGeometry":
-        """Build from ``nn.ConvNd``-style keywords (``padding`` may be ``'same'``/``'valid'``)."""
+        """Build from ``nn.ConvNd``-style keywords (``padding`` may be ``'same'``/``'valid'``, or ``None``:
+        the graph builders' default, :func:`~gridgraph.geometry.default_padding`)."""
         k = _ntuple(kernel_size, ndim, "kernel_size")
         s = _ntuple(stride, ndim, "stride")
         d = _ntuple(dilation, ndim, "dilation")
+        if padding is None:
+            padding = default_padding(k, d)
         if isinstance(padding, str):
             if padding not in _VALID_PADDING_STRINGS:
                 raise ValueError(

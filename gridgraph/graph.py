@@ -66,7 +66,7 @@ def _geometry_of(conv: Any, ndim: int, name: str, data: Tensor, kernel_size: Any
 
 
 def image_to_graph(image: Tensor, conv: Any = None, *, kernel_size: Any = 3, stride: Any = 1,
-                   padding: Any = 1, dilation: Any = 1, padding_mode: str = "zeros",
+                   padding: Any = None, dilation: Any = 1, padding_mode: str = "zeros",
                    mask: Optional[Tensor] = None) -> PixelGraph:
     """Turn an image ``(C, H, W)`` or batch ``(B, C, H, W)`` into the pixel graph of a convolution.
 
@@ -79,7 +79,10 @@ def image_to_graph(image: Tensor, conv: Any = None, *, kernel_size: Any = 3, str
         conv (nn.Module, optional): take the geometry (and check the channel count) from this layer.
             A transposed convolution (``nn.ConvTranspose2d``, :class:`~gridgraph.GridConvTranspose2d`)
             gives its reversed graph (see :func:`~gridgraph.domains.transposed_image_to_graph`).
-        kernel_size, stride, padding, dilation, padding_mode: as in ``nn.Conv2d``.
+        kernel_size, stride, padding, dilation, padding_mode: as in ``nn.Conv2d`` (default: a 3x3 kernel at
+            stride 1 with padding ``dilation * (kernel_size - 1) // 2`` per side, the one rule of every graph
+            builder (:func:`~gridgraph.geometry.default_padding`): an odd kernel keeps the grid, and
+            ``kernel_size=1`` gives the self-loops of the input grid).
         mask (Tensor, optional): bool ``(H, W)`` or ``(B, H, W)``: only its True pixels become nodes
             (row-major), and edges join them only; see :func:`~gridgraph.domains.masked_grid_to_graph`
             (a :class:`~gridgraph.domains.MaskedPixelGraph`, ``g.size()`` = active (inputs, outputs)).
@@ -89,7 +92,7 @@ def image_to_graph(image: Tensor, conv: Any = None, *, kernel_size: Any = 3, str
         ``pos [B*H*W, 2]``, ``batch`` (B > 1), and the grid sizes; ``g.size()`` is ``(B*H*W, B*H_out*W_out)``.
 
     Example:
-        >>> g = image_to_graph(torch.arange(4.).view(1, 2, 2), kernel_size=1, padding=0)
+        >>> g = image_to_graph(torch.arange(4.).view(1, 2, 2), kernel_size=1)
         >>> g.edge_index.tolist(), g.x.flatten().tolist()
         ([[0, 1, 2, 3], [0, 1, 2, 3]], [0.0, 1.0, 2.0, 3.0])
     """
@@ -225,7 +228,7 @@ def _grid_graph_from(data: Tensor, ndim: int, conv: Any, kernel_size: Any, strid
 
 
 def sequence_to_graph(sequence: Tensor, conv: Any = None, *, kernel_size: Any = 3, stride: Any = 1,
-                      padding: Any = 1, dilation: Any = 1, padding_mode: str = "zeros") -> PixelGraph:
+                      padding: Any = None, dilation: Any = 1, padding_mode: str = "zeros") -> PixelGraph:
     """The graph of a sequence ``(C, L)`` or batch ``(B, C, L)`` under a 1-D convolution.
 
     Node ``b*L + l`` is position ``l`` of sequence ``b``; the edge types are the taps ``u`` of the
@@ -243,7 +246,7 @@ def sequence_to_graph(sequence: Tensor, conv: Any = None, *, kernel_size: Any = 
 
 
 def volume_to_graph(volume: Tensor, conv: Any = None, *, kernel_size: Any = 3, stride: Any = 1,
-                    padding: Any = 1, dilation: Any = 1, padding_mode: str = "zeros") -> PixelGraph:
+                    padding: Any = None, dilation: Any = 1, padding_mode: str = "zeros") -> PixelGraph:
     """The graph of a volume ``(C, D, H, W)`` or batch ``(B, C, D, H, W)`` under a 3-D convolution.
 
     Node ``b*D*H*W + d*H*W + h*W + w`` is voxel ``(d, h, w)``; the edge type of the tap ``(u, v, w)`` is

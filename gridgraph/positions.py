@@ -63,7 +63,7 @@ _MAX_CELLS = 1 << 62
 
 
 def positions_to_graph(pos: Tensor, features: Tensor, conv: Any = None, *, spacing: Any = 1.0, reduce: str = "sum",
-                       kernel_size: Any = 3, stride: Any = 1, padding: Any = "same", dilation: Any = 1,
+                       kernel_size: Any = 3, stride: Any = 1, padding: Any = None, dilation: Any = 1,
                        padding_mode: str = "zeros", batch: Optional[Tensor] = None, num_images: Optional[int] = None,
                        size: Optional[Sequence[int]] = None) -> PointGraph:
     """The graph of a convolution on points with real-valued positions (see :mod:`gridgraph.positions`).
@@ -89,9 +89,9 @@ def positions_to_graph(pos: Tensor, features: Tensor, conv: Any = None, *, spaci
         reduce (str): ``'sum'``, ``'mean'`` or ``'nearest'``: how several points on one tap of one target
             combine (default: ``'sum'``; see the module docstring).
         kernel_size, dilation: as in ``nn.Conv2d`` when ``conv`` is None.
-        stride, padding, padding_mode: only ``1``, a padding that keeps the grid (``'same'``, the default,
-            or ``d(k-1)/2``) and ``'zeros'``: the outputs sit on the points, and a point set has no border to
-            reflect, replicate or wrap at.
+        stride, padding, padding_mode: only ``1``, a padding that keeps the grid (the builders' default
+            ``d(k-1)//2`` per side for an odd kernel; ``'same'`` for an even one) and ``'zeros'``: the outputs
+            sit on the points, and a point set has no border to reflect, replicate or wrap at.
         batch (Tensor, optional): ``[N]`` long, the image (point set) of each point, as PyG's ``batch``;
             points of different images never connect (default: one image).
         num_images (int, optional): the number of images (default: the largest ``batch`` entry + 1).

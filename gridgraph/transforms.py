@@ -46,8 +46,8 @@ class ToPixelGraph(BaseTransform):
         mask_key (str, optional): an attribute holding a bool mask ``(*grid)``: only its active pixels
             become nodes (a :class:`~gridgraph.MaskedPixelGraph`).
         kernel_size, stride, padding, dilation, padding_mode: the geometry when ``conv`` is None, as in
-            ``nn.Conv2d`` (default: a 3x3 'same' convolution), for images of ``ndim`` spatial dimensions
-            (default: 2).
+            ``nn.Conv2d`` (default: a 3x3 convolution at stride 1 with the builders' padding
+            ``dilation * (kernel_size - 1) // 2``), for images of ``ndim`` spatial dimensions (default: 2).
 
     Every other attribute of the sample is kept on the graph.
 
@@ -59,7 +59,7 @@ class ToPixelGraph(BaseTransform):
     """
 
     def __init__(self, conv: Any = None, *, key: str = "image", mask_key: Optional[str] = None,
-                 kernel_size: Any = 3, stride: Any = 1, padding: Any = 1, dilation: Any = 1,
+                 kernel_size: Any = 3, stride: Any = 1, padding: Any = None, dilation: Any = 1,
                  padding_mode: str = "zeros", ndim: int = 2) -> None:
         if conv is None:
             self.geometry = ConvGeometry.from_keywords(ndim, kernel_size, stride, padding, dilation, padding_mode)

@@ -36,12 +36,12 @@ def assert_close_scaled(actual, expected, dtype, scale=None, msg="", growth=1.0)
                                msg=lambda m: f"{msg}: {m}")
 
 
-def conv_configs(model: nn.Module) -> list[nn.Conv2d]:
-    return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+def conv_configs(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
 
 
 def test_registry_builds_every_network_deterministically():
-    assert NAMES == ["conv_zoo", "dilated", "inception", "mobilenet", "resnet", "resnext", "squeeze_excite"]
+    assert NAMES == ["conv_zoo", "dilated", "inception", "mobilenet", "resnet", "resnext", "squeeze_excite", "unet"]
     for name in NAMES:
         a, b, c = reference_model(name), reference_model(name), reference_model(name, seed=1)
         sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()

@@ -60,10 +60,19 @@ def check_graph_inputs(layer: Any, x: Tensor, edge_index: Any, edge_type: Any, s
     return _check_edges(layer, x, edge_index, edge_type, size)
 
 
+def _geometry_of(ndim: int, kernel_size: Any, stride: Any, padding: Any, dilation: Any, mode: str) -> ConvGeometry:
+    """A geometry from a layer's attributes; ``padding`` may be ``(before, after)`` pairs (a non-zero padding
+    mode's fixed padding)."""
+    if isinstance(padding, tuple) and padding and isinstance(padding[0], tuple):
+        base = ConvGeometry.from_keywords(ndim, kernel_size, stride, 0, dilation, mode)
+        return ConvGeometry(base.kernel_size, base.stride, tuple(tuple(p) for p in padding), base.dilation, mode)
+    return ConvGeometry.from_keywords(ndim, kernel_size, stride, padding, dilation, mode)
+
+
 @functools.lru_cache(maxsize=1024)
 def _geometry(*attrs: Any) -> ConvGeometry:
     """The geometry of a layer's attributes (cached: a layer asks for it at every call)."""
-    return ConvGeometry.from_keywords(*attrs)
+    return _geometry_of(*attrs)
 
 
 def _same_geometry(a: Any, b: Any) -> bool:
@@ -158,6 +167,10 @@ class GridConvNd(MessagePassing):
         self.dilation = dilation
         self.groups = groups
         self.padding_mode = padding_mode
+        # As nn.ConvNd: the padding a non-zero padding mode pads with is fixed here (F.pad's order: last
+        # dimension first, (before, after) each); editing ``padding`` later changes only zero padding.
+        pads = ConvGeometry.from_keywords(n, kernel_size, stride, padding, dilation).padding
+        self._reversed_padding_repeated_twice = [v for pair in reversed(pads) for v in pair]
         factory = {"device": device, "dtype": dtype}
         self.weight = Parameter(torch.empty((out_channels, in_channels // groups, *kernel_size), **factory))
         if bias:
@@ -177,11 +190,18 @@ class GridConvNd(MessagePassing):
 
     @property
     def geometry(self) -> ConvGeometry:
-        """The :class:`~gridgraph.geometry.ConvGeometry` of the current ``kernel_size``, ``stride``,
-        ``padding``, ``dilation`` and ``padding_mode`` attributes."""
-        attrs = (self._ndim, self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode)
+        """The :class:`~gridgraph.geometry.ConvGeometry` this layer computes now, read as ``nn.ConvNd``'s
+        forward reads it: the kernel size from the weight's shape (editing ``kernel_size`` changes nothing,
+        as in torch), ``stride``, ``dilation``, ``padding_mode`` and, for zero padding, ``padding`` from the
+        attributes; a non-zero padding mode pads with the padding fixed at construction."""
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            reversed_pads = getattr(self, "_reversed_padding_repeated_twice", None)
+            if reversed_pads is not None:
+                padding = tuple(tuple(reversed_pads[2 * i:2 * i + 2]) for i in reversed(range(len(reversed_pads) // 2)))
+        attrs = (self._ndim, tuple(self.weight.shape[2:]), self.stride, padding, self.dilation, self.padding_mode)
         if torch.compiler.is_compiling():
-            return ConvGeometry.from_keywords(*attrs)
+            return _geometry_of(*attrs)
         attrs = tuple(tuple(a) if isinstance(a, list) else a for a in attrs)  # a list edited in place: its values
         cached = self.__dict__.get("_geometry_of")
         if cached is not None and cached[0] == attrs:  # the attributes as they were: the same geometry

@@ -71,8 +71,9 @@ class GridConvTransposeNd(MessagePassing):
 
     @property
     def transposed_geometry(self) -> TransposedGeometry:
-        """The :class:`~gridgraph.geometry.TransposedGeometry` of the current attributes (read at every call)."""
-        return TransposedGeometry.from_keywords(self._ndim, self.kernel_size, self.stride, self.padding,
+        """The :class:`~gridgraph.geometry.TransposedGeometry` of the current attributes (read at every call),
+        the kernel size read off the weight as ``nn.ConvTransposeNd``'s forward does."""
+        return TransposedGeometry.from_keywords(self._ndim, tuple(self.weight.shape[2:]), self.stride, self.padding,
                                                 self.output_padding, self.dilation)
 
     @property
