@@ -80,7 +80,7 @@ def test_cli_verify_quick_float64(capsys):
     assert len(progress) == 3 + len(REFERENCE_MODELS)
     assert re.fullmatch(rf"\[ *[0-9.]+s\] layers, float64 on cpu: PASS, {2 * len(QUICK_LAYER_CASES)} checks in "
                         r"[0-9.]+ m?s", progress[0]), progress[0]
-    assert progress[-1].split("] ", 1)[1].startswith("conv_zoo (train) [float64, cpu]: PASS in ")
+    assert progress[-1].split("] ", 1)[1].startswith(f"{list(REFERENCE_MODELS)[-1]} (train) [float64, cpu]: PASS in ")
 
 
 def test_cli_json_report_to_a_file_and_to_stdout(tmp_path, capsys):
