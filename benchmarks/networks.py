@@ -221,6 +221,7 @@ def run_case(case: Case, args) -> Optional[dict]:
     for side, model in (("original", original), ("twin", twin)):
         m, xi = _to_format(model, x, best[side] == "cl")
         step = _step(m, xi, case.train)
+        lattice.release_workspace()  # count the workspace this network's layers need, not earlier cases'
         step()
         memory[side] = peak_extra_bytes(step, device) + (lattice.workspace_bytes() if side == "twin" else 0)
     result.update(

@@ -138,11 +138,28 @@ CONVERSIONS: dict[type[nn.Module], type[GridConvNd]] = {
 
 
 def _copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters keep the tensor hooks of the originals (``register_hook``,
+    ``register_post_accumulate_grad_hook``), which ``copy.deepcopy`` of a Parameter drops: the copy behaves as
+    the model does."""
     try:
-        return copy.deepcopy(model)
+        twin = copy.deepcopy(model)
     except Exception as error:  # e.g. non-leaf tensors held as attributes
         raise RuntimeError(f"convert could not copy the model ({type(error).__name__}: {error}); "
                            "convert it in place with inplace=True") from error
+    copies = dict(twin.named_parameters(remove_duplicate=False))
+    seen = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        twin_param = copies.get(name)
+        if twin_param is None or id(twin_param) in seen:
+            continue
+        seen.add(id(twin_param))
+        for attr in ("_backward_hooks", "_post_accumulate_grad_hooks"):
+            hooks = getattr(param, attr, None)
+            if hooks:
+                for hook in hooks.values():
+                    (twin_param.register_hook if attr == "_backward_hooks" else
+                     twin_param.register_post_accumulate_grad_hook)(hook)
+    return twin
 
 
 def _replace(model: nn.Module, make, what: str) -> tuple[nn.Module, list[str]]:

@@ -36,6 +36,66 @@ __all__ = ["PixelEdgeIndex", "PixelGraph", "MaskedPixelGraph", "PointGraph", "Tr
 aten = torch.ops.aten
 
 
+class _EdgeTypes(Tensor):
+    """The taps a :class:`PixelEdgeIndex` hands out as ``edge_type``: a wrapper of its own taps whose every
+    operation runs on them and returns a plain tensor, and whose ``.data`` is an alias sharing their version
+    counter, so that an edit through ``edge_type.data`` is seen like any other in-place edit (torch's own
+    ``.data`` would hide it behind a fresh version counter). torch.compile unwraps it like any traceable
+    tensor subclass."""
+
+    _t: Tensor
+
+    @staticmethod
+    def __new__(cls, taps: Tensor) -> "_EdgeTypes":
+        out = Tensor._make_wrapper_subclass(cls, taps.shape, strides=taps.stride(), dtype=taps.dtype,
+                                            device=taps.device, requires_grad=False)
+        out._t = taps
+        return out
+
+    @property
+    def data(self) -> Tensor:  # type: ignore[override]
+        return self._t.detach()  # shares the version counter
+
+    @data.setter
+    def data(self, value: Any) -> None:
+        raise AttributeError("a pixel graph's edge_type cannot be replaced through .data; edit it in place "
+                             "(the graph then computes on its edges as a plain edge list) or build another graph")
+
+    def __tensor_flatten__(self):
+        return ["_t"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict, ctx: Any, outer_size: Any, outer_stride: Any) -> "_EdgeTypes":
+        return _EdgeTypes(inner["_t"])
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        def unwrap(t):
+            return t._t if isinstance(t, _EdgeTypes) else t
+        return func(*[unwrap(a) if not isinstance(a, (list, tuple)) else type(a)(unwrap(b) for b in a)
+                      for a in args], **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
+        return repr(self._t)
+
+    def numpy(self, *, force: bool = False):  # a read-only view, as PixelEdgeIndex.numpy
+        array = self._t.numpy(force=force)
+        array.flags.writeable = False
+        return array
+
+    def tolist(self):  # type: ignore[override]
+        return self._t.tolist()
+
+    def data_ptr(self) -> int:  # type: ignore[override]
+        return self._t.data_ptr()
+
+    def __deepcopy__(self, memo: dict) -> Tensor:
+        return self._t.clone()
+
+    def __reduce_ex__(self, protocol: Any):
+        return self._t.__reduce_ex__(protocol)
+
+
 class PixelEdgeIndex(EdgeIndex):
     """An ``edge_index`` that carries its pixel graph: the edges' taps and their :class:`PixelStructure`.
 
@@ -48,9 +108,13 @@ class PixelEdgeIndex(EdgeIndex):
         ('PixelEdgeIndex', 32, 32)
     """
 
-    _taps: Tensor
-    _structure: PixelStructure
-    _stamp: tuple[int, int, int]
+    # PyG's own methods (``sort_by``, ...) may build instances of this class without going through :meth:`make`:
+    # those carry no taps and no structure, and count as edited (an ordinary EdgeIndex of their edges).
+    _taps: Optional[Tensor] = None
+    _edge_types: Optional[Tensor] = None
+    _structure: Optional[PixelStructure] = None
+    _stamp: tuple[int, int, int] = (-1, -1, -1)
+    _edited: bool = False  # set on the instances torch.compile traces for an edited edge_index
 
     @staticmethod
     def make(data: Tensor, taps: Tensor, structure: PixelStructure,
@@ -74,11 +138,30 @@ class PixelEdgeIndex(EdgeIndex):
     @property
     def edge_type(self) -> Tensor:
         """The kernel tap of every edge ``[E]`` (long)."""
-        return self._taps
+        if self._edge_types is None:
+            if torch.compiler.is_compiling() or self._taps is None:
+                return self._taps
+            self._edge_types = _EdgeTypes(self._taps)
+        return self._edge_types
 
     def is_intact(self) -> bool:
         """False once the edges or taps were modified in place (they then no longer follow the structure)."""
+        if self._taps is None:
+            return False
+        if self._edge_types is not None and self._edge_types._version:  # edited through edge_type's views
+            return False
         return (self._data._version, self._taps._version, self._version) == self._stamp
+
+    @property
+    def data(self) -> "EdgeIndex":  # type: ignore[override]
+        """An alias of these edges (``detach()``): unlike torch's ``.data`` it shares the version counter, so an
+        edit through it is seen (:meth:`is_intact`) and the layers compute on the edited edges."""
+        return self.detach()
+
+    @data.setter
+    def data(self, value: Any) -> None:
+        raise AttributeError("a pixel graph's edge_index cannot be replaced through .data; edit it in place (the "
+                             "layers then compute on its edges as a plain edge list) or build another graph")
 
     def numpy(self, *, force: bool = False):  # a read-only view: edits through numpy would skip the version
         array = self._data.numpy(force=force)
@@ -100,15 +183,26 @@ class PixelEdgeIndex(EdgeIndex):
 
     def __repr__(self) -> str:  # type: ignore[override]
         text = super().__repr__()
-        return f"{text[:-1]}, {self._structure.describe()})"
+        if self._structure is None:
+            return text
+        edited = "" if self.is_intact() else ", edited in place: no longer described by"
+        return f"{text[:-1]}{edited}, {self._structure.describe()})"
 
     # ------------------------------------------------------------------ torch integration
+    # Whether the edges are intact is part of the metadata torch.compile guards on (it flattens its inputs at
+    # every call): an in-place edit after compiling recompiles. Flattening also records the answer in
+    # ``_edited``, the attribute compiled code reads (it cannot read version counters), so the recompiled
+    # program runs the edited edges as a plain edge list.
     def __tensor_flatten__(self):
-        return ["_data", "_taps"], (self._structure,)
+        intact = self.is_intact()
+        self._edited = not intact
+        return ["_data", "_taps"], (self._structure, intact)
 
     @staticmethod
     def __tensor_unflatten__(inner: dict, ctx: tuple, outer_size: Any, outer_stride: Any) -> "PixelEdgeIndex":
-        return PixelEdgeIndex.make(inner["_data"], inner["_taps"], ctx[0])
+        out = PixelEdgeIndex.make(inner["_data"], inner["_taps"], ctx[0])
+        out._edited = not ctx[1]
+        return out
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -221,7 +315,9 @@ _HANDLERS = {
 
 def pixel_structure(edge_index: Any) -> Optional[PixelStructure]:
     """The structure ``edge_index`` carries, or None (a plain edge list, or one edited in place)."""
-    if isinstance(edge_index, PixelEdgeIndex) and (torch.compiler.is_compiling() or edge_index.is_intact()):
+    if not isinstance(edge_index, PixelEdgeIndex) or edge_index.structure is None:
+        return None
+    if (not edge_index._edited) if torch.compiler.is_compiling() else edge_index.is_intact():
         return edge_index.structure
     return None
 

@@ -56,7 +56,7 @@ def test_x_with_wrong_row_count(layer, graph):
     with pytest.raises(ValueError, match=re.escape("expected x with 24 rows, the source nodes of this pixel graph "
                                                    "(got 23)")):
         layer(graph.x[:23], graph.edge_index, graph.edge_type)
-    with pytest.raises(ValueError, match=re.escape("size[0] = 24 must equal the number of rows of x (23)")):
+    with pytest.raises(ValueError, match=re.escape("size[0] = 24 (the source node count) must equal the number of rows of x (23)")):
         layer(graph.x[:23], graph.edge_index.as_tensor().clone(), graph.edge_type, size=(24, 24))
 
 

@@ -339,8 +339,9 @@ def test_edits_never_reach_other_graphs_or_the_cache():
     g1 = image_to_graph(images, kernel_size=3, padding=1)
     want_index, want_type = g1.edge_index.as_tensor().clone(), g1.edge_type.clone()
     g1.edge_index[0].zero_()
-    g1.edge_type.data.fill_(4)  # .data: no version bump
-    g1.edge_type.numpy()[:] = 7  # numpy: no version bump
+    g1.edge_type.data.fill_(4)  # .data: an alias that shares the version counter
+    with pytest.raises(ValueError, match="read-only"):
+        g1.edge_type.numpy()[:] = 7  # numpy would skip the version counter: read-only
     with pytest.raises(ValueError, match="read-only"):
         g1.edge_index.numpy()[0, 0] = 3  # the edge list's numpy view is read-only
     g2 = image_to_graph(images, kernel_size=3, padding=1)

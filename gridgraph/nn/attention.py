@@ -31,6 +31,7 @@ from torch_geometric.utils import softmax
 
 from ..geometry import _ntuple
 from ..graph import PixelGraph, image_to_graph
+from ..pixel_graph import _EdgeTypes
 from .pointwise_conv import PointwiseConv2d
 
 try:  # PyG >= 2.5
@@ -45,6 +46,8 @@ def _plain(t: Any) -> Any:
     """A ``torch_geometric.EdgeIndex`` (or subclass) as a plain tensor; anything else unchanged."""
     if _EdgeIndex is not None and isinstance(t, _EdgeIndex):
         return t.as_tensor()
+    if isinstance(t, _EdgeTypes):  # a pixel graph's edge_type: the taps it wraps
+        return t._t
     return t
 
 

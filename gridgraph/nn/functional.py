@@ -382,6 +382,11 @@ def _plan(input: Tensor, weight: Tensor, bias: Optional[Tensor], geometry, group
                 if input.dim() == 2 and n != 1 else "")
         raise ValueError(f"{name}: expected input of shape (C, {dims}) or (B, C, {dims}): {n + 1} or {n + 2} "
                          f"dims (got a {input.dim()}-dim tensor of shape {tuple(input.shape)}){hint}")
+    if weight.dim() != n + 2:
+        raise ValueError(f"{name}: expected a weight of {n + 2} dims (got shape {tuple(weight.shape)})")
+    if not isinstance(groups, int) or groups < 1 or (weight.size(0) % groups if not transposed else 0):
+        raise ValueError(f"{name}: groups must be a positive int dividing the output channels "
+                         f"({weight.size(0)}) (got {groups!r})")
     in_channels = int(weight.size(0) if transposed else weight.size(1) * groups)
     channels = input.size(-n - 1)
     if channels != in_channels:
@@ -391,6 +396,10 @@ def _plan(input: Tensor, weight: Tensor, bias: Optional[Tensor], geometry, group
         raise TypeError(f"{name}: expected input of dtype {weight.dtype}, the layer's dtype (got {input.dtype})")
     if input.device != weight.device:
         raise ValueError(f"{name}: input is on {input.device} but the layer's weight is on {weight.device}")
+    out_channels = int(weight.size(1) * groups if transposed else weight.size(0))
+    if bias is not None and (bias.dim() != 1 or bias.size(0) != out_channels):
+        raise ValueError(f"{name}: expected bias of shape ({out_channels},), one per output channel "
+                         f"(got {tuple(bias.shape)})")
     if bias is not None and (bias.dtype != weight.dtype or bias.device != weight.device):
         raise TypeError(f"{name}: expected bias of dtype {weight.dtype} on {weight.device} (got {bias.dtype} on "
                         f"{bias.device})")

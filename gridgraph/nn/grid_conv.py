@@ -11,7 +11,7 @@ from torch.nn import Parameter, init
 from torch_geometric.nn import MessagePassing
 
 from ..geometry import ConvGeometry, TransposedGeometry, _ntuple, check_conv_arguments
-from ..pixel_graph import PixelEdgeIndex, pixel_structure
+from ..pixel_graph import PixelEdgeIndex, _EdgeTypes, pixel_structure
 from . import functional as F
 from .functional import EdgeList, tap_messages
 
@@ -51,7 +51,7 @@ def check_graph_inputs(layer: Any, x: Tensor, edge_index: Any, edge_type: Any, s
                 raise ValueError(f"edge_index is on {edge_index.device} but x is on {x.device}")
             return edge_index
         edge_index = edge_index.as_tensor()  # other taps on these edges: a plain typed graph
-    elif isinstance(edge_index, PixelEdgeIndex):
+    elif isinstance(edge_index, PixelEdgeIndex) and edge_index.structure is not None:
         if edge_type is None:
             edge_type = edge_index.edge_type
         if size is None:
@@ -90,6 +90,9 @@ def _check_edges(layer: Any, x: Tensor, edge_index: Any, edge_type: Any, size: A
     from torch_geometric import EdgeIndex
 
     if isinstance(edge_index, EdgeIndex):
+        if size is None:  # its own sparse size (a bipartite graph's target count), where known
+            known = edge_index.sparse_size()
+            size = (x.size(0) if known[0] is None else known[0], x.size(0) if known[1] is None else known[1])
         edge_index = edge_index.as_tensor()
     if not isinstance(edge_index, Tensor):
         raise TypeError(f"edge_index must be a torch.Tensor (got {type(edge_index).__name__})")
@@ -104,6 +107,8 @@ def _check_edges(layer: Any, x: Tensor, edge_index: Any, edge_type: Any, size: A
                          "carries its taps)")
     if not isinstance(edge_type, Tensor):
         raise TypeError(f"edge_type must be a torch.Tensor (got {type(edge_type).__name__})")
+    if isinstance(edge_type, _EdgeTypes):  # a pixel graph's taps: the plain tensor they wrap
+        edge_type = edge_type._t
     if edge_type.dtype != torch.long:
         raise TypeError(f"expected edge_type of dtype torch.int64 (got {edge_type.dtype})")
     num_edges = edge_index.size(1)
@@ -119,7 +124,8 @@ def _check_edges(layer: Any, x: Tensor, edge_index: Any, edge_type: Any, size: A
             raise ValueError(f"size must be (num_src, num_dst) (got {size!r})")
         size = (int(size[0]), int(size[1]))
         if size[0] != x.size(0):
-            raise ValueError(f"size[0] = {size[0]} must equal the number of rows of x ({x.size(0)})")
+            raise ValueError(f"size[0] = {size[0]} (the source node count) must equal the number of rows of x "
+                             f"({x.size(0)})")
     if num_edges and not torch.compiler.is_compiling():
         lo, hi = edge_type.aminmax()
         if lo < 0 or hi >= layer.num_taps:

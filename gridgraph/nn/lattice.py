@@ -43,7 +43,7 @@ from ..geometry import ConvGeometry
 from ..structure import REGISTRY, _remap, tensor_bytes
 from . import compiled
 
-__all__ = ["Lattice", "lattice", "forward", "input_grad", "weight_grad", "workspace", "workspace_bytes", "BLOCK_BYTES",
+__all__ = ["Lattice", "lattice", "forward", "input_grad", "weight_grad", "workspace", "workspace_bytes", "release_workspace", "BLOCK_BYTES",
            "DEVICE_BLOCK_BYTES", "SMALL"]
 
 #: Bytes of gathered rows per block on the CPU: the GEMM is the most efficient on large blocks, and the
@@ -255,6 +255,12 @@ def workspace(numel: int, like: Tensor, slot: str) -> Tensor:
     if buf is None or buf.numel() < numel:
         buf = spaces[key] = like.new_empty(max(numel, 1))
     return buf[:numel]
+
+
+def release_workspace() -> None:
+    """Free this thread's kernel workspace (the next call allocates it again, at the size it needs)."""
+    _LOCAL.spaces = {}
+    _LOCAL.generation = REGISTRY.generation
 
 
 def workspace_bytes() -> int:
@@ -518,12 +524,68 @@ def _apply(gather: Gather, src: Tensor, w: Tensor, kind: str, bias: Optional[Ten
     return out
 
 
-def padding_multiplies(dtype: torch.dtype, device: torch.device, kind: str) -> bool:
-    """Whether torch's convolution multiplies the weights by its zero padding (so that an infinite weight
-    gives NaN at the border) for this dtype, device and kind of layer, or leaves those taps out. On the CPU
-    its oneDNN depthwise kernels (float32, bfloat16) leave them out; its other kernels multiply."""
-    return not (kind == "depthwise" and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16,
-                                                                          torch.float16))
+def padding_multiplies(dtype: torch.dtype, device: torch.device, kind: str = "dense") -> bool:
+    """Whether torch's convolution multiplies the weights by its zero padding (so that an infinite or NaN
+    weight gives NaN at the border) for this dtype, device and kind of layer, or leaves those taps out.
+
+    Torch's float64 and complex kernels multiply. On the CPU it runs float32, float16 and bfloat16 with oneDNN,
+    whose kernels decide for themselves: probed over 1,500 configurations (torch 2.13, AVX-512), float32 and
+    float16 leave the taps out, bfloat16 only in depthwise layers. Where oneDNN's kernels disagree with one
+    another (float32 1x1 kernels with padding, some grouped layers, in NCHW only) torch's result depends on the
+    memory format of the input, and gridgraph's follows its channels-last one."""
+    if device.type != "cpu" or not torch._C._get_mkldnn_enabled():
+        return True
+    return not (dtype in (torch.float32, torch.float16) or (dtype == torch.bfloat16 and kind == "depthwise"))
+
+
+def _bands(gather: Gather, out: Tensor) -> list[Tensor]:
+    """The rows of ``out`` ``[rows, C]`` whose window reaches into the zero padding, as strided views: per axis,
+    the targets at its low and high ends that read outside the source grid."""
+    n = len(gather.out_size)
+    grid = out.view(gather.num_images, *gather.out_size, out.size(-1))
+    bands = []
+    for a in range(n):
+        size, anchor, first, last = gather.out_size[a], gather.anchor[a], gather.offsets[a][0], gather.offsets[a][-1]
+        lo = min(size, -(first // anchor)) if first < 0 else 0  # targets o with anchor * o + first < 0
+        limit = gather.src_size[a] - 1 - last  # anchor * o + last <= limit inside
+        hi = size - min(size, limit // anchor + 1) if limit >= 0 else size
+        if lo:
+            bands.append(grid.narrow(1 + a, 0, lo))
+        if hi:
+            bands.append(grid.narrow(1 + a, size - hi, hi))
+    return bands
+
+
+def _skip_padding(gather: Gather, src: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int,
+                  out: Tensor) -> None:
+    """Where torch leaves padded taps out (:func:`padding_multiplies`) but the GEMM multiplied their zeros by an
+    infinite or NaN weight, the NaN can only sit in the border rows: if any does, those rows are recomputed
+    over their present taps alone (a rare path: non-finite weights or inputs)."""
+    if out.numel() <= SMALL:
+        found = bool(out.isnan().any())
+    else:
+        found = any(bool(band.isnan().any()) for band in _bands(gather, out))
+    if not found:
+        return
+    rows, slots = gather.num_rows, gather.num_slots
+    index = _slot_index(gather, src.device, 1).view(rows, slots)
+    valid = index != gather.num_src
+    frame = (~valid).any(1).nonzero().squeeze(1)
+    idx, present = index[frame], valid[frame]
+    c_out = weight.size(0)
+    a, b = weight.size(1), c_out // groups
+    cols = torch.constant_pad_nd(src, [0, 0, 0, 1])[idx].view(len(frame), slots, groups, a)
+    w = weight.reshape(groups, b, a, -1)[..., list(gather.taps)]  # [G, b, a, S]
+    prod = torch.einsum("nsga,gbas->nsgb", cols, w).reshape(len(frame), slots, c_out)
+    rows_out = prod.masked_fill(~present[..., None], 0).sum(1)
+    if bias is not None:
+        rows_out = rows_out + bias
+    out.index_copy_(0, frame, rows_out.to(out.dtype))
+
+
+def _compiled_depthwise(gather: Gather, src: Tensor, w: Tensor) -> bool:
+    """Whether :func:`_depthwise` runs the compiled loop (which leaves absent taps out by itself)."""
+    return len(gather.src_size) == 2 and compiled.available(src, w)
 
 
 def _depthwise(gather: Gather, src: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -531,7 +593,7 @@ def _depthwise(gather: Gather, src: Tensor, w: Tensor, bias: Optional[Tensor]) -
     adds what torch's depthwise convolution adds there: nothing, or ``0 * w`` (:func:`padding_multiplies`)."""
     m, c = gather.num_rows, src.size(-1)
     skip = gather.inside or not padding_multiplies(src.dtype, src.device, "depthwise") or _finite(w)
-    if m and skip and len(gather.src_size) == 2 and compiled.available(src, w):
+    if m and skip and _compiled_depthwise(gather, src, w):
         return compiled.depthwise2d(src, gather, w, bias, src.new_empty(m, c))
     if m == 0:
         return src.new_empty(0, c)
@@ -595,7 +657,11 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lat: Lattice, gro
     c_out, c_in_g = weight.shape[:2]
     kind = _kind(groups, c_in_g, c_out // groups)
     src = _pad_remapped(lat, x) if lat.remapped else x
-    return _apply(lat.forward, src, _weights(weight, groups, kind, lat.forward.taps, False), kind, bias)
+    out = _apply(lat.forward, src, _weights(weight, groups, kind, lat.forward.taps, False), kind, bias)
+    if not lat.forward.inside and lat.forward.num_rows and not padding_multiplies(x.dtype, x.device, kind) \
+            and not (kind == "depthwise" and _compiled_depthwise(lat.forward, src, weight)):
+        _skip_padding(lat.forward, src, weight, bias, groups, out)
+    return out
 
 
 def _scatter_small(lat: Lattice, channels: int) -> bool:

@@ -30,6 +30,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
@@ -88,6 +89,7 @@ def _(x, grad_out, key, groups, weight_shape):
 def _grid_conv_setup(ctx, inputs, output):
     x, weight, bias, key, groups = inputs
     ctx.save_for_backward(x, weight)
+    ctx.save_for_forward(x, weight)
     ctx.key, ctx.groups, ctx.has_bias = key, groups, bias is not None
 
 
@@ -106,6 +108,7 @@ def _grid_conv_backward(ctx, grad):
 def _grid_input_grad_setup(ctx, inputs, output):
     grad_out, weight, key, groups = inputs
     ctx.save_for_backward(grad_out, weight)
+    ctx.save_for_forward(grad_out, weight)
     ctx.key, ctx.groups = key, groups
 
 
@@ -122,7 +125,8 @@ def _grid_input_grad_backward(ctx, grad):
 def _grid_weight_grad_setup(ctx, inputs, output):
     x, grad_out, key, groups, weight_shape = inputs
     ctx.save_for_backward(x, grad_out)
-    ctx.key, ctx.groups = key, groups
+    ctx.save_for_forward(x, grad_out)
+    ctx.key, ctx.groups, ctx.weight_shape = key, groups, list(weight_shape)
 
 
 def _grid_weight_grad_backward(ctx, grad):
@@ -185,7 +189,9 @@ def _(x, grad_out, edge_index, edge_type, groups, weight_shape, cache):
 def _edge_conv_setup(ctx, inputs, output):
     x, edge_index, edge_type, weight, bias, num_dst, groups, holes, cache = inputs
     ctx.save_for_backward(x, edge_index, edge_type, weight)
+    ctx.save_for_forward(x, edge_index, edge_type, weight)
     ctx.groups, ctx.cache, ctx.has_bias = groups, cache, bias is not None
+    ctx.num_dst, ctx.holes = num_dst, holes
 
 
 def _edge_conv_backward(ctx, grad):
@@ -203,7 +209,8 @@ def _edge_conv_backward(ctx, grad):
 def _edge_input_grad_setup(ctx, inputs, output):
     grad_out, edge_index, edge_type, weight, num_src, groups, cache = inputs
     ctx.save_for_backward(grad_out, edge_index, edge_type, weight)
-    ctx.groups, ctx.cache = groups, cache
+    ctx.save_for_forward(grad_out, edge_index, edge_type, weight)
+    ctx.groups, ctx.cache, ctx.num_src = groups, cache, num_src
 
 
 def _edge_input_grad_backward(ctx, grad):
@@ -219,7 +226,8 @@ def _edge_input_grad_backward(ctx, grad):
 def _edge_weight_grad_setup(ctx, inputs, output):
     x, grad_out, edge_index, edge_type, groups, weight_shape, cache = inputs
     ctx.save_for_backward(x, grad_out, edge_index, edge_type)
-    ctx.groups, ctx.cache = groups, cache
+    ctx.save_for_forward(x, grad_out, edge_index, edge_type)
+    ctx.groups, ctx.cache, ctx.weight_shape = groups, cache, list(weight_shape)
 
 
 def _edge_weight_grad_backward(ctx, grad):
@@ -311,8 +319,9 @@ def _bias_grad(grad: Tensor) -> Tensor:
 def _conv_image_setup(ctx, inputs, output):
     input, weight, bias, key, groups, out_strides, in_strides, weight_strides = inputs
     ctx.save_for_backward(input, weight)
+    ctx.save_for_forward(input, weight)
     ctx.key, ctx.groups, ctx.has_bias = key, groups, bias is not None
-    ctx.in_strides, ctx.weight_strides = in_strides, weight_strides
+    ctx.out_strides, ctx.in_strides, ctx.weight_strides = out_strides, in_strides, weight_strides
 
 
 def _conv_image_backward(ctx, grad):
@@ -331,7 +340,8 @@ def _conv_image_backward(ctx, grad):
 def _image_input_grad_setup(ctx, inputs, output):
     grad_out, weight, key, groups, in_strides = inputs
     ctx.save_for_backward(grad_out, weight)
-    ctx.key, ctx.groups = key, groups
+    ctx.save_for_forward(grad_out, weight)
+    ctx.key, ctx.groups, ctx.in_strides = key, groups, in_strides
 
 
 def _image_input_grad_backward(ctx, grad):
@@ -349,7 +359,8 @@ def _image_input_grad_backward(ctx, grad):
 def _image_weight_grad_setup(ctx, inputs, output):
     input, grad_out, key, groups, weight_shape, weight_strides = inputs
     ctx.save_for_backward(input, grad_out)
-    ctx.key, ctx.groups = key, groups
+    ctx.save_for_forward(input, grad_out)
+    ctx.key, ctx.groups, ctx.weight_shape, ctx.weight_strides = key, groups, list(weight_shape), weight_strides
 
 
 def _image_weight_grad_backward(ctx, grad):
@@ -366,6 +377,98 @@ def _image_weight_grad_backward(ctx, grad):
 conv_image.register_autograd(_conv_image_backward, setup_context=_conv_image_setup)
 conv_image_input_grad.register_autograd(_image_input_grad_backward, setup_context=_image_input_grad_setup)
 conv_image_weight_grad.register_autograd(_image_weight_grad_backward, setup_context=_image_weight_grad_setup)
+
+
+# ------------------------------------------------------------------------------ forward mode (jvp)
+# Each map is bilinear in its two tensor arguments (plus the bias), so its tangent is the map applied to one
+# tangent and the other primal, summed: ``d F(x, W) = F(dx, W) + F(x, dW)`` (no conjugation: the maps are
+# complex-bilinear). The formulas reuse the family's own operators, so forward over forward works too.
+def _sum_tangents(*terms):
+    terms = [t for t in terms if t is not None]
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
+
+
+def _grid_conv_jvp(ctx, tx, tw, tb, *_):
+    x, weight = ctx.saved_tensors
+    return _sum_tangents(
+        None if tx is None else _apply("grid_conv", tx, weight, None, ctx.key, ctx.groups),
+        None if tw is None else _apply("grid_conv", x, tw, None, ctx.key, ctx.groups),
+        None if tb is None else tb.expand(_grid_sizes(ctx.key)[1], tb.size(0)))
+
+
+def _grid_input_grad_jvp(ctx, tg, tw, *_):
+    g, weight = ctx.saved_tensors
+    return _sum_tangents(
+        None if tg is None else _apply("grid_conv_input_grad", tg, weight, ctx.key, ctx.groups),
+        None if tw is None else _apply("grid_conv_input_grad", g, tw, ctx.key, ctx.groups))
+
+
+def _grid_weight_grad_jvp(ctx, tx, tg, *_):
+    x, g = ctx.saved_tensors
+    return _sum_tangents(
+        None if tx is None else _apply("grid_conv_weight_grad", tx, g, ctx.key, ctx.groups, ctx.weight_shape),
+        None if tg is None else _apply("grid_conv_weight_grad", x, tg, ctx.key, ctx.groups, ctx.weight_shape))
+
+
+def _edge_conv_jvp(ctx, tx, _ei, _et, tw, tb, *_):
+    x, edge_index, edge_type, weight = ctx.saved_tensors
+    n = ctx.num_dst
+    return _sum_tangents(
+        None if tx is None else _apply("edge_conv", tx, edge_index, edge_type, weight, None, n, ctx.groups, ctx.holes,
+                                       ctx.cache),
+        None if tw is None else _apply("edge_conv", x, edge_index, edge_type, tw, None, n, ctx.groups, ctx.holes,
+                                       ctx.cache),
+        None if tb is None else tb.expand(n, tb.size(0)))
+
+
+def _edge_input_grad_jvp(ctx, tg, _ei, _et, tw, *_):
+    g, edge_index, edge_type, weight = ctx.saved_tensors
+    n = ctx.num_src
+    return _sum_tangents(
+        None if tg is None else _apply("edge_conv_input_grad", tg, edge_index, edge_type, weight, n, ctx.groups,
+                                       ctx.cache),
+        None if tw is None else _apply("edge_conv_input_grad", g, edge_index, edge_type, tw, n, ctx.groups,
+                                       ctx.cache))
+
+
+def _edge_weight_grad_jvp(ctx, tx, tg, *_):
+    x, g, edge_index, edge_type = ctx.saved_tensors
+    shape = ctx.weight_shape
+    return _sum_tangents(
+        None if tx is None else _apply("edge_conv_weight_grad", tx, g, edge_index, edge_type, ctx.groups, shape,
+                                       ctx.cache),
+        None if tg is None else _apply("edge_conv_weight_grad", x, tg, edge_index, edge_type, ctx.groups, shape,
+                                       ctx.cache))
+
+
+def _conv_image_jvp(ctx, tx, tw, tb, *_):
+    x, weight = ctx.saved_tensors
+    args = (ctx.key, ctx.groups, ctx.out_strides, ctx.in_strides, ctx.weight_strides)
+    out = _sum_tangents(
+        None if tx is None else _apply("conv_image", tx, weight, None, *args),
+        None if tw is None else _apply("conv_image", x, tw, None, *args))
+    if tb is not None:
+        shape = [1, tb.size(0)] + [1] * (out.dim() - 2)
+        out = out + tb.view(shape)
+    return out
+
+
+def _image_input_grad_jvp(ctx, tg, tw, *_):
+    g, weight = ctx.saved_tensors
+    return _sum_tangents(
+        None if tg is None else _apply("conv_image_input_grad", tg, weight, ctx.key, ctx.groups, ctx.in_strides),
+        None if tw is None else _apply("conv_image_input_grad", g, tw, ctx.key, ctx.groups, ctx.in_strides))
+
+
+def _image_weight_grad_jvp(ctx, tx, tg, *_):
+    x, g = ctx.saved_tensors
+    args = (ctx.key, ctx.groups, ctx.weight_shape, ctx.weight_strides)
+    return _sum_tangents(
+        None if tx is None else _apply("conv_image_weight_grad", tx, g, *args),
+        None if tg is None else _apply("conv_image_weight_grad", x, tg, *args))
 
 
 # ------------------------------------------------------------------------- autograd.Function twins
@@ -471,10 +574,23 @@ class ConvImageWeightGradFunction(torch.autograd.Function):
     backward = staticmethod(_image_weight_grad_backward)
 
 
+def _with_jvp(function: type, jvp) -> type:
+    """``function`` with a forward-mode formula: used under forward-mode AD (dual tensors, ``torch.func.jvp``)
+    only, because torch.compile cannot trace an autograd.Function that defines ``jvp``."""
+    return type(function.__name__ + "WithJvp", (function,), {"jvp": staticmethod(jvp)})
+
+
 FUNCTIONS = {"grid_conv": GridConvFunction, "grid_conv_input_grad": GridConvInputGradFunction, "grid_conv_weight_grad": GridConvWeightGradFunction, "edge_conv": EdgeConvFunction, "edge_conv_input_grad": EdgeConvInputGradFunction, "edge_conv_weight_grad": EdgeConvWeightGradFunction,
              "conv_image": ConvImageFunction, "conv_image_input_grad": ConvImageInputGradFunction,
              "conv_image_weight_grad": ConvImageWeightGradFunction}
 
+
+_JVPS = {"grid_conv": _grid_conv_jvp, "grid_conv_input_grad": _grid_input_grad_jvp,
+         "grid_conv_weight_grad": _grid_weight_grad_jvp, "edge_conv": _edge_conv_jvp,
+         "edge_conv_input_grad": _edge_input_grad_jvp, "edge_conv_weight_grad": _edge_weight_grad_jvp,
+         "conv_image": _conv_image_jvp, "conv_image_input_grad": _image_input_grad_jvp,
+         "conv_image_weight_grad": _image_weight_grad_jvp}
+FORWARD_FUNCTIONS = {name: _with_jvp(FUNCTIONS[name], jvp) for name, jvp in _JVPS.items()}
 
 _OPS = {"grid_conv": grid_conv, "grid_conv_input_grad": grid_conv_input_grad,
         "grid_conv_weight_grad": grid_conv_weight_grad, "edge_conv": edge_conv,
@@ -489,6 +605,9 @@ def _apply(name: str, *args):
     and under ``torch.jit.trace`` (the operator carries its autograd formula; the trace records one node)."""
     if torch.jit.is_tracing():
         return _OPS[name](*args)
+    if not torch.compiler.is_compiling() and (_forward_ad._current_level >= 0
+                                              or torch._C._are_functorch_transforms_active()):
+        return FORWARD_FUNCTIONS[name].apply(*args)  # forward mode (dual tensors, torch.func.jvp) needs a jvp
     if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
         return FUNCTIONS[name].apply(*args)
     return _OPS[name](*args)

@@ -72,7 +72,15 @@ class GridConvTransposeNd(MessagePassing):
     @property
     def transposed_geometry(self) -> TransposedGeometry:
         """The :class:`~gridgraph.geometry.TransposedGeometry` of the current attributes (read at every call),
-        the kernel size read off the weight as ``nn.ConvTransposeNd``'s forward does."""
+        the kernel size read off the weight as ``nn.ConvTransposeNd``'s forward does. Attributes edited into
+        what ``nn.ConvTransposeNd`` refuses at call time are refused alike: a ``padding_mode`` other than
+        ``'zeros'`` (``ValueError``) and a ``padding`` that is not a tuple (``TypeError``)."""
+        if self.padding_mode != "zeros":
+            raise ValueError(f'Only "zeros" padding mode is supported for {self._torch_name} '
+                             f'(got padding_mode={self.padding_mode!r})')
+        if not isinstance(self.padding, tuple):
+            raise TypeError(f"{type(self).__name__}.padding must be a tuple of {self._ndim} ints, as "
+                            f"nn.{self._torch_name} requires after construction (got {self.padding!r})")
         return TransposedGeometry.from_keywords(self._ndim, tuple(self.weight.shape[2:]), self.stride, self.padding,
                                                 self.output_padding, self.dilation)
 
