@@ -30,7 +30,8 @@ from torch import Tensor
 
 from .geometry import ConvGeometry, TransposedGeometry
 from .pixel_graph import (MaskedPixelGraph, PixelEdgeIndex, PointGraph, TransposedPixelGraph, check_image,
-                          full_grid_graph)
+                          full_grid_graph, outside_inference_mode)
+
 from .structure import (DENSE_MAP_LIMIT, GraphPart, PixelStructure, SparseTable, active_outputs, centre_tap,
                         ravel, sparse_table, table_edges, tap_offsets, transposed_table, unravel)
 
@@ -40,6 +41,7 @@ __all__ = ["TransposedGeometry", "TransposedPixelGraph", "transposed_table", "tr
 
 
 # ------------------------------------------------------------------------------- transposed graphs
+@outside_inference_mode
 def transposed_grid_to_graph(image: Tensor, geometry: TransposedGeometry) -> TransposedPixelGraph:
     """The graph of a transposed convolution on ``image`` (``(C, *grid)`` or ``(B, C, *grid)``), n-d."""
     if not isinstance(geometry, TransposedGeometry):
@@ -80,6 +82,7 @@ def transposed_image_to_graph(image: Tensor, conv: Any = None, *, kernel_size: A
 
 
 # ------------------------------------------------------------------------------- masked and sparse
+@outside_inference_mode
 def sparse_grid_to_graph(in_keys: Tensor, x: Tensor, geometry: ConvGeometry, in_size: Sequence[int],
                          num_images: int, batched: bool, in_coords: Optional[tuple[Tensor, Tensor]] = None
                          ) -> MaskedPixelGraph:

@@ -17,6 +17,7 @@ batches), ``geometry``, ``in_size``, ``out_size``, ``num_images``; and tells PyG
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -31,7 +32,7 @@ from .structure import (GraphPart, NeighbourTable, PixelStructure, SparseTable, 
 
 __all__ = ["PixelEdgeIndex", "PixelGraph", "MaskedPixelGraph", "PointGraph", "TransposedPixelGraph", "pixel_structure",
            "check_image",
-           "node_features", "full_grid_graph", "grid_pos"]
+           "node_features", "full_grid_graph", "grid_pos", "outside_inference_mode"]
 
 aten = torch.ops.aten
 
@@ -120,6 +121,11 @@ class PixelEdgeIndex(EdgeIndex):
     def make(data: Tensor, taps: Tensor, structure: PixelStructure,
              stamp: Optional[tuple[int, int, int]] = None) -> "PixelEdgeIndex":
         """Wrap ``data`` ``[2, E]`` and ``taps`` ``[E]`` (both owned by the result) with ``structure``."""
+        if torch.is_inference_mode_enabled() or data.is_inference() or taps.is_inference():
+            # under torch.inference_mode: tensors without a version counter could be edited unseen; normal ones
+            with torch.inference_mode(False):
+                return PixelEdgeIndex.make(data.clone() if data.is_inference() else data,
+                                           taps.clone() if taps.is_inference() else taps, structure, stamp)
         canonical = structure.canonical
         out = EdgeIndex.__new__(PixelEdgeIndex, data,
                                 sparse_size=(structure.num_src, structure.num_dst) if canonical else None,
@@ -141,7 +147,8 @@ class PixelEdgeIndex(EdgeIndex):
         if self._edge_types is None:
             if torch.compiler.is_compiling() or self._taps is None:
                 return self._taps
-            self._edge_types = _EdgeTypes(self._taps)
+            with torch.inference_mode(False):  # a normal tensor (with a version counter) in any mode
+                self._edge_types = _EdgeTypes(self._taps)
         return self._edge_types
 
     def is_intact(self) -> bool:
@@ -245,6 +252,12 @@ def _alias(t: Any, *args: Any):
 def _cat(tensors: list, dim: int = 0):
     if dim not in (1, -1) or not all(isinstance(t, PixelEdgeIndex) and t.is_intact() for t in tensors):
         return NotImplemented
+    sparse = {any(not part.is_grid for part in t._structure.parts) for t in tensors}
+    if len(sparse) > 1:  # PyG batches graphs of one set of attributes: a masked graph has more than a full one
+        raise ValueError("cannot batch masked or sparse pixel graphs (image_to_graph(..., mask=...), sparse_to_graph, "
+                         "positions_to_graph) with full-grid ones: their graphs hold different attributes. Give the "
+                         "full images an all-True mask (image_to_graph(image, conv, mask=torch.ones(H, W, "
+                         "dtype=torch.bool))) to batch them as masked graphs")
     data = aten.cat.default([t._data for t in tensors], dim)
     taps = aten.cat.default([t._taps for t in tensors])
     return PixelEdgeIndex.make(data, taps, PixelStructure.concat([t._structure for t in tensors]))
@@ -311,6 +324,18 @@ _HANDLERS = {
     aten.sub.Tensor: _sub,
     aten.slice.Tensor: _slice,
 }
+
+
+def outside_inference_mode(build):
+    """Run a graph builder with normal tensors also under ``torch.inference_mode``: a graph's tensors need version
+    counters (so that in-place edits are seen) and may meet autograd later; inference tensors have neither."""
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return build(*args, **kwargs)
+        return build(*args, **kwargs)
+    return wrapper
 
 
 def pixel_structure(edge_index: Any) -> Optional[PixelStructure]:
@@ -610,6 +635,7 @@ def node_features(images: Tensor) -> Tensor:
     return images.permute(0, *range(2, n + 2), 1).reshape(-1, images.size(1)).contiguous()
 
 
+@outside_inference_mode
 def full_grid_graph(cls: type, geometry: Any, images: Tensor, batched: bool) -> PixelGraph:
     """The pixel graph of ``images`` ``(B, C, *grid)`` under ``geometry`` (a convolution's or a transposed
     convolution's): fresh tensors written from the cached one-image edge template."""

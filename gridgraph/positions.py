@@ -48,7 +48,7 @@ from torch import Tensor
 
 from .domains import check_point_features
 from .geometry import ConvGeometry, TransposedGeometry
-from .pixel_graph import PixelEdgeIndex, PointGraph
+from .pixel_graph import PixelEdgeIndex, PointGraph, outside_inference_mode
 from .structure import DENSE_MAP_LIMIT, GraphPart, PixelStructure, ravel
 
 __all__ = ["positions_to_graph", "PointGraph", "REDUCES"]
@@ -62,6 +62,7 @@ _DENSE_PER_POINT = 16
 _MAX_CELLS = 1 << 62
 
 
+@outside_inference_mode
 def positions_to_graph(pos: Tensor, features: Tensor, conv: Any = None, *, spacing: Any = 1.0, reduce: str = "sum",
                        kernel_size: Any = 3, stride: Any = 1, padding: Any = None, dilation: Any = 1,
                        padding_mode: str = "zeros", batch: Optional[Tensor] = None, num_images: Optional[int] = None,

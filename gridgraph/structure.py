@@ -139,6 +139,8 @@ class Registry:
     def get_for(self, tensor: Tensor, tag: str, build: Callable[[], tuple[Any, Iterable[Optional[Tensor]]]],
                 *others: Tensor) -> Any:
         """The entry of ``(tag, tensor)``; valid while ``tensor`` and ``others`` keep their identity and version."""
+        if any(t.is_inference() for t in (tensor, *others)):  # no version counter: nothing to key a plan on
+            return build()[0]
         key = self.key_for(tensor, tag)
         stamp = tuple((id(t), t._version) for t in (tensor, *others))
         with self._lock:

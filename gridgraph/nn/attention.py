@@ -31,7 +31,7 @@ from torch_geometric.utils import softmax
 
 from ..geometry import _ntuple
 from ..graph import PixelGraph, image_to_graph
-from ..pixel_graph import _EdgeTypes
+from ..pixel_graph import _EdgeTypes, outside_inference_mode
 from .pointwise_conv import PointwiseConv2d
 
 try:  # PyG >= 2.5
@@ -76,6 +76,7 @@ def _check_index(t: Any, name: str, shape: str, dim: int, device: torch.device) 
         raise ValueError(f"{name} is on {t.device} but x is on {device}")
 
 
+@outside_inference_mode
 def complete_pixel_graph(images: Tensor) -> PixelGraph:
     r"""The complete pixel graph of a batch: every pixel joined to every pixel of the same image.
 

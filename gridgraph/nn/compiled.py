@@ -57,6 +57,27 @@ def _build():
             "lattice_gather_grouped": k.lattice_gather_grouped}
 
 
+def _after_fork_in_child() -> None:
+    """A process forked after the compiled loops ran (a ``DataLoader`` worker, ``multiprocessing`` with fork):
+    numba's OpenMP pool (GNU OpenMP) cannot run there (it terminates the process), so the torch path runs."""
+    global _FAILED, _WARNED
+    if _KERNELS is not None and _FAILED is None:
+        try:
+            import numba
+            layer = numba.threading_layer()
+        except Exception:  # noqa: BLE001  (no layer started: nothing to protect)
+            return
+        if layer == "omp":
+            _FAILED = ("this process was forked after they ran, and numba's OpenMP threading layer cannot run in "
+                       "a forked child; use the 'spawn' start method (e.g. DataLoader(multiprocessing_context="
+                       "'spawn')) to keep them")
+            _WARNED = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _warn(reason: str) -> None:
     global _WARNED
     if not _WARNED:
@@ -77,6 +98,7 @@ def available(*tensors: Tensor) -> bool:
         _warn("GRIDGRAPH_COMPILED=0 or gridgraph.nn.compiled.ENABLED = False")
         return False
     if _FAILED is not None:
+        _warn(_FAILED)
         return False
     if _KERNELS is None:
         try:

@@ -409,8 +409,15 @@ def _plan(input: Tensor, weight: Tensor, bias: Optional[Tensor], geometry, group
                                      device=images.device)
         weight = torch.empty_strided(tuple(int(v) for v in weight.shape), weight.stride(), dtype=weight.dtype,
                                      device=weight.device)
+    key_images = None
+    if compiling and not isinstance(images.shape[0], int):  # a dynamic batch (torch.export with a Dim): the
+        # operators read the batch from their input; plan on a generic batch of two, whatever it is at run time
+        images = torch.empty_strided((2, *(int(v) for v in images.shape[1:])), tuple(int(v) for v in images.stride()),
+                                     dtype=images.dtype, device=images.device)
+        key_images = 1
     num_images, _, *grid = (int(v) for v in images.shape)
-    part = GraphPart.grid(geometry, grid, num_images)  # raises the ValueError Conv2d raises for a small image
+    # raises the ValueError Conv2d raises for a small image
+    part = GraphPart.grid(geometry, grid, num_images if key_images is None else key_images)
     conv = geometry.conv if transposed else geometry
     torch_padding = [a for a, _ in conv.padding]
     if any(a != b for a, b in conv.padding):  # 'same' with an even kernel: torch pads asymmetrically itself

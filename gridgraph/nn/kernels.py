@@ -663,8 +663,10 @@ def edge_forward(x: Tensor, edge_index: Tensor, edge_type: Tensor, weight: Tenso
                              weight.reshape(weight.size(0), -1, taps.size(0)).transpose(1, 2), bias, num_dst)
     else:
         out = _tap_products(x, taps, plan.pairs, num_dst, weight.size(0), bias, reverse=False)
-    kind = "depthwise" if groups == weight.size(0) and weight.size(1) == 1 else "dense"
-    if holes and num_dst and lattice.padding_multiplies(x.dtype, x.device, kind) and not _all_finite(weight):
+    # An absent tap of a masked graph is an inactive pixel, a zero of the image that torch multiplies (0 * Inf =
+    # NaN) in every dtype; at the image's border it is torch's padding, which its float32 kernels leave out
+    # instead: the one place where a masked graph's NaN pattern can differ (the edges do not say which is which).
+    if holes and num_dst and not _all_finite(weight):
         bad = _hole_values(taps.transpose(2, 3)).isnan()  # [K, C_out]: an absent tap t gives NaN there
         hit = plan.missing(x.device, torch.float32) @ bad.to(torch.float32) > 0
         out = out.masked_fill(hit, float("nan"))

@@ -185,13 +185,14 @@ def to_image(nodes: Tensor, num_images: int, grid: Sequence[int], strides: Seque
              view: Optional[bool] = None) -> Tensor:
     """Node features ``[B * prod(grid), C]`` (contiguous) as the image ``(B, C, *grid)`` with exactly
     ``strides``: a view when the strides describe the nodes' own memory (channels-last), else one copy.
-    ``view``: :func:`is_node_layout` of the result, when the caller knows it."""
+    ``view``: :func:`is_node_layout` of the result, when the caller knows it. The result is never an autograd
+    view (the layers return it: an in-place activation after them must work, as after ``nn.Conv2d``)."""
     c = nodes.size(-1)
     shape = (num_images, c, *grid)
     if view is None:
         view = is_node_layout(shape, strides)
-    if view:
-        return nodes.as_strided(shape, strides, nodes.storage_offset())
+    if view:  # detached: not an autograd view of the kernels' buffer, so in-place ops on it are allowed
+        return nodes.as_strided(shape, strides, nodes.storage_offset()).detach()
     out = nodes.new_empty_strided(shape, strides)
     out.copy_(nodes.view(num_images, *grid, c).permute(0, len(grid) + 1, *range(1, len(grid) + 1)))
     return out

@@ -81,7 +81,8 @@ class GridConvTransposeNd(MessagePassing):
         if not isinstance(self.padding, tuple):
             raise TypeError(f"{type(self).__name__}.padding must be a tuple of {self._ndim} ints, as "
                             f"nn.{self._torch_name} requires after construction (got {self.padding!r})")
-        return TransposedGeometry.from_keywords(self._ndim, tuple(self.weight.shape[2:]), self.stride, self.padding,
+        kernel = tuple(int(k) for k in self.weight.shape[2:])  # plain ints under torch.jit.trace too
+        return TransposedGeometry.from_keywords(self._ndim, kernel, self.stride, self.padding,
                                                 self.output_padding, self.dilation)
 
     @property
