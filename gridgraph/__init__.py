@@ -23,7 +23,8 @@ from .models import REFERENCE_MODELS, reference_model
 from .nn import (DepthwiseConv2d, GridConv1d, GridConv2d, GridConv3d, GridConvNd, GridConvTranspose1d,
                  GridConvTranspose2d, GridConvTranspose3d, GridConvTransposeNd, PointwiseConv2d, SeparableConv2d)
 from .nn.attention import PixelAttention, SqueezeExcitation, complete_pixel_graph
-from .verify import ModelReport, verify_layers, verify_model
+from .verify import ModelReport, torch_convolutions, verify_layers, verify_model
+from .routing import MessagePassingMode, message_passing
 from .onnx import export_onnx, onnx_translations
 
 from ._version import __version__
@@ -42,6 +43,7 @@ __all__ = [
     # whole networks and verification
     "convert", "unconvert", "converted_layers", "CONVERSIONS", "ImageGridConv1d", "ImageGridConv2d",
     "ImageGridConv3d", "REFERENCE_MODELS", "reference_model", "verify_model", "ModelReport", "verify_layers",
+    "torch_convolutions", "message_passing", "MessagePassingMode",
     # analysis (more in gridgraph.analysis; drawings in gridgraph.plot)
     "analysis", "plot", "receptive_field", "receptive_field_size", "conv_cost", "separable_cost",
     "separable_ratio", "linear_operator", "mixing_matrix",

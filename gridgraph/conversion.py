@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from . import routing
 from .nn import functional as F
 from .nn.grid_conv import GridConv1d, GridConv2d, GridConv3d, GridConvNd
 from .nn.transposed_conv import ImageGridConvTranspose1d, ImageGridConvTranspose2d, ImageGridConvTranspose3d
@@ -253,7 +254,7 @@ def _check_model(model: Any, name: str) -> None:
                         "pass the eager nn.Module")
 
 
-def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
+def convert(model: nn.Module, inplace: bool = False, example_input: Any = None) -> nn.Module:
     """Replace every ``nn.Conv2d`` in ``model`` by its message-passing twin, :class:`ImageGridConv2d`.
 
     The twins take and return images exactly like the convolutions they replace, with the same
@@ -262,16 +263,33 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     modules that are not convolutions are left alone, a convolution shared between places stays
     shared, and ``model`` itself may be a convolution.
 
-    Only modules whose type is exactly a key of :data:`CONVERSIONS` are converted: a subclass of
-    ``nn.Conv2d`` may compute something else in its ``forward`` (weight standardisation,
-    parametrizations, lazy modules), so it is left alone with a warning. A model with nothing to
-    convert gives a ``UserWarning`` and comes back unchanged (a copy unless ``inplace``).
+    Every convolution of the model runs as message passing afterwards:
+
+    * modules whose type is exactly a key of :data:`CONVERSIONS` (with ``weight`` and ``bias`` Parameters)
+      are replaced by their twin (the fast path; ``unconvert`` gives the torch class back);
+    * any other instance of a torch convolution class keeps its class and its own ``forward``, whose
+      convolution call is routed through gridgraph (:func:`gridgraph.routing.route`): subclasses (a "same"
+      padding computed from the input size, weight standardisation, scaled weights, a subclass that only adds
+      methods), parametrised convolutions (``weight_norm``, ``spectral_norm``: same ``state_dict`` keys, the
+      power iteration still runs in training), weights recomputed by a hook, fused QAT modules (``ConvBn2d``);
+    * modules whose ``forward`` calls ``F.conv1d/2d/3d`` or ``F.conv_transpose1d/2d/3d`` themselves (a blur
+      filter, per-sample experts, an edge filter) are routed too: found by running ``example_input`` through
+      the model when it is given, else during the converted model's first call.
+
+    What cannot be converted is left alone with a ``UserWarning`` naming each module and why: TorchScript
+    submodules (their code is compiled, so their calls cannot be routed) and lazy convolutions not
+    materialised yet (pass ``example_input``, or convert after the first forward). :func:`verify_model`
+    reports every torch convolution that still runs, by running the model. A model with nothing to convert
+    gives a ``UserWarning`` and comes back unchanged (a copy unless ``inplace``).
 
     Args:
         model (nn.Module): the network (or a single convolution).
         inplace (bool, optional): modify ``model`` itself, keeping its Parameter objects (so an optimizer
             built on ``model.parameters()`` still applies); otherwise work on a deep copy and leave
             ``model`` untouched (default: ``False``).
+        example_input (Tensor or tuple, optional): the model's positional input(s) for one run (no gradients;
+            buffers such as BatchNorm statistics are restored after it) that materialises lazy modules and
+            finds functional convolution calls; without it they are found at the first call.
 
     Returns:
         nn.Module: the converted model (``model`` itself when ``inplace`` and it is not a convolution).
@@ -293,34 +311,264 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     _check_model(model, "convert")
     if not inplace:
         model = _copy_model(model)
-    skipped: list[str] = []
+    inputs = None if example_input is None else (
+        tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,))
+    if inputs is not None and _has_lazy(model):
+        _run_once(model, inputs)  # materialise lazy modules before deciding what they become
 
     def make(module: nn.Module) -> Optional[nn.Module]:
         target = CONVERSIONS.get(type(module))
-        if target is not None:
-            if not all(isinstance(p, nn.Parameter) for p in (module.weight, module.bias) if p is not None):
-                computed.append(type(module).__name__)  # e.g. torch.nn.utils.weight_norm: weight is computed
-                return None
+        if target is not None and not _lazy(module) and all(
+                isinstance(p, nn.Parameter) for p in (module.weight, module.bias) if p is not None):
             return target._share_from_torch(module)  # type: ignore[attr-defined]
-        if (isinstance(module, tuple(CONVERSIONS)) and not isinstance(module, tuple(CONVERSIONS.values()))):
-            skipped.append(type(module).__name__)
         return None
 
-    computed: list[str] = []
     root, names = _replace(model, make, "convert")
-    if skipped:
-        warnings.warn(f"convert left {len(skipped)} subclass(es) of a torch convolution alone "
-                      f"({', '.join(sorted(set(skipped)))}): their forward may differ from the base class's",
-                      UserWarning, stacklevel=2)
-    if computed:
-        warnings.warn(f"convert left {len(computed)} convolution(s) alone whose weight or bias is computed rather "
-                      "than a Parameter (e.g. torch.nn.utils.weight_norm); fold the reparametrization into the "
-                      "weights first (torch.nn.utils.remove_weight_norm)", UserWarning, stacklevel=2)
-    if not names:
+    left: dict[str, str] = {}
+    for name, module in _modules_outside_script(root, left):
+        if isinstance(module, _TORCH_CONVS) and not isinstance(module, _TWINS) and not routing.is_routed(module):
+            if _lazy(module):
+                left[name or "(the model itself)"] = (
+                    f"a lazy {type(module).__name__} not materialised yet: pass example_input to convert, or "
+                    "convert after the model's first forward")
+                continue
+            routing.route(module)  # its own forward, its convolution call as message passing
+            names.append(name)
+    if inputs is not None:
+        names += _route_functional(root, _find_functional(root, inputs))
+    else:
+        for name, module in _modules_outside_script(root, left):  # the code of their class names one
+            if _calls_conv_functions(module) and not isinstance(module, _TWINS) and not routing.is_routed(module):
+                routing.route(module)
+                names.append(name)
+        if not isinstance(root, _TWINS):  # calls through other functions: found at the first call
+            _FirstCall.install(root)
+    if left:
+        warnings.warn("convert left these torch convolutions as they are: "
+                      + "; ".join(f"{n}: {why}" for n, why in sorted(left.items())), UserWarning, stacklevel=2)
+    if not names and inputs is not None:
         kinds = ", ".join(f"nn.{k.__name__}" for k in CONVERSIONS)
-        warnings.warn(f"convert found nothing to convert in {type(model).__name__}: it contains no {kinds}; "
-                      "the model is returned unchanged", UserWarning, stacklevel=2)
+        warnings.warn(f"convert found nothing to convert in {type(model).__name__}: it contains no {kinds} "
+                      "(nor a subclass) and calls no functional convolution on example_input; the model is "
+                      "returned unchanged", UserWarning, stacklevel=2)
+    elif not names:
+        kinds = ", ".join(f"nn.{k.__name__}" for k in CONVERSIONS)
+        warnings.warn(f"convert found nothing to convert in {type(model).__name__}: it contains no {kinds} (nor a "
+                      "subclass); functional convolution calls in its forward, if any, are routed at its first call "
+                      "(pass example_input to find them now)", UserWarning, stacklevel=2)
     return root
+
+
+_TORCH_CONVS = tuple(CONVERSIONS)
+_TWINS = tuple(CONVERSIONS.values())
+
+
+def _lazy(module: nn.Module) -> bool:
+    return any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False))
+
+
+def _has_lazy(model: nn.Module) -> bool:
+    return any(_lazy(m) for m in model.modules())
+
+
+def _modules_outside_script(model: nn.Module, left: dict[str, str]):
+    """``named_modules`` without descending into TorchScript submodules (noted in ``left`` when they hold a
+    convolution: their compiled code cannot be routed)."""
+    stack = [("", model)]
+    seen: set[int] = set()
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, torch.jit.ScriptModule):
+            if any(getattr(m, "original_name", "").startswith(("Conv", "ConvTranspose")) for m in module.modules()):
+                left[name or "(the model itself)"] = ("a TorchScript module: its compiled code calls torch's "
+                                                     "convolution directly and cannot be routed")
+            continue
+        yield name, module
+        for child_name, child in reversed(list(module._modules.items())):
+            if child is not None:
+                stack.append((f"{name}.{child_name}" if name else child_name, child))
+
+
+def _run_once(model: nn.Module, inputs: tuple, mode: Optional[Any] = None) -> None:
+    """Run ``model`` on ``inputs`` without gradients, restoring its buffers (BatchNorm statistics) after."""
+    from .verify import _state_kept
+
+    with _state_kept(model, model), torch.no_grad():
+        if mode is None:
+            model(*inputs)
+        else:
+            with mode:
+                model(*inputs)
+
+
+class _CallStack:
+    """The innermost module running, by forward hooks on every module of a model (for one run)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.root = model  # the innermost module when no other runs (not hooked: the first-call hooks run on it)
+        self.stack: list[nn.Module] = []
+        self.handles = []
+        for module in _hookable(model):
+            if module is not model:
+                self.handles.append(module.register_forward_pre_hook(self._push))
+                self.handles.append(module.register_forward_hook(self._pop, always_call=True))
+
+    @property
+    def innermost(self) -> nn.Module:
+        return self.stack[-1] if self.stack else self.root
+
+    def _push(self, module, args):
+        self.stack.append(module)
+
+    def _pop(self, module, args, output):
+        if self.stack and self.stack[-1] is module:
+            self.stack.pop()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+_CONV_NAMES = frozenset(f.__name__ for f in routing.CONV_FUNCTIONS)
+
+
+def _calls_conv_functions(module: nn.Module) -> bool:
+    """Whether the code of ``module``'s class (its own methods, not torch's) names a functional convolution
+    (``F.conv2d``, ``torch.conv_transpose2d``, ...)."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith(("torch.", "gridgraph.")) or cls is object:
+            continue
+        for value in vars(cls).values():
+            func = getattr(value, "__func__", value)
+            code = getattr(func, "__code__", None)
+            if code is not None and _code_names(code) & _CONV_NAMES:
+                return True
+    return False
+
+
+def _code_names(code) -> set:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _code_names(const)
+    return names
+
+
+def _hookable(model: nn.Module):
+    """The modules of ``model`` that take Python hooks (not inside a TorchScript module)."""
+    stack = [model]
+    seen: set[int] = set()
+    while stack:
+        module = stack.pop()
+        if id(module) in seen or isinstance(module, torch.jit.ScriptModule):
+            continue
+        seen.add(id(module))
+        yield module
+        stack.extend(c for c in module._modules.values() if c is not None)
+
+
+def _recording_mode(calls: _CallStack, found: dict) -> routing.MessagePassingMode:
+    def record(func, reason):
+        found.setdefault(calls.innermost, []).append((func, reason))
+    return routing.MessagePassingMode(record)
+
+
+def _find_functional(model: nn.Module, inputs: tuple) -> dict:
+    """The modules whose own ``forward`` called a functional convolution on ``inputs`` (innermost module). The
+    run is made on a copy of the model where one can be made, so that nothing the model keeps between calls
+    (caches in plain attributes, e.g. attention biases cached in eval mode) is left from a run without
+    gradients; the modules found are those of ``model`` at the same paths."""
+    try:
+        probe = copy.deepcopy(model)
+    except Exception:  # noqa: BLE001  (an uncopyable model: the run is made on it, buffers restored)
+        probe = model
+    calls = _CallStack(probe)
+    found: dict = {}
+    try:
+        _run_once(probe, inputs, _recording_mode(calls, found))
+    finally:
+        calls.remove()
+    if probe is model:
+        return found
+    names = {id(m): n for n, m in probe.named_modules()}
+    modules = dict(model.named_modules())
+    return {modules[names[id(m)]]: calls for m, calls in found.items() if names.get(id(m)) in modules}
+
+
+def _route_functional(model: nn.Module, found: dict) -> list[str]:
+    """Route each module of ``found`` (see :func:`_find_functional`); warn for calls that cannot be routed."""
+    names = {id(m): n for n, m in model.named_modules()}
+    routed, refused = [], []
+    for module, calls in found.items():
+        reasons = sorted({r for _, r in calls if r is not None})
+        if reasons:
+            refused.append(f"{names.get(id(module)) or '(the model itself)'}: {', '.join(reasons)}")
+        if isinstance(module, _TWINS) or routing.is_routed(module) or isinstance(module, torch.jit.ScriptModule):
+            continue
+        routing.route(module)
+        routed.append(names.get(id(module), ""))
+    if refused:
+        warnings.warn("these convolution calls stay torch's (their arguments cannot run as message passing): "
+                      + "; ".join(refused), UserWarning, stacklevel=3)
+    return routed
+
+
+class _FirstCall:
+    """Finds functional convolutions during a converted model's first call (when ``convert`` had no example
+    input): the call runs inside a recording :class:`~gridgraph.routing.MessagePassingMode` (so its
+    convolutions are message passing already), and the modules that made them are routed for later calls.
+    The hooks are module-level functions (a converted model pickles and copies before its first call too)."""
+
+    @staticmethod
+    def install(model: nn.Module) -> None:
+        model.register_forward_pre_hook(_first_call_before)
+        model.register_forward_hook(_first_call_after, always_call=True)
+
+    @staticmethod
+    def installed(model: nn.Module) -> bool:
+        return any(h is _first_call_before for h in model._forward_pre_hooks.values()) and \
+            not model.__dict__.get("_gridgraph_first_call_done")
+
+    @staticmethod
+    def run_now(model: nn.Module, inputs: tuple) -> None:
+        """Find and route now what the first call would (on a copy of the model, see :func:`_find_functional`)."""
+        if _FirstCall.installed(model):
+            model.__dict__["_gridgraph_first_call_done"] = True
+            _route_functional(model, _find_functional(model, inputs))
+
+    @staticmethod
+    def remove(model: nn.Module) -> None:
+        for hooks, fn in ((model._forward_pre_hooks, _first_call_before), (model._forward_hooks, _first_call_after)):
+            for key in [k for k, h in hooks.items() if h is fn]:
+                del hooks[key]
+                model._forward_hooks_always_called.pop(key, None)
+        model.__dict__.pop("_gridgraph_first_call_done", None)
+
+
+def _first_call_before(model: nn.Module, args: Any) -> None:
+    if model.__dict__.get("_gridgraph_first_call_done"):  # later calls: nothing to find (two no-op hooks stay:
+        return                                             # a hook cannot remove itself while torch runs them)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return  # left to an eager call (or convert(..., example_input=...))
+    calls = _CallStack(model)
+    found: dict = {}
+    mode = _recording_mode(calls, found)
+    model.__dict__["_gridgraph_first_call_state"] = (calls, found, mode)
+    mode.__enter__()
+
+
+def _first_call_after(model: nn.Module, args: Any, output: Any) -> None:
+    state = model.__dict__.pop("_gridgraph_first_call_state", None)
+    if state is None:
+        return
+    calls, found, mode = state
+    mode.__exit__(None, None, None)
+    calls.remove()
+    model.__dict__["_gridgraph_first_call_done"] = True
+    _route_functional(model, found)
 
 
 def unconvert(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -348,6 +596,11 @@ def unconvert(model: nn.Module, inplace: bool = False) -> nn.Module:
         return module._share_to_torch() if isinstance(module, targets) else None  # type: ignore[attr-defined]
 
     root, names = _replace(model, make, "unconvert")
+    for name, module in root.named_modules():
+        if routing.is_routed(module):
+            routing.unroute(module)
+            names.append(name)
+    _FirstCall.remove(root)
     if not names:
         warnings.warn(f"unconvert found nothing to unconvert in {type(model).__name__}: it contains no "
                       f"{'/'.join(t.__name__ for t in targets)}; the model is returned unchanged",
@@ -363,4 +616,4 @@ def converted_layers(model: nn.Module) -> dict[str, nn.Module]:
         ['0']
     """
     targets = tuple(CONVERSIONS.values())
-    return {name: m for name, m in model.named_modules() if isinstance(m, targets)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, targets) or routing.is_routed(m)}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,7 +24,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from .conversion import CONVERSIONS, convert, converted_layers
+from .conversion import _TORCH_CONVS, CONVERSIONS, _FirstCall, convert, converted_layers
+from .routing import is_routed
 from .graph import graph_to_image, image_to_graph
 from .nn import GridConv2d
 
@@ -532,8 +534,22 @@ def _abs_error(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 def _describe_conv(module: torch.nn.Module) -> str:
-    """``'C_in->C_out <geometry> [gG] [nobias]'`` of a converted layer."""
+    """``'C_in->C_out <geometry> [gG] [nobias]'`` of a converted layer (a routed one: its class and routing)."""
+    if is_routed(module) and not isinstance(module, _TORCH_CONVS):
+        return f"{type(module)._routed_base.__name__}: its own forward, convolution calls routed"
+    if is_routed(module):
+        return f"{type(module)._routed_base.__name__}: its own forward, routed; " + _describe_plain(module)
+    return _describe_plain(module)
+
+
+def _describe_plain(module: torch.nn.Module) -> str:
     geometry = getattr(module, "geometry", None)
+    if not hasattr(geometry, "describe") and isinstance(module, _TORCH_CONVS):
+        try:
+            from .geometry import ConvGeometry
+            geometry = ConvGeometry.from_module(module)
+        except Exception:  # noqa: BLE001  (e.g. a transposed convolution: the attributes below)
+            geometry = None
     if hasattr(geometry, "describe"):
         described = geometry.describe()
     else:  # e.g. a transposed convolution: read the Conv-style attributes
@@ -560,7 +576,10 @@ def _state_kept(*models: torch.nn.Module) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for b, value in saved:
-                b.copy_(value)
+                if b.shape == value.shape:
+                    b.copy_(value)
+                else:  # resized while running (e.g. a quantisation observer's first statistics)
+                    b.data = value
 
 
 def verify_model(original: torch.nn.Module, converted: torch.nn.Module, example_input: Any, *,
@@ -617,20 +636,34 @@ def verify_model(original: torch.nn.Module, converted: torch.nn.Module, example_
     device = inputs[0].device
     start = time.perf_counter()
 
-    twins = converted_layers(converted)
-    if not twins:
+    def pair_up() -> list[tuple[str, torch.nn.Module, torch.nn.Module]]:
+        twins = converted_layers(converted)
+        if not twins and not _FirstCall.installed(converted):
+            raise ValueError(f"converted ({type(converted).__name__}) contains no converted layer; "
+                             "did you pass gridgraph.convert(original)?")
+        originals = dict(original.named_modules())
+        found = []
+        for layer_name, twin in twins.items():
+            ref = originals.get(layer_name)
+            torch_cls = type(twin)._routed_base if is_routed(twin) else next(
+                k for k, v in CONVERSIONS.items() if isinstance(twin, v))
+            if not isinstance(ref, torch_cls):
+                raise ValueError(f"converted layer {layer_name or '(root)'!r} has no {torch_cls.__name__} of the same "
+                                 f"name in original (found {type(ref).__name__ if ref is not None else 'nothing'})")
+            found.append((layer_name, ref, twin))
+        return found
+
+    pair_up()  # the arguments' errors before anything runs
+    with no_tf32():
+        _FirstCall.run_now(converted, tuple(inputs))  # route functional convolutions convert could not see yet
+        # what still runs as a torch convolution: found by running (a copy of) the converted model, not by its
+        # module classes
+        unconverted = torch_convolutions(converted, inputs, grads=grads, seed=seed)
+    pairs = pair_up()
+    if not pairs:
         raise ValueError(f"converted ({type(converted).__name__}) contains no converted layer; "
                          "did you pass gridgraph.convert(original)?")
-    originals = dict(original.named_modules())
-    pairs: list[tuple[str, torch.nn.Module, torch.nn.Module]] = []
-    for layer_name, twin in twins.items():
-        ref = originals.get(layer_name)
-        torch_cls = next(k for k, v in CONVERSIONS.items() if isinstance(twin, v))
-        if not isinstance(ref, torch_cls):
-            raise ValueError(f"converted layer {layer_name or '(root)'!r} has no nn.{torch_cls.__name__} of the "
-                             f"same name in original (found {type(ref).__name__ if ref is not None else 'nothing'})")
-        pairs.append((layer_name, ref, twin))
-    unconverted = [n or "(root)" for n, m in converted.named_modules() if type(m) in CONVERSIONS]
+
     # A low-precision run is judged against a float64 run of the original: rounding that torch's own modules
     # make in float32 (deep networks amplify it) is allowed to the twin too, and nothing more.
     reference = _high_precision_copy(original) if dtype in _HIGH else None
@@ -809,6 +842,109 @@ def _waive_ill_conditioned(report: ModelReport) -> None:
         f"the outputs match: this network's {_short(report.dtype)} gradients are ill-conditioned (a ReLU-like "
         f"gate within rounding of its threshold flips and sends a different gradient through every earlier "
         f"layer); waived. verify in float64 for an exact check")
+
+
+class _ScriptCall:
+    """Marks a TorchScript submodule as the running module while it runs (it takes no Python hooks): its
+    ``forward`` is wrapped on the instance for one run, and ``remove`` restores it."""
+
+    def __init__(self, module: torch.nn.Module, stack: list) -> None:
+        self.module = module
+        self.original = module.forward
+
+        def forward(*args, **kwargs):
+            stack.append(module)
+            try:
+                return self.original(*args, **kwargs)
+            finally:
+                stack.pop()
+        module.__dict__["forward"] = forward
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+
+_CONV_OP = re.compile(r"^aten::_?(conv(olution)?\d?d?(_|$)|conv_transpose|conv_depthwise|convolution|mkldnn_conv|"
+                      r"cudnn_conv|miopen_conv|slow_conv|_slow_conv|thnn_conv|nnpack_spatial|conv_tbc)")
+
+
+def torch_convolutions(model: torch.nn.Module, inputs: Sequence[Any], grads: bool = True, seed: int = 0) -> list[str]:
+    """Where ``model`` still runs a torch convolution on ``inputs``: found by running it (forward, and backward
+    with ``grads``) under a ``TorchDispatchMode`` that sees every ATen operator torch executes, with the module
+    running at the time; one entry per place, ``'<module path> (<class>): <operators> [in backward]'``.
+
+    (``torch.profiler`` sees the same operators, but not which module's Python code issued them; the dispatch
+    mode does, and runs wherever the model runs.) The run is made on a copy of the model where one can be made
+    (else on the model, its buffers restored after), so that nothing it caches between calls changes.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Conv2d(2, 2, 1))
+        >>> torch_convolutions(net, (torch.randn(1, 1, 5, 5),))
+        ['0 (Conv2d): aten::convolution', '1 (Conv2d): aten::convolution', '(backward): aten::convolution_backward']
+        >>> torch_convolutions(convert(net), (torch.randn(1, 1, 5, 5),))
+        []
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    try:
+        model = copy.deepcopy(model)
+    except Exception:  # noqa: BLE001  (an uncopyable model: run it, buffers restored)
+        pass
+    names = {id(m): n for n, m in model.named_modules()}
+    stack: list[torch.nn.Module] = []
+    found: dict[str, set] = {}
+
+    def push(module, args):
+        stack.append(module)
+
+    def pop(module, args, output):
+        if stack and stack[-1] is module:
+            stack.pop()
+
+    class Recorder(TorchDispatchMode):
+        backward = False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name
+            if _CONV_OP.match(name):
+                if self.backward:
+                    where = "(backward)"
+                elif stack:
+                    module = stack[-1]
+                    where = f"{names.get(id(module)) or '(the model itself)'} ({type(module).__name__})"
+                else:
+                    where = "(outside any module)"
+                found.setdefault(where, set()).add(name)
+            return func(*args, **(kwargs or {}))
+
+    scripted = [m for m in model.modules() if isinstance(m, torch.jit.ScriptModule)]
+    inside = {id(c) for m in scripted for c in m.modules()} - {id(m) for m in scripted}
+    handles = []
+    for m in model.modules():
+        if id(m) in inside:
+            continue
+        if isinstance(m, torch.jit.ScriptModule):  # no Python hooks: its whole call is recorded as its own
+            handles.append(_ScriptCall(m, stack))
+            continue
+        handles += [m.register_forward_pre_hook(push), m.register_forward_hook(pop, always_call=True)]
+    xs = [t.detach().clone().requires_grad_(grads and (t.is_floating_point() or t.is_complex()))
+          if isinstance(t, torch.Tensor) else t for t in inputs]
+    recorder = Recorder()
+    try:
+        with _state_kept(model, model), torch.random.fork_rng(devices=[]), torch.set_grad_enabled(grads):
+            torch.manual_seed(seed)
+            with recorder:
+                out = model(*xs)
+            leaves = [t for _, t in _flatten(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+            if grads and leaves:
+                recorder.backward = True
+                with recorder:
+                    torch.autograd.backward(leaves, [torch.ones_like(t) for t in leaves])
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True) if grads else None
+    return [f"{where}: {', '.join(sorted(ops))}" for where, ops in found.items()]
 
 
 #: Low-precision dtypes and the dtype of the reference run that judges them.

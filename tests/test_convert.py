@@ -13,6 +13,7 @@ from torch import nn
 
 from gridgraph import GridConv2d, image_to_graph
 from gridgraph.conversion import CONVERSIONS, ImageGridConv2d, convert, converted_layers, unconvert
+from gridgraph.nn.functional import kernel_trace
 
 #: One of each: kernel sizes, strides, 'same'/'valid', dilation, groups/depthwise, bias off, padding modes.
 CONFIGS = [
@@ -232,16 +233,23 @@ def test_nothing_to_convert_warns_and_returns_the_model():
         convert(twin)
 
 
-def test_subclasses_of_conv2d_are_left_alone_with_a_warning():
+def test_subclasses_of_conv2d_keep_their_forward_and_are_routed():
+    """A subclass keeps its class and its own forward (here: weight standardisation); only its convolution call
+    runs as message passing (tests/test_real_patterns.py covers every pattern)."""
     class StandardisedConv2d(nn.Conv2d):
         def forward(self, x):
             w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
             return self._conv_forward(x, w, self.bias)
 
-    net = nn.Sequential(StandardisedConv2d(2, 2, 3), nn.Conv2d(2, 2, 1))
-    with pytest.warns(UserWarning, match=r"left 1 subclass\(es\) .*StandardisedConv2d"):
-        twin = convert(net)
-    assert type(twin[0]) is StandardisedConv2d and type(twin[1]) is ImageGridConv2d
+    net = nn.Sequential(StandardisedConv2d(2, 2, 3), nn.Conv2d(2, 2, 1)).double()
+    twin = convert(net)
+    assert isinstance(twin[0], StandardisedConv2d) and type(twin[1]) is ImageGridConv2d
+    assert list(converted_layers(twin)) == ["0", "1"]
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    with kernel_trace() as trace:
+        torch.testing.assert_close(twin(x), net(x), rtol=1e-12, atol=1e-12)
+    assert trace == ["image", "image"]
+    assert type(unconvert(twin)[0]) is StandardisedConv2d
 
 
 def test_buffers_attributes_and_hooks_are_kept_both_ways():
@@ -333,15 +341,19 @@ def test_converted_model_on_every_device(device):
     torch.testing.assert_close(twin(x), net(x), atol=1e-5, rtol=0)
 
 
-def test_convolutions_with_computed_weights_are_left_alone_with_a_warning():
+def test_convolutions_with_computed_weights_are_routed():
+    """The old torch.nn.utils.weight_norm recomputes the weight in a hook: the module keeps it and its
+    convolution call is routed."""
     net = nn.Sequential(nn.Conv2d(2, 2, 3), nn.Conv2d(2, 2, 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # weight_norm is deprecated in favour of parametrizations
         torch.nn.utils.weight_norm(net[0])
     with pytest.raises(RuntimeError, match=r"convert could not copy the model .* convert it in place with inplace=True"):
         convert(net)  # torch cannot deepcopy weight_norm's computed weight
-    with pytest.warns(UserWarning, match=r"left 1 convolution\(s\) alone whose weight or bias is computed"):
-        twin = convert(net, inplace=True)
-    assert type(twin[0]) is nn.Conv2d and type(twin[1]) is ImageGridConv2d
     x = torch.randn(1, 2, 6, 6)
-    torch.testing.assert_close(twin(x), net(x), atol=1e-6, rtol=0)
+    want = net(x)
+    twin = convert(net, inplace=True)
+    assert isinstance(twin[0], nn.Conv2d) and type(twin[1]) is ImageGridConv2d
+    with kernel_trace() as trace:
+        torch.testing.assert_close(twin(x), want, atol=1e-6, rtol=0)
+    assert trace == ["image", "image"]

@@ -565,7 +565,7 @@ def _skip_padding(gather: Gather, src: Tensor, weight: Tensor, bias: Optional[Te
         found = bool(out.isnan().any())
     else:
         found = any(bool(band.isnan().any()) for band in _bands(gather, out))
-    if not found:
+    if not found:  # no NaN at the border: nothing was multiplied into one
         return
     rows, slots = gather.num_rows, gather.num_slots
     index = _slot_index(gather, src.device, 1).view(rows, slots)
@@ -659,9 +659,29 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lat: Lattice, gro
     src = _pad_remapped(lat, x) if lat.remapped else x
     out = _apply(lat.forward, src, _weights(weight, groups, kind, lat.forward.taps, False), kind, bias)
     if not lat.forward.inside and lat.forward.num_rows and not padding_multiplies(x.dtype, x.device, kind) \
-            and not (kind == "depthwise" and _compiled_depthwise(lat.forward, src, weight)):
+            and not (kind == "depthwise" and _compiled_depthwise(lat.forward, src, weight)) \
+            and not weights_finite(weight):
         _skip_padding(lat.forward, src, weight, bias, groups, out)
     return out
+
+
+_FINITE: dict = {}  # id(weight) -> (weakref to it, (version, data pointer), finite)
+
+
+def weights_finite(weight: Tensor) -> bool:
+    """Whether ``weight`` holds no Inf or NaN, remembered per tensor while its version and memory stay the
+    same (a layer's weight is read once per edit, not at every call). An edit through ``.data`` keeps the
+    version counter of the weight itself: such a weight is read again when its memory or version changes."""
+    stamp = (weight._version, weight.data_ptr()) if not weight.is_inference() else None
+    seen = _FINITE.get(id(weight)) if stamp is not None else None
+    if seen is not None and seen[0]() is weight and seen[1] == stamp:
+        return seen[2]
+    finite = _finite(weight)
+    if stamp is not None:
+        if len(_FINITE) > 4096:
+            _FINITE.clear()
+        _FINITE[id(weight)] = (weakref.ref(weight), stamp, finite)
+    return finite
 
 
 def _scatter_small(lat: Lattice, channels: int) -> bool:
