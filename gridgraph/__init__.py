@@ -25,6 +25,7 @@ from .nn import (DepthwiseConv2d, GridConv1d, GridConv2d, GridConv3d, GridConvNd
 from .nn.attention import PixelAttention, SqueezeExcitation, complete_pixel_graph
 from .verify import ModelReport, torch_convolutions, verify_layers, verify_model
 from .routing import MessagePassingMode, message_passing
+from .gnn import GNN, Features, Grids, features_of, to_gnn, to_pixel_graphs
 from .onnx import export_onnx, onnx_translations
 
 from ._version import __version__
@@ -44,6 +45,8 @@ __all__ = [
     "convert", "unconvert", "converted_layers", "CONVERSIONS", "ImageGridConv1d", "ImageGridConv2d",
     "ImageGridConv3d", "REFERENCE_MODELS", "reference_model", "verify_model", "ModelReport", "verify_layers",
     "torch_convolutions", "message_passing", "MessagePassingMode",
+    # a whole CNN as a GNN on PyG batches of pixel graphs
+    "to_gnn", "GNN", "Features", "Grids", "features_of", "to_pixel_graphs",
     # analysis (more in gridgraph.analysis; drawings in gridgraph.plot)
     "analysis", "plot", "receptive_field", "receptive_field_size", "conv_cost", "separable_cost",
     "separable_ratio", "linear_operator", "mixing_matrix",
