@@ -192,6 +192,20 @@ class Features:
         return f"Features(x=[{self.x.size(0)}, {self.channels}], {self.grids})"
 
 
+_UNIFORM: dict = {}
+
+
+def _uniform(size: tuple, num_graphs: int) -> Grids:
+    """The (shared) layout of ``num_graphs`` grids of one size."""
+    key = (size, num_graphs)
+    grids = _UNIFORM.get(key)
+    if grids is None:
+        if len(_UNIFORM) > 512:
+            _UNIFORM.clear()
+        grids = _UNIFORM[key] = Grids([size] * num_graphs)
+    return grids
+
+
 def _assemble(pieces: list, num_graphs: int) -> Features:
     """Features from per-size results ``[(graph indices, images [G, C, *size])]`` (in any order)."""
     sizes: list = [None] * num_graphs
@@ -202,7 +216,7 @@ def _assemble(pieces: list, num_graphs: int) -> Features:
         size = tuple(images.shape[2:])
         if len(pieces) == 1 and len(graphs) == num_graphs and graphs == sorted(graphs):
             x = nodes.reshape(-1, images.size(1))  # a view when the images are channels-last
-            return Features(x, Grids([size] * num_graphs))
+            return Features(x, _uniform(size, num_graphs))
         for i, g in enumerate(graphs):
             sizes[g] = size
             per_graph[g] = nodes[i].reshape(-1, images.size(1))
@@ -249,9 +263,8 @@ def _tuple(v: Any, n: int) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
-def _window_views(nodes: Tensor, kernel, stride, pad, dilation, out, fill: float) -> Tensor:
-    """``[G, *out, taps, C]``: each target's window (row-major taps) from node images ``[G, *size, C]``,
-    ``fill`` outside the grid: the per-tap shifted views of a regular grid's neighbourhood."""
+def _padded(nodes: Tensor, kernel, stride, pad, dilation, out, fill: float) -> Tensor:
+    """Node images ``[G, *size, C]`` padded with ``fill`` so that every target's window is inside."""
     n = len(kernel)
     size = nodes.shape[1:n + 1]
     hi = [max(0, (o - 1) * s + (k - 1) * d + 1 - p - sz) for o, s, k, d, p, sz in
@@ -259,14 +272,19 @@ def _window_views(nodes: Tensor, kernel, stride, pad, dilation, out, fill: float
     pads = []
     for p, h in zip(reversed(pad), reversed(hi)):
         pads += [p, h]
-    padded = torch.constant_pad_nd(nodes, [0, 0] + pads, fill) if any(pads) else nodes
-    taps = []
+    return torch.constant_pad_nd(nodes, [0, 0] + pads, fill) if any(pads) else nodes
+
+
+def _taps(padded: Tensor, kernel, stride, dilation, out):
+    """Per tap (row-major): the ``[G, *out, C]`` view of each target's source at that tap, the shifted views
+    of a regular grid's neighbourhood."""
     for offsets in _product([range(k) for k in kernel]):
         view = padded
         for a, (u, d, s, o) in enumerate(zip(offsets, dilation, stride, out)):
-            view = view.narrow(1 + a, u * d, (o - 1) * s + 1)[(slice(None),) * (1 + a) + (slice(None, None, s),)]
-        taps.append(view)
-    return torch.stack(taps, dim=n + 1)
+            view = view.narrow(1 + a, u * d, (o - 1) * s + 1)
+            if s > 1:
+                view = view[(slice(None),) * (1 + a) + (slice(None, None, s),)]
+        yield view
 
 
 def _product(ranges):
@@ -276,6 +294,19 @@ def _product(ranges):
     for head in ranges[0]:
         for rest in _product(ranges[1:]):
             yield (head,) + rest
+
+
+def _max_aggregate(padded: Tensor, kernel, stride, dilation, out) -> Tensor:
+    """``max`` aggregation over each target's window: with autograd, ``max`` over the stacked taps (its gradient
+    goes to the first maximal source, as max pooling's); without, a running ``maximum`` (NaN propagates in
+    both, as in max pooling)."""
+    taps = _taps(padded, kernel, stride, dilation, out)
+    if torch.is_grad_enabled() and padded.requires_grad:
+        return torch.stack(list(taps), dim=len(kernel) + 1).max(dim=len(kernel) + 1).values
+    best = next(taps).clone(memory_format=torch.contiguous_format)
+    for tap in taps:
+        torch.maximum(best, tap, out=best)
+    return best
 
 
 def max_pool(f: Features, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False) -> Features:
@@ -290,8 +321,8 @@ def max_pool(f: Features, kernel_size, stride=None, padding=0, dilation=1, ceil_
         size = images.shape[2:]
         out = [_pool_axis(sz, kk, ss, pp, dd, ceil_mode) for sz, kk, ss, pp, dd in zip(size, k, s, p, d)]
         nodes = images.permute(0, *range(2, n + 2), 1)
-        windows = _window_views(nodes, k, s, p, d, out, -math.inf)
-        return windows.max(dim=n + 1).values.permute(0, n + 1, *range(1, n + 1))
+        padded = _padded(nodes, k, s, p, d, out, -math.inf)
+        return _max_aggregate(padded, k, s, d, out).permute(0, n + 1, *range(1, n + 1))
     return _per_size(f, pool)
 
 
@@ -308,7 +339,10 @@ def avg_pool(f: Features, kernel_size, stride=None, padding=0, ceil_mode=False, 
         size = images.shape[2:]
         out = [_pool_axis(sz, kk, ss, pp, 1, ceil_mode) for sz, kk, ss, pp in zip(size, k, s, p)]
         nodes = images.permute(0, *range(2, n + 2), 1)
-        total = _window_views(nodes, k, s, p, (1,) * n, out, 0.0).sum(dim=n + 1)
+        padded = _padded(nodes, k, s, p, (1,) * n, out, 0.0)
+        total = None
+        for tap in _taps(padded, k, s, (1,) * n, out):
+            total = tap.clone(memory_format=torch.contiguous_format) if total is None else total + tap
         if divisor_override:
             divisor = torch.tensor(float(divisor_override), dtype=images.dtype, device=images.device)
         else:
@@ -334,12 +368,14 @@ def adaptive_pool(f: Features, output_size, kind: str) -> Features:
     """``AdaptiveAvgPoolNd`` / ``AdaptiveMaxPoolNd`` with torch's bins; a 1x1 output is a readout per graph."""
     n = f.grids.ndim
     out_size = _tuple(output_size, n)
+    if kind == "avg" and all(o == 1 for o in out_size):  # a readout per graph
+        return readout_mean(f, keepdim=True)
     if f.grids.masked and all(o == 1 for o in out_size):  # a readout over each graph's active pixels
         if kind == "avg":
             return readout_mean(f, keepdim=True)
         grids = f.grids
         pooled = torch.stack([f.x[grids.offsets[g]:grids.offsets[g + 1]].max(0).values for g in range(grids.num_graphs)])
-        return Features(pooled, Grids([(1,) * n] * grids.num_graphs))
+        return Features(pooled, _uniform((1,) * n, grids.num_graphs))
 
     def pool(images):
         size = images.shape[2:]
@@ -374,11 +410,14 @@ def readout_mean(f: Features, keepdim: bool) -> Any:
         pooled = torch.stack([f.x[grids.offsets[g]:grids.offsets[g + 1]].mean(0) for g in range(grids.num_graphs)])
     if not keepdim:
         return pooled
-    return Features(pooled, Grids([(1,) * grids.ndim] * grids.num_graphs))
+    return Features(pooled, _uniform((1,) * grids.ndim, grids.num_graphs))
 
 
 def broadcast(f: Features, grids: Grids) -> Features:
     """Features on 1x1 grids broadcast to every node of ``grids`` (one value per graph)."""
+    if grids.uniform and not grids.masked:
+        g, c = grids.num_graphs, f.channels
+        return Features(f.x.view(g, 1, c).expand(g, grids.counts[0] if g else 0, c).reshape(-1, c), grids)
     return Features(f.x[grids.batch(f.x.device)], grids)
 
 
@@ -523,121 +562,245 @@ def _error(node, what: str) -> NotImplementedError:
                                f"form{(': ' + str(where[0]).strip()) if isinstance(where, list) and where else ''}")
 
 
-class _Run(torch.fx.Interpreter):
-    """Runs the traced network with :class:`Features` in place of image batches."""
+class _Where:
+    """What a handler reports in its errors: the traced node and its module path."""
 
-    def call_module(self, target, args, kwargs):
-        module = self.fetch_attr(target)
-        x = args[0] if args else None
-        if not isinstance(x, Features):
-            return super().call_module(target, args, kwargs)
-        if isinstance(module, _CONVS) or routing.is_routed(module):
-            rest, more = args[1:], kwargs
-            return _per_size(x, lambda images: module(images, *rest, **more))
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return x.with_x(_batch_norm(module, x.x))  # statistics over all nodes, per channel
-        if isinstance(module, _ELEMENTWISE_MODULES):
-            return x.with_x(module(x.x))
-        if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
-            if module.return_indices:
-                raise _error(self._node, "max pooling with return_indices")
-            return max_pool(x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
-        if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
-            return avg_pool(x, module.kernel_size, module.stride, module.padding, module.ceil_mode,
-                            module.count_include_pad, getattr(module, "divisor_override", None))
-        if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
-            return adaptive_pool(x, module.output_size, "avg")
-        if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
-            if module.return_indices:
-                raise _error(self._node, "adaptive max pooling with return_indices")
-            return adaptive_pool(x, module.output_size, "max")
-        if isinstance(module, nn.Upsample):
-            return interpolate(x, module.size, module.scale_factor, module.mode, module.align_corners,
-                               getattr(module, "recompute_scale_factor", None))
-        if isinstance(module, nn.Flatten):
-            return _flatten(x, module.start_dim, module.end_dim, self._node)
-        raise _error(self._node, f"{type(module).__name__} on node features")
+    __slots__ = ("name", "op", "target", "stack_trace")
 
-    def call_function(self, target, args, kwargs):
-        if target is operator.getitem and isinstance(args[0], GridShape):
-            return _getitem_shape(args[0], args[1])
-        if not any(isinstance(a, Features) for a in _leaves((args, kwargs))):
-            return super().call_function(target, args, kwargs)
-        node = self._node
-        if target is getattr:
-            return getattr(args[0], args[1])
-        if target is operator.getitem and isinstance(args[0], (GridShape, torch.Size)):
-            return _getitem_shape(args[0], args[1])
-        if target in _ELEMENTWISE_FUNCTIONS:
-            return args[0].with_x(target(args[0].x, *args[1:], **kwargs))
-        if target in _BINARY:
-            return _binary(target, args, kwargs, node)
-        if target is torch.cat:
-            tensors = args[0] if args else kwargs["tensors"]
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-            return _cat(tensors, dim, node)
-        if target is torch.flatten:
-            return _flatten(args[0], args[1] if len(args) > 1 else kwargs.get("start_dim", 0),
-                            args[2] if len(args) > 2 else kwargs.get("end_dim", -1), node)
-        if target is F.interpolate:
-            return interpolate(*args, **kwargs)
-        if target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d):
-            return adaptive_pool(args[0], args[1] if len(args) > 1 else kwargs["output_size"], "avg")
-        if target in (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d):
-            return adaptive_pool(args[0], args[1] if len(args) > 1 else kwargs["output_size"], "max")
-        if target in (F.max_pool1d, F.max_pool2d, F.max_pool3d):
-            return max_pool(*args, **{k: v for k, v in kwargs.items() if k != "return_indices"})
-        if target in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d):
-            return avg_pool(*args, **kwargs)
-        if target in (torch.mean,):
-            return _mean(args[0], args[1] if len(args) > 1 else kwargs.get("dim"), kwargs.get("keepdim", False), node)
-        if getattr(target, "__name__", "") in ("stochastic_depth", "drop_path"):  # torchvision / timm
-            return _drop_path(args, kwargs, self.module.training, node)
-        if target in routing.CONV_FUNCTIONS:
-            x = args[0]
-            return _per_size(x, lambda images: routing.conv_call(target, (images,) + tuple(args[1:]), kwargs))
-        raise _error(node, getattr(target, "__name__", str(target)))
+    def __init__(self, node: torch.fx.Node) -> None:
+        self.name, self.op, self.stack_trace = node.name, node.op, node.stack_trace
+        self.target = node.target if node.op == "call_module" else None
 
-    def call_method(self, target, args, kwargs):
-        x = args[0]
-        if not isinstance(x, Features):
-            if isinstance(x, (GridShape, torch.Size)) and target == "__getitem__":
-                return _getitem_shape(x, args[1])
-            return super().call_method(target, args, kwargs)
-        node = self._node
-        if target in ("size",):
-            return x.size(*args[1:])
-        if target == "dim":
-            return x.dim()
-        if target == "mean":
-            dim = args[1] if len(args) > 1 else kwargs.get("dim")
-            keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
-            return _mean(x, dim, keepdim, node)
-        if target in ("flatten",):
-            return _flatten(x, args[1] if len(args) > 1 else kwargs.get("start_dim", 0),
-                            args[2] if len(args) > 2 else kwargs.get("end_dim", -1), node)
-        if target in ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "clamp", "clamp_", "contiguous",
-                      "float", "double", "neg", "abs"):
-            result = getattr(x.x, target)(*args[1:], **kwargs)
-            return x.with_x(result) if target != "contiguous" else x
-        if target in ("add", "add_", "mul", "mul_", "sub", "div", "__add__", "__mul__"):
-            op = {"add": torch.add, "add_": torch.add, "__add__": torch.add, "mul": torch.mul, "mul_": torch.mul,
-                  "__mul__": torch.mul, "sub": torch.sub, "div": torch.div}[target]
-            return _binary(op, args, kwargs, node)
-        if target == "expand":
-            return _expand(x, args[1:], node)
-        if target in ("view", "reshape"):
-            shape = args[1:] if len(args) > 2 or not isinstance(args[1], (tuple, list)) else args[1]
-            return _flatten(x, 1, -1, node) if len(shape) == 2 else _error_raise(node, f"{target}{tuple(shape)}")
-        raise _error(node, f"method {target!r} of node features")
 
-    def run_node(self, n):
-        self._node = n
+_RECORD: Optional[list] = None  # GNN.describe: the operators that ran on node features
+
+
+def _first_features(values) -> Optional[Features]:
+    return next((v for v in _leaves(values) if isinstance(v, Features)), None)
+
+
+def _describe(where: _Where, kind: str, target: Any, args, result) -> None:
+    source = _first_features(args)
+    if source is None:
+        return
+    module = args[0] if kind == "call_module" else None
+    if kind == "call_module":
+        op = type(module).__name__
+    elif kind == "call_function":
+        op = getattr(target, "__name__", str(target))
+    else:
+        op = f".{target}()"
+    out = result if isinstance(result, Features) else None
+    row = {"node": where.name, "module": where.target, "op": op, "grid_in": source.grids.sizes[0],
+           "channels_in": source.channels, "grid_out": out.grids.sizes[0] if out is not None else None,
+           "channels_out": out.channels if out is not None else (result.size(-1) if isinstance(result, Tensor)
+                                                                 else None)}
+    if isinstance(module, _CONVS) or routing.is_routed(module):
+        row["aggregation"] = "sum over taps (message passing)"
+        if hasattr(module, "weight"):
+            from .graph import image_to_graph  # the stage's own pixel graph: its edges per graph
+            probe = torch.zeros(1, source.channels, *source.grids.sizes[0])
+            try:
+                row["edges"] = int(image_to_graph(probe, module).edge_index.size(1))
+            except (TypeError, ValueError):
+                pass
+    elif "MaxPool" in op or op.startswith("max_pool") or op == "AdaptiveMaxPool2d":
+        row["aggregation"] = "max over window"
+    elif "AvgPool" in op or op.startswith("avg_pool") or op.startswith("adaptive_avg") or op in ("mean", ".mean()"):
+        row["aggregation"] = "mean (readout per graph)" if out is None or math.prod(out.grids.sizes[0]) == 1 \
+            else "mean over window"
+    elif op in ("Upsample", "interpolate"):
+        row["aggregation"] = "weighted gather from the coarser grid"
+    elif out is not None and out.grids != source.grids and all(math.prod(s) == 1 for s in source.grids.sizes):
+        row["aggregation"] = "broadcast to the nodes"
+    else:
+        row["aggregation"] = "node-wise"
+    _RECORD.append(row)
+
+
+def _masked_guard(fn: Callable, where: _Where, kind: str, target: Any) -> Callable:
+    def run(*args, **kwargs):
         try:
-            return super().run_node(n)
+            result = fn(*args, **kwargs)
         except _GridChange as error:
-            raise NotImplementedError(f"to_gnn: {n.name!r}{' (module ' + repr(n.target) + ')' if n.op == 'call_module' else ''} "
-                                      f"cannot run on masked pixel graphs: {error}") from None
+            module = f" (module {where.target!r})" if where.target is not None else ""
+            raise NotImplementedError(f"to_gnn: {where.name!r}{module} cannot run on masked pixel graphs: "
+                                      f"{error}") from None
+        if _RECORD is not None:
+            _describe(where, kind, target, args, result)
+        return result
+    return run
+
+
+def _apply_module(where: _Where, module: nn.Module, *args, **kwargs):
+    x = args[0] if args else None
+    if not isinstance(x, Features):
+        return module(*args, **kwargs)
+    if isinstance(module, _CONVS) or routing.is_routed(module):
+        rest = args[1:]
+        return _per_size(x, lambda images: module(images, *rest, **kwargs))
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return x.with_x(_batch_norm(module, x.x))  # statistics over all nodes, per channel
+    if isinstance(module, _ELEMENTWISE_MODULES):
+        return x.with_x(module(x.x))
+    if type(module).__name__ in ("StochasticDepth", "DropPath"):  # torchvision / timm: per sample = per graph
+        p = getattr(module, "p", getattr(module, "drop_prob", 0.0))
+        return _drop_path((x, p, module.training), {"scale_by_keep": getattr(module, "scale_by_keep", True),
+                                                    "mode": getattr(module, "mode", "row")}, module.training, where)
+    if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+        if module.return_indices:
+            raise _error(where, "max pooling with return_indices")
+        return max_pool(x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
+    if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+        return avg_pool(x, module.kernel_size, module.stride, module.padding, module.ceil_mode,
+                        module.count_include_pad, getattr(module, "divisor_override", None))
+    if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+        return adaptive_pool(x, module.output_size, "avg")
+    if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
+        if module.return_indices:
+            raise _error(where, "adaptive max pooling with return_indices")
+        return adaptive_pool(x, module.output_size, "max")
+    if isinstance(module, nn.Upsample):
+        return interpolate(x, module.size, module.scale_factor, module.mode, module.align_corners,
+                           getattr(module, "recompute_scale_factor", None))
+    if isinstance(module, nn.Flatten):
+        return _flatten(x, module.start_dim, module.end_dim, where)
+    raise _error(where, f"{type(module).__name__} on node features")
+
+
+def _apply_function(where: _Where, target: Callable, args, kwargs):
+    if target is operator.getitem and isinstance(args[0], GridShape):
+        return _getitem_shape(args[0], args[1])
+    if not any(isinstance(a, (Features, GridShape)) for a in _leaves((args, kwargs))):
+        return target(*args, **kwargs)
+    if target is getattr:
+        return getattr(args[0], args[1])
+    if target is operator.getitem and isinstance(args[0], torch.Size):
+        return args[0][args[1]]
+    if target in _ELEMENTWISE_FUNCTIONS:
+        return args[0].with_x(target(args[0].x, *args[1:], **kwargs))
+    if target in _BINARY:
+        return _binary(target, args, kwargs, where)
+    if target is torch.cat:
+        tensors = args[0] if args else kwargs["tensors"]
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        return _cat(tensors, dim, where)
+    if target is torch.flatten:
+        return _flatten(args[0], args[1] if len(args) > 1 else kwargs.get("start_dim", 0),
+                        args[2] if len(args) > 2 else kwargs.get("end_dim", -1), where)
+    if target is F.interpolate:
+        return interpolate(*args, **kwargs)
+    if target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d):
+        return adaptive_pool(args[0], args[1] if len(args) > 1 else kwargs["output_size"], "avg")
+    if target in (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d):
+        return adaptive_pool(args[0], args[1] if len(args) > 1 else kwargs["output_size"], "max")
+    if target in (F.max_pool1d, F.max_pool2d, F.max_pool3d):
+        if kwargs.get("return_indices") or (len(args) > 6 and args[6]):
+            raise _error(where, "max pooling with return_indices")
+        return max_pool(*args[:6], **{k: v for k, v in kwargs.items() if k != "return_indices"})
+    if target in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d):
+        return avg_pool(*args, **kwargs)
+    if target is torch.mean:
+        return _mean(args[0], args[1] if len(args) > 1 else kwargs.get("dim"), kwargs.get("keepdim", False), where)
+    if getattr(target, "__name__", "") in ("stochastic_depth", "drop_path"):  # torchvision / timm functions
+        return _drop_path(args, kwargs, True, where)
+    if target in routing.CONV_FUNCTIONS:
+        x = args[0]
+        return _per_size(x, lambda images: routing.conv_call(target, (images,) + tuple(args[1:]), kwargs))
+    raise _error(where, getattr(target, "__name__", str(target)))
+
+
+_SAME_FEATURES_METHODS = ("contiguous", "float", "double", "to", "type_as", "clone")
+
+
+def _apply_method(where: _Where, name: str, args, kwargs):
+    x = args[0]
+    if isinstance(x, GridShape) and name == "__getitem__":
+        return _getitem_shape(x, args[1])
+    if not isinstance(x, Features):
+        return getattr(x, name)(*args[1:], **kwargs)
+    if name == "size":
+        return x.size(*args[1:])
+    if name == "dim":
+        return x.dim()
+    if name == "mean":
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+        return _mean(x, dim, keepdim, where)
+    if name == "flatten":
+        return _flatten(x, args[1] if len(args) > 1 else kwargs.get("start_dim", 0),
+                        args[2] if len(args) > 2 else kwargs.get("end_dim", -1), where)
+    if name in ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "clamp", "clamp_", "neg", "abs",
+                "mul_", "add_", "div_", "sub_") and not any(isinstance(a, Features) for a in args[1:]):
+        if name.endswith("_") and name[:-1] in ("mul", "add", "div", "sub"):
+            other = args[1] if len(args) > 1 else kwargs.get("other")
+            if isinstance(other, Tensor) and other.dim() > 1:
+                return _binary(getattr(torch, name[:-1]), args, kwargs, where)
+        return x.with_x(getattr(x.x, name)(*args[1:], **kwargs))
+    if name in _SAME_FEATURES_METHODS:
+        return x.with_x(getattr(x.x, name)(*args[1:], **kwargs))
+    if name in ("add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "__add__", "__mul__"):
+        op = {"add": torch.add, "__add__": torch.add, "mul": torch.mul, "__mul__": torch.mul, "sub": torch.sub,
+              "div": torch.div}[name.rstrip("_")]
+        return _binary(op, args, kwargs, where)
+    if name == "expand":
+        return _expand(x, args[1:], where)
+    if name in ("view", "reshape"):
+        shape = args[1:] if len(args) > 2 or not isinstance(args[1], (tuple, list)) else args[1]
+        if len(shape) == 2:
+            return _flatten(x, 1, -1, where)
+        raise _error(where, f"{name}{tuple(shape)}")
+    raise _error(where, f"method {name!r} of node features")
+
+
+def _handler(kind: str, where: _Where, target: Any) -> Callable:
+    """A function for the generated program: the node's operator applied to :class:`Features` (or plain values)."""
+    if kind == "call_module":
+        def run(module, *args, **kwargs):
+            return _apply_module(where, module, *args, **kwargs)
+    elif kind == "call_function":
+        def run(*args, **kwargs):
+            return _apply_function(where, target, args, kwargs)
+    else:
+        def run(*args, **kwargs):
+            return _apply_method(where, target, args, kwargs)
+    run = _masked_guard(run, where, kind, target)
+    run.__name__ = run.__qualname__ = f"gnn_{where.name}"
+    run.__module__ = __name__
+    return run
+
+
+def _fetch(net: nn.Module, path: str) -> Any:
+    for part in path.split("."):
+        net = getattr(net, part)
+    return net
+
+
+def _program(graph: torch.fx.Graph) -> torch.fx.GraphModule:
+    """The traced network as generated Python code calling a handler per node (no interpreter per call). The
+    network is its first input: modules and parameters are read from it at each call (a module swapped after
+    :func:`to_gnn` is the one that runs, and the program holds no state)."""
+    out = torch.fx.Graph()
+    env: dict = {}
+    net = out.placeholder("net")
+
+    def arg(a):
+        return torch.fx.map_arg(a, lambda n: env[n])
+
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            env[node] = out.placeholder(node.target)
+        elif node.op == "get_attr":
+            env[node] = out.call_function(_fetch, (net, node.target))
+        elif node.op == "output":
+            out.output(arg(node.args[0]))
+        else:
+            where = _Where(node)
+            args = tuple(arg(node.args))
+            if node.op == "call_module":
+                args = (out.call_function(_fetch, (net, node.target)),) + args
+            env[node] = out.call_function(_handler(node.op, where, node.target), args, arg(node.kwargs))
+    return torch.fx.GraphModule(nn.Module(), out)
 
 
 def _drop_path(args, kwargs, training: bool, node):
@@ -671,10 +834,6 @@ def _batch_norm(module: nn.Module, x: Tensor) -> Tensor:
     track = not module.training or module.track_running_stats
     return F.batch_norm(x, module.running_mean if track else None, module.running_var if track else None,
                         module.weight, module.bias, use_batch, momentum, module.eps)
-
-
-def _error_raise(node, what):
-    raise _error(node, what)
 
 
 def _leaves(value):
@@ -716,6 +875,14 @@ def _binary(op, args, kwargs, node):
     fa, fb = isinstance(a, Features), isinstance(b, Features)
     if fa and fb:
         if a.grids != b.grids:  # one per graph (a 1x1 readout) broadcast to the nodes of the other
+            one_a = all(math.prod(s) == 1 for s in a.grids.sizes) and not a.grids.masked
+            one_b = all(math.prod(s) == 1 for s in b.grids.sizes) and not b.grids.masked
+            big = a if one_b else b
+            if (one_a or one_b) and alpha is None and big.grids.uniform and not big.grids.masked:
+                g, c = big.grids.num_graphs, big.channels  # per graph: a broadcast, nothing materialised
+                va = a.x.view(g, -1, a.channels)
+                vb = b.x.view(g, -1, b.channels)
+                return big.with_x(op(va, vb).reshape(-1, max(a.channels, b.channels)))
             if all(math.prod(s) == 1 for s in b.grids.sizes):
                 b = broadcast(b, a.grids)
             elif all(math.prod(s) == 1 for s in a.grids.sizes):
@@ -785,7 +952,7 @@ def _expand(x: Features, sizes, node):
     elif isinstance(sizes, GridShape) and sizes.dims is None:
         target = sizes.grids
     elif grid and all(isinstance(g, int) for g in grid):
-        target = Grids([tuple(grid)] * x.grids.num_graphs)
+        target = _uniform(tuple(grid), x.grids.num_graphs)
     else:
         raise _error(node, f"expand to {sizes}")
     if target.num_graphs != x.grids.num_graphs:
@@ -820,7 +987,7 @@ def features_of(data: Any) -> Features:
                              f"graph ({part.describe()})")
         sizes += [tuple(part.in_size)] * part.num_images
     if kinds == {"grid"}:
-        return Features(x, Grids(sizes))
+        return Features(x, _uniform(sizes[0], len(sizes)) if len(set(sizes)) == 1 else Grids(sizes))
     if kinds != {"sparse"}:
         raise ValueError("to_gnn: a batch mixes full and masked pixel graphs; give every graph a mask")
     pos, batch = getattr(data, "pos", None), getattr(data, "batch", None)
@@ -879,17 +1046,34 @@ class GNN(nn.Module):
     list when the sizes differ). ``module`` is the converted CNN (its parameters are this module's).
     """
 
-    def __init__(self, module: nn.Module, graph: torch.fx.Graph, kernel_size: Any = 3) -> None:
+    def __init__(self, module: nn.Module, graphs: dict, kernel_size: Any = 3) -> None:
         super().__init__()
         self.module = module
-        self.graph = graph
+        self.graphs = graphs  # {training: torch.fx.Graph}: a trace per mode where the dataflow depends on it
         self.kernel_size = kernel_size
-        self._program = torch.fx.GraphModule(module, graph)
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        """The traced dataflow of the current mode."""
+        return self.graphs[self.training if self.training in self.graphs else next(iter(self.graphs))]
+
+    def _run(self, features: Features) -> Any:
+        programs = self.__dict__.get("_programs")
+        if programs is None:
+            programs = self.__dict__["_programs"] = {}
+        graph = self.graph
+        program = programs.get(id(graph))
+        if program is None:
+            program = programs[id(graph)] = _program(graph)
+        return program(self.module, features)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_programs", None)  # generated code: rebuilt from the graphs
+        return state
 
     def forward(self, data: Any) -> Any:
-        features = features_of(data)
-        out = _Run(self._program).run(features)
-        return self._output(out)
+        return self._output(self._run(features_of(data)))
 
     def _output(self, out: Any) -> Any:
         if isinstance(out, Features):
@@ -900,7 +1084,21 @@ class GNN(nn.Module):
 
     def features(self, data: Any) -> Any:
         """Like ``forward``, but dense outputs stay :class:`Features` (to chain networks without a graph)."""
-        return _Run(self._program).run(features_of(data))
+        return self._run(features_of(data))
+
+    @torch.no_grad()
+    def describe(self, data: Any) -> list[dict]:
+        """The operators that run on node features for ``data``, in order: per operator its node and module
+        path, the grid and channels in and out (of the first graph), the aggregation (message passing over
+        taps, max/mean over windows, readout, broadcast, node-wise) and, for convolutions, the edges of the
+        stage's pixel graph per graph."""
+        global _RECORD
+        previous, _RECORD = _RECORD, []
+        try:
+            self._run(features_of(data))
+            return _RECORD
+        finally:
+            _RECORD = previous
 
 
 def to_gnn(model: nn.Module, example_input: Any = None, kernel_size: Any = 3) -> GNN:
@@ -941,12 +1139,19 @@ def to_gnn(model: nn.Module, example_input: Any = None, kernel_size: Any = 3) ->
         isinstance(m, tuple(CONVERSIONS)) for m in model.modules()) or example_input is not None else model
     rank = example_input.dim() if isinstance(example_input, Tensor) else next(
         (m.weight.dim() for m in model.modules() if isinstance(m, tuple(CONVERSIONS)) and hasattr(m, "weight")), 4)
+    graphs, mode = {}, twin.training
     try:
-        graph = _Tracer(rank).trace(twin)
+        for training in (mode, not mode):  # `if self.training:` in traced code: one dataflow per mode
+            twin.train(training)
+            graphs[training] = _Tracer(rank).trace(twin)
     except Exception as error:  # a size baked into control flow, or untraceable Python
         raise NotImplementedError(f"to_gnn could not trace {type(model).__name__} shape-generically with torch.fx "
                                   f"({type(error).__name__}: {error})") from error
-    gnn = GNN(twin, graph, kernel_size)
+    finally:
+        twin.train(mode)
+    if graphs[True].python_code("self").src == graphs[False].python_code("self").src:
+        graphs = {mode: graphs[mode]}
+    gnn = GNN(twin, graphs, kernel_size).train(mode)
     if example_input is not None:
         _check(model, gnn, example_input)
     return gnn

@@ -310,3 +310,95 @@ class _Broken(nn.Module):
 
     def forward(self, x):
         return self.conv(x) * (2.0 if torch.fx._symbolic_trace.is_fx_tracing() else 1.0)
+
+
+class _Op(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.scale, self.fn = nn.Parameter(torch.ones(3, 1, 1)), fn  # a per-channel scale keeps ties exact
+
+    def forward(self, x):
+        return self.fn(x * self.scale)
+
+
+OPS = {
+    "max3s2p1ceil": nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+    "max2dil2": nn.MaxPool2d(2, 1, dilation=2),
+    "avg3s2p1": nn.AvgPool2d(3, 2, 1),
+    "avg3s2p1_nopad_ceil": nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
+    "avg2_divisor": nn.AvgPool2d(2, divisor_override=3),
+    "adaptive_avg_3x2": nn.AdaptiveAvgPool2d((3, 2)),
+    "adaptive_max_4": nn.AdaptiveMaxPool2d(4),
+    "nearest_x2": nn.Upsample(scale_factor=2, mode="nearest"),
+    "nearest_size": nn.Upsample(size=(11, 6), mode="nearest"),
+    "bilinear": nn.Upsample(scale_factor=1.5, mode="bilinear"),
+    "bilinear_align": nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+    "bilinear_size": nn.Upsample(size=(5, 13), mode="bilinear"),
+}
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_pooling_and_upsampling_follow_torch(name, device):
+    torch.manual_seed(0)
+    model = _Op(OPS[name]).to(device, D)
+    gnn = gg.to_gnn(model)
+    x = torch.randn(2, 3, 7, 9, dtype=D, device=device)
+    x = x.round(decimals=0)  # ties in max pooling: the gradient goes to the first maximal element, as torch's
+    xr, xg = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want = model(xr)
+    with _Ops() as ops:
+        got = _images(gnn(gg.image_to_graph(xg, kernel_size=1)))
+        grad = torch.randn_like(want)
+        (got * grad).sum().backward()
+    (want * grad).sum().backward()
+    assert ops.forbidden() == []
+    _close(got, want.detach())
+    _close(xg.grad, xr.grad)
+
+
+class _ModeBranch(nn.Module):
+    """Dataflow that depends on the mode (``if self.training``), as timm's blocks have."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.training:
+            y = y * 2.0
+        return y.mean((2, 3))
+
+
+def test_module_survives_copy_pickle_mode_and_swaps(device):
+    import io
+
+    torch.manual_seed(0)
+    model = _ModeBranch().to(device, D)
+    gnn = gg.to_gnn(model)
+    data = gg.image_to_graph(torch.randn(2, 3, 5, 6, dtype=D, device=device), kernel_size=1)
+    images = gg.graph_to_image(data.x, data)
+    for mode in (True, False, True):
+        model.train(mode), gnn.train(mode)
+        _close(gnn(data), model(images))
+    assert set(gnn.state_dict()) == {f"module.{k}" for k in model.state_dict()}
+    buffer = io.BytesIO()
+    torch.save(gnn, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (copy.deepcopy(gnn), loaded):
+        _close(other(data), gnn(data))
+    gnn.module.conv = gg.convert(nn.Conv2d(3, 4, 1)).to(device, D)  # a module swapped after to_gnn is the one used
+    _close(gnn(data), gnn.module.conv(images).mean((2, 3)) * 2.0)
+
+
+def test_describe_names_each_stage(device):
+    model = _network("ResNetish", device).eval()
+    gnn = gg.to_gnn(model).eval()
+    rows = gnn.describe(gg.image_to_graph(torch.randn(2, 3, 24, 24, dtype=D, device=device), kernel_size=1))
+    convs = [r for r in rows if r["aggregation"].startswith("sum over taps")]
+    assert [r["module"] for r in convs][:2] == ["stem.0", "layer1.conv1.0"]
+    stem = convs[0]
+    assert stem["grid_in"] == stem["grid_out"] == (24, 24) and stem["edges"] == (3 * 24 - 2) ** 2
+    assert {r["grid_out"] for r in convs} == {(24, 24), (12, 12), (6, 6)}
+    assert rows[-1]["aggregation"] == "mean (readout per graph)" or rows[-2]["aggregation"].startswith("mean")
