@@ -510,6 +510,9 @@ _BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add
 _CONVS = tuple(CONVERSIONS) + tuple(CONVERSIONS.values())
 
 
+_LEAF_NAMES = ("StochasticDepth", "DropPath")  # torchvision's and timm's: their mode is read at each call
+
+
 class _Tracer(torch.fx.Tracer):
     """Leaves: torch's own modules and gridgraph's twins and routed modules; everything else is traced into."""
 
@@ -529,7 +532,7 @@ class _Tracer(torch.fx.Tracer):
         return _Proxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, tuple(CONVERSIONS.values())) or routing.is_routed(m):
+        if isinstance(m, tuple(CONVERSIONS.values())) or routing.is_routed(m) or type(m).__name__ in _LEAF_NAMES:
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -644,9 +647,8 @@ def _apply_module(where: _Where, module: nn.Module, *args, **kwargs):
     if isinstance(module, _ELEMENTWISE_MODULES):
         return x.with_x(module(x.x))
     if type(module).__name__ in ("StochasticDepth", "DropPath"):  # torchvision / timm: per sample = per graph
-        p = getattr(module, "p", getattr(module, "drop_prob", 0.0))
-        return _drop_path((x, p, module.training), {"scale_by_keep": getattr(module, "scale_by_keep", True),
-                                                    "mode": getattr(module, "mode", "row")}, module.training, where)
+        return _drop_path(x, float(getattr(module, "p", getattr(module, "drop_prob", 0.0)) or 0.0), module.training,
+                          getattr(module, "mode", "row"), getattr(module, "scale_by_keep", True))
     if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
         if module.return_indices:
             raise _error(where, "max pooling with return_indices")
@@ -703,7 +705,7 @@ def _apply_function(where: _Where, target: Callable, args, kwargs):
     if target is torch.mean:
         return _mean(args[0], args[1] if len(args) > 1 else kwargs.get("dim"), kwargs.get("keepdim", False), where)
     if getattr(target, "__name__", "") in ("stochastic_depth", "drop_path"):  # torchvision / timm functions
-        return _drop_path(args, kwargs, True, where)
+        return _drop_path_call(target, args, kwargs)
     if target in routing.CONV_FUNCTIONS:
         x = args[0]
         return _per_size(x, lambda images: routing.conv_call(target, (images,) + tuple(args[1:]), kwargs))
@@ -803,22 +805,29 @@ def _program(graph: torch.fx.Graph) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(nn.Module(), out)
 
 
-def _drop_path(args, kwargs, training: bool, node):
-    """Stochastic depth: whole samples (graphs) dropped in training, the identity in eval mode."""
-    names = ("input", "p", "mode", "training") if "mode" in kwargs or len(args) > 3 else ("x", "drop_prob", "training",
-                                                                                         "scale_by_keep")
-    bound = dict(zip(names, args), **kwargs)
-    x = args[0]
-    p = float(bound.get("p", bound.get("drop_prob", 0.0)))
-    active = bound.get("training", training)
-    if not active or p == 0.0:
+def _drop_path(x: Features, p: float, training: bool, mode: str = "row", scale_by_keep: bool = True) -> Features:
+    """Stochastic depth: whole samples (graphs) dropped in training (``mode="row"``), the identity in eval."""
+    if not training or p == 0.0:
         return x
-    if bound.get("mode", "row") != "row":
-        return x.with_x(x.x * x.x.new_empty(1, 1).bernoulli_(1 - p).div_(1 - p))
-    keep = x.x.new_empty(x.grids.num_graphs, 1).bernoulli_(1 - p)
-    if bound.get("scale_by_keep", True) and p < 1.0:
-        keep = keep.div_(1 - p)
+    survival = 1.0 - p
+    if mode != "row":
+        keep = x.x.new_empty(1, 1).bernoulli_(survival)
+        return x.with_x(x.x * (keep.div_(survival) if survival > 0 and scale_by_keep else keep))
+    keep = x.x.new_empty(x.grids.num_graphs, 1).bernoulli_(survival)
+    if scale_by_keep and survival > 0:
+        keep = keep.div_(survival)
     return x.with_x(x.x * keep[x.grids.batch(x.x.device)])
+
+
+def _drop_path_call(target: Callable, args, kwargs) -> Features:
+    """torchvision's ``stochastic_depth(input, p, mode, training=True)`` / timm's ``drop_path(x, drop_prob=0.,
+    training=False, scale_by_keep=True)``."""
+    if target.__name__ == "stochastic_depth":
+        bound = dict(zip(("input", "p", "mode", "training"), args), **kwargs)
+        return _drop_path(bound["input"], float(bound["p"]), bool(bound.get("training", True)), bound["mode"])
+    bound = dict(zip(("x", "drop_prob", "training", "scale_by_keep"), args), **kwargs)
+    return _drop_path(bound["x"], float(bound.get("drop_prob", 0.0)), bool(bound.get("training", False)), "row",
+                      bool(bound.get("scale_by_keep", True)))
 
 
 def _batch_norm(module: nn.Module, x: Tensor) -> Tensor:

@@ -255,3 +255,14 @@ def test_networks_quick_run_checks_the_cases_it_can_build(tmp_path):
     except ImportError:
         assert "skipped" in cases["resnet18-b1"]
     assert "nan" not in proc.stdout.lower()
+
+
+def test_gnn_benchmark_quick_checks_every_network():
+    script = ROOT / "benchmarks" / "gnn.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1"], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "network" not in line]
+    assert {r.split("|")[1].strip() for r in rows} >= {"ResNetish", "MobileNetish", "UNet", "DilatedSegmenter"}
+    assert all("FAILED" not in r and "n/a (checked, not timed)" in r for r in rows)
+    assert not TIMING_WORDS.search(proc.stdout.split("|---|")[-1].replace("n/a", ""))

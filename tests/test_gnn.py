@@ -402,3 +402,35 @@ def test_describe_names_each_stage(device):
     assert stem["grid_in"] == stem["grid_out"] == (24, 24) and stem["edges"] == (3 * 24 - 2) ** 2
     assert {r["grid_out"] for r in convs} == {(24, 24), (12, 12), (6, 6)}
     assert rows[-1]["aggregation"] == "mean (readout per graph)" or rows[-2]["aggregation"].startswith("mean")
+
+
+class StochasticDepth(nn.Module):
+    """torchvision's / timm's stochastic depth (a module reading self.training), replicated."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p, self.mode = p, "row"
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty(x.size(0), 1, 1, 1).bernoulli_(1 - self.p) / (1 - self.p)
+        return x * keep
+
+
+def test_stochastic_depth_per_graph(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), StochasticDepth(0.5)).to(device, D)
+    gnn = gg.to_gnn(model)
+    x = torch.randn(8, 3, 5, 5, dtype=D, device=device)
+    data = gg.image_to_graph(x, kernel_size=1)
+    gnn.eval()
+    out = gnn(data)
+    _close(gg.graph_to_image(out.x, out), model.eval()(x))  # eval: the identity
+    gnn.train()
+    out = gnn.features(data)
+    conv = model[0](x).permute(0, 2, 3, 1).reshape(8, -1, 4)
+    per_graph = out.x.view(8, -1, 4)
+    kept = [bool(torch.allclose(per_graph[g], 2 * conv[g])) for g in range(8)]
+    dropped = [bool((per_graph[g] == 0).all()) for g in range(8)]
+    assert all(k or d for k, d in zip(kept, dropped)) and any(kept) and any(dropped)  # whole graphs, scaled
