@@ -1019,10 +1019,11 @@ def features_of(data: Any) -> Features:
     return Features(x, Grids(sizes, cells))
 
 
-def to_pixel_graphs(f: Features, kernel_size: Any = 3) -> Any:
+def to_pixel_graphs(f: Features, kernel_size: Any = 1) -> Any:
     """A PyG ``Batch`` of pixel graphs with ``f``'s node features (graphs of one size: one ``PixelGraph``
-    batch), its edges those of a ``kernel_size`` convolution at stride 1 on each grid, so that PyG layers
-    (``GATConv``, ...) run on it and :func:`~gridgraph.graph_to_image` gives the images back."""
+    batch), its edges those of a ``kernel_size`` convolution at stride 1 on each grid (1: self-loops only, the
+    cheapest; 3: each pixel's 3x3 neighbourhood, for PyG layers such as ``GATConv``);
+    :func:`~gridgraph.graph_to_image` gives the images back."""
     from torch_geometric.data import Batch
 
     from .graph import image_to_graph
@@ -1055,7 +1056,7 @@ class GNN(nn.Module):
     list when the sizes differ). ``module`` is the converted CNN (its parameters are this module's).
     """
 
-    def __init__(self, module: nn.Module, graphs: dict, kernel_size: Any = 3) -> None:
+    def __init__(self, module: nn.Module, graphs: dict, kernel_size: Any = 1) -> None:
         super().__init__()
         self.module = module
         self.graphs = graphs  # {training: torch.fx.Graph}: a trace per mode where the dataflow depends on it
@@ -1110,7 +1111,7 @@ class GNN(nn.Module):
             _RECORD = previous
 
 
-def to_gnn(model: nn.Module, example_input: Any = None, kernel_size: Any = 3) -> GNN:
+def to_gnn(model: nn.Module, example_input: Any = None, kernel_size: Any = 1) -> GNN:
     """``model`` (a CNN) as a message-passing network on PyG batches of pixel graphs.
 
     The model is converted (:func:`~gridgraph.convert`, on a copy) and traced with ``torch.fx`` (no image size
@@ -1128,8 +1129,9 @@ def to_gnn(model: nn.Module, example_input: Any = None, kernel_size: Any = 3) ->
     Args:
         model (nn.Module): the CNN.
         example_input (Tensor, optional): an image batch to check the GNN on.
-        kernel_size: the edges of the output pixel graphs of dense outputs (default 3: each pixel's 3x3
-            neighbourhood, for PyG layers after the network).
+        kernel_size: the edges of the output pixel graphs of dense outputs (default 1: each node's self-loop,
+            all that ``graph_to_image`` needs and the cheapest to build; 3 for PyG layers that follow and need
+            each pixel's 3x3 neighbourhood, as between two stages).
 
     Example:
         >>> cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),

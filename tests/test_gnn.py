@@ -198,7 +198,7 @@ def test_pyg_layer_between_stages_trains(device):
 
     torch.manual_seed(0)
     cnn = _network("ResNetish", device).train()
-    stem = gg.to_gnn(nn.Sequential(cnn.stem, cnn.layer1, cnn.layer2))   # two converted stages ...
+    stem = gg.to_gnn(nn.Sequential(cnn.stem, cnn.layer1, cnn.layer2), kernel_size=3)  # two stages ...
     head = gg.to_gnn(_Head(cnn.layer3, cnn.fc))                          # ... and the rest of the network
     width = 32
     attention = GATConv(width, width, heads=1).to(device, D)

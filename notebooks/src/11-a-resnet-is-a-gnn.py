@@ -139,7 +139,7 @@ class Head(nn.Module):
 class Mixed(nn.Module):
     def __init__(self, cnn):
         super().__init__()
-        self.stem = gg.to_gnn(cnn.stem)                          # message passing (was a 3x3 conv stage)
+        self.stem = gg.to_gnn(cnn.stem, kernel_size=3)           # out: pixel graphs with 3x3 neighbourhoods
         self.attention = TransformerConv(16, 16, heads=2, concat=False)
         self.head = gg.to_gnn(Head(cnn.layer2, cnn.layer3, cnn.fc))
 
