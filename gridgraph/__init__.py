@@ -26,6 +26,7 @@ from .nn.attention import PixelAttention, SqueezeExcitation, complete_pixel_grap
 from .verify import ModelReport, torch_convolutions, verify_layers, verify_model
 from .routing import MessagePassingMode, message_passing
 from .gnn import GNN, Features, Grids, features_of, to_gnn, to_pixel_graphs
+from .tiling import SpatialParallel, Tiled, spatial_parallel, tiled
 from .onnx import export_onnx, onnx_translations
 
 from ._version import __version__
@@ -47,6 +48,8 @@ __all__ = [
     "torch_convolutions", "message_passing", "MessagePassingMode",
     # a whole CNN as a GNN on PyG batches of pixel graphs
     "to_gnn", "GNN", "Features", "Grids", "features_of", "to_pixel_graphs",
+    # images larger than memory and than one machine: exact tiled and spatially parallel execution
+    "tiled", "Tiled", "spatial_parallel", "SpatialParallel",
     # analysis (more in gridgraph.analysis; drawings in gridgraph.plot)
     "analysis", "plot", "receptive_field", "receptive_field_size", "conv_cost", "separable_cost",
     "separable_ratio", "linear_operator", "mixing_matrix",
