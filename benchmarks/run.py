@@ -60,7 +60,7 @@ import statistics
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils import benchmark
@@ -70,6 +70,17 @@ import gridgraph
 from gridgraph import GridConv2d, clear_cache, graph_to_image, image_to_graph
 
 METHODS = ("conv2d", "conv2d-cl", "gridgraph", "gg-loader", "gg-compiled", "gg-image", "gg-edges", "rgcn", "naive")
+METHOD_HELP = {
+    "conv2d": "F.conv2d on an NCHW batch (a reference)",
+    "conv2d-cl": "F.conv2d on a channels-last batch (the other reference; ratios use the faster)",
+    "gridgraph": "GridConv2d on a pixel graph built beforehand (the neighbour-table kernels)",
+    "gg-loader": "the same after PyG's DataLoader and .to(device)",
+    "gg-compiled": "the same under torch.compile",
+    "gg-image": "image -> image_to_graph -> the layer -> graph_to_image",
+    "gg-edges": "the layer on a plain edge list (the per-tap edge kernels)",
+    "rgcn": "PyG's RGCNConv holding the convolution's weights (the peer)",
+    "naive": "a MessagePassing layer gathering a weight matrix per edge (NNConv style)",
+}
 FAST_METHODS = ("conv2d", "conv2d-cl", "gridgraph", "gg-loader", "gg-compiled", "gg-image")
 REFERENCES = ("conv2d", "conv2d-cl")
 
@@ -422,9 +433,20 @@ def summarise(results: list[dict]) -> dict:
             "mem_ratio_max": max(mem, default=float("nan")), "fb_mem_ratio_max": max(mem_fb, default=float("nan"))}
 
 
+def _na(value: Any, spec: str, why: str) -> str:
+    """``value`` formatted, or ``n/a (why)`` where it could not be computed (never 'nan')."""
+    if value is None or (isinstance(value, float) and value != value):
+        return f"n/a ({why})"
+    return format(value, spec)
+
+
 def markdown(results: list[dict], summary: dict, construction: Optional[dict], info: dict) -> str:
     def fmt(v, spec=".2f"):
-        return "-" if v is None else format(v, spec)
+        return "-" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
+
+    def x(key: str, why: str, spec: str = ".2f") -> str:
+        text = _na(summary.get(key), spec, why)
+        return text + "x" if not text.startswith("n/a") else text
 
     where = "" if info.get("device", "cpu") == "cpu" else f"Device: {info['device']}; "
     lines = [f"{where}CPU: {info['cpu']}, {info['threads']} threads; torch {info['torch']}, "
@@ -446,18 +468,19 @@ def markdown(results: list[dict], summary: dict, construction: Optional[dict], i
                          f"{fmt(m.get('fb_mem_ratio'))} |")
         for method, why in r.get("skipped", {}).items():
             lines.append(f"| {r['shape']} | {method} | skipped: {why} | | | | | | | | | |")
+    no_gg, no_fb = "gridgraph not run", "forward only, or gridgraph not run"
     lines += ["",
-              f"gridgraph vs F.conv2d (best layout): forward geometric mean {summary['fwd_geomean']:.2f}x "
-              f"(worst {summary['fwd_max']:.2f}x), forward+backward geometric mean {summary['fb_geomean']:.2f}x "
-              f"(worst {summary['fb_max']:.2f}x); against NCHW alone {summary['fwd_geomean_nchw']:.2f}x and "
-              f"{summary['fb_geomean_nchw']:.2f}x; "
-              f"after DataLoader + .to(device) at most {summary['loader_over_graph_max']:.2f}x the graph's own "
-              f"forward, under torch.compile at most {summary['compiled_over_eager_max']:.2f}x eager; "
-              f"(best-of times: {summary['fwd_best_geomean']:.2f}x, worst {summary['fwd_best_max']:.2f}x; "
-              f"{summary['fb_best_geomean']:.2f}x); "
-              f"vs RGCNConv: {summary['rgcn_speedup_geomean']:.1f}x faster (forward, geometric mean); "
-              f"peak memory at most {summary['mem_ratio_max']:.2f}x F.conv2d's (forward), "
-              f"{summary['fb_mem_ratio_max']:.2f}x (forward+backward)."]
+              f"gridgraph vs F.conv2d (best layout): forward geometric mean {x('fwd_geomean', no_gg)} "
+              f"(worst {x('fwd_max', no_gg)}), forward+backward geometric mean {x('fb_geomean', no_fb)} "
+              f"(worst {x('fb_max', no_fb)}); against NCHW alone {x('fwd_geomean_nchw', no_gg)} and "
+              f"{x('fb_geomean_nchw', no_fb)}; "
+              f"after DataLoader + .to(device) at most {x('loader_over_graph_max', 'gg-loader not run')} the "
+              f"graph's own forward, under torch.compile at most {x('compiled_over_eager_max', 'gg-compiled not run')}"
+              f" eager; (best-of times: {x('fwd_best_geomean', no_gg)}, worst {x('fwd_best_max', no_gg)}; "
+              f"{x('fb_best_geomean', no_fb)}); "
+              f"vs RGCNConv: {x('rgcn_speedup_geomean', 'rgcn not run', '.1f')} faster (forward, geometric mean); "
+              f"peak memory at most {x('mem_ratio_max', no_gg)} F.conv2d's (forward), "
+              f"{x('fb_mem_ratio_max', no_fb)} (forward+backward)."]
     if construction:
         lines.append(f"Graph construction, {construction['size']}x{construction['size']} image, 3x3 "
                      f"({construction['num_edges']} edges): {construction['cold_ms']:.0f} ms cold "
@@ -580,7 +603,12 @@ def correctness_markdown(results: list[dict]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    shapes = "\n".join(f"  {s.name:<14} {s.describe()}" for s in SHAPES)
+    methods = "\n".join(f"  {name:<12} {what}" for name, what in METHOD_HELP.items())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=f"shapes (--shapes takes their numbers):\n{shapes}\n\n"
+                                            f"methods (--methods takes their names):\n{methods}")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes: checks every method against F.conv2d, times nothing")
     parser.add_argument("--threads", type=int, default=2, help="torch threads while timing (default: 2)")

@@ -23,6 +23,12 @@ Usage::
     python benchmarks/scale.py                    # the full curve, 2 threads: table, JSON, plot
     python benchmarks/scale.py --quick            # tiny images: correctness only, nothing timed
     python benchmarks/scale.py --show --json benchmarks/recorded/scale-2threads.json   # print a saved run
+    python benchmarks/scale.py --tiled            # whole vs tiled networks, memory bounds, spatial parallel
+
+``--tiled`` (``benchmarks/_tiles.py``) measures converted networks run whole and with ``gridgraph.tiled``:
+peak resident memory growth and time of one forward+backward against the image side (512 to 8192), the two
+memory bounds of issue 22, and ``gridgraph.spatial_parallel`` on 1, 2 and 4 local processes; each
+measurement in a fresh process.
 """
 from __future__ import annotations
 
@@ -243,7 +249,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--json", type=Path, default=None, help="with --show: the saved run to print")
     parser.add_argument("--show", action="store_true", help="print the table of a saved run and exit")
+    parser.add_argument("--tiled", action="store_true",
+                        help="whole vs tiled networks: memory and time against size, memory bounds, spatial parallel")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child is not None:
+        import _tiles
+        print(json.dumps(_tiles.child(json.loads(args.child))))
+        return 0
+    if args.tiled:
+        import _tiles
+        payload = _tiles.run(args.quick, args.threads, args.max_gb, args.out_dir)
+        print(_tiles.markdown(payload))
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "tiled.json").write_text(json.dumps(payload, indent=1))
+        if not args.quick:
+            _tiles.plot(payload, args.out_dir / "tiled.png")
+        return 0
     if args.show:
         print(markdown(json.loads((args.json or args.out_dir / "scale.json").read_text())))
         return 0

@@ -11,18 +11,12 @@ from typing import Any, Optional, Sequence, TextIO
 
 import torch
 
-__all__ = ["main", "EXIT_PASS", "EXIT_MISMATCH", "EXIT_ERROR"]
+from _gridgraph_cli import EXIT_CODES as _EXIT_CODES  # noqa: F401  (the parser lives outside the package)
+from _gridgraph_cli import EXIT_ERROR, EXIT_MISMATCH, EXIT_PASS, parser as _parser, version_line
 
-#: Exit codes of ``gridgraph verify``.
-EXIT_PASS, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
+__all__ = ["main", "run", "EXIT_PASS", "EXIT_MISMATCH", "EXIT_ERROR"]
 
 _DTYPES = {"float32": [torch.float32], "float64": [torch.float64], "all": [torch.float32, torch.float64]}
-
-_EXIT_CODES = f"""exit codes:
-  {EXIT_PASS}  every check passed
-  {EXIT_MISMATCH}  a mismatch: some check failed (the tables and the summary say which)
-  {EXIT_ERROR}  a usage error, or a model given with --model that could not be imported, built or run
-     (one line on stderr; --debug adds the traceback)"""
 
 
 class _UsageError(Exception):
@@ -31,64 +25,7 @@ class _UsageError(Exception):
 
 def _version_line() -> str:
     """``gridgraph X (torch Y, torch_geometric Z, Python W)``: what a bug report needs."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    from ._version import __version__
-
-    def installed(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return (f"gridgraph {__version__} (torch {torch.__version__}, torch_geometric {installed('torch_geometric')}, "
-            f"Python {platform.python_version()})")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gridgraph", description="A CNN is a GNN on a pixel graph, exactly.",
-                                     epilog="'gridgraph verify --help' lists its options and exit codes.")
-    parser.add_argument("--version", action="version", version=_version_line(),
-                        help="print gridgraph's version (and torch's, PyG's, Python's) and exit")
-    sub = parser.add_subparsers(dest="command", required=True)
-    verify = sub.add_parser(
-        "verify", help="check every graph layer against torch.nn.Conv2d, and converted networks against their originals",
-        description="Layers: every graph layer against torch.nn.Conv2d over a built-in table of configurations, "
-                    "then the beyond-the-grid cases (masked, sparse, point positions, transposed, 1-D and 3-D) and "
-                    "attention. Models: the reference networks (or your own, --model) converted with gridgraph.convert against the "
-                    "originals, layer by layer, forward and gradients. Tables and the summary go to stdout, a "
-                    "progress line per finished part to stderr.",
-        epilog=_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    verify.add_argument("--device", default="all",
-                        help="'cpu', 'cuda', 'cuda:N' or 'all' (every available device; default)")
-    verify.add_argument("--dtype", choices=list(_DTYPES), default="all", help="default: all")
-    verify.add_argument("--seed", type=int, default=0, help="random seed of weights and inputs (default: 0)")
-    verify.add_argument("--quick", action="store_true",
-                        help="a representative subset of layers, and the models in training mode only "
-                             "(well under a minute)")
-    verify.add_argument("--only", choices=["layers", "models"],
-                        help="run only the layer tables or only the models (default: both; --model implies models)")
-    verify.add_argument("--model", action="append", metavar="MODULE:ATTRIBUTE", default=[],
-                        help="verify your own model: an nn.Module or a zero-argument factory, given as "
-                             "'package.module:name' or 'path/to/file.py:name' (repeatable; needs --input-shape)")
-    verify.add_argument("--input-shape", metavar="B,C,H,W", help="input shape for --model, e.g. 2,3,32,32")
-    verify.add_argument("--reference", action="append", metavar="NAME", default=[],
-                        help="verify only these reference networks (repeatable; default: all of them)")
-    verify.add_argument("--no-grads", action="store_true", help="models: compare outputs only, not gradients")
-    verify.add_argument("--threads", type=int, default=1, metavar="N",
-                        help="CPU threads for torch (default: 1; the checks use small tensors, for which "
-                             "more threads mostly add contention, e.g. 7x slower on a busy 2-core machine)")
-    verify.add_argument("--json", metavar="PATH",
-                        help="also write the full report as JSON to PATH ('-': to stdout, the tables then go "
-                             "to stderr); written for exit codes 1 and 2 too")
-    verify.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
-    verify.add_argument("--debug", action="store_true",
-                        help="print the traceback of an error in your model (--model), not just its message")
-    sub.add_parser("info", help="print the versions and which kernels run here (what a bug report needs)",
-                   description="Versions of gridgraph and its dependencies, the devices, which loops run the grid "
-                               "kernels (numba's compiled loops, or torch's) and the structure cache.")
-    return parser
+    return version_line()
 
 
 def kernels_line() -> str:
@@ -266,7 +203,16 @@ def _verify_run(args: argparse.Namespace, run: _Run) -> int:
                             f"{title}, {_dtype_words([part.results[0].dtype])} on {part.results[0].device}: "
                             f"{'PASS' if part.passed else 'FAIL'}, {_count(len(part.results), 'check')} in "
                             f"{_format_seconds(part.seconds)}"))
-        run.print(report.table())
+        if args.verbose:
+            run.print(report.table())
+        else:  # one line per section; every configuration with --verbose
+            run.print(f"  {report.summary()}")
+            failing = [r for r in getattr(report, "results", []) if not r.passed]
+            if failing:  # the failing configurations' rows
+                try:
+                    run.print(type(report)(results=failing).table())
+                except TypeError:
+                    run.print(report.table())
         run.section(key, title, report.passed, report.summary(), report.to_dict())
         return report.passed
 
@@ -313,8 +259,12 @@ def _verify_run(args: argparse.Namespace, run: _Run) -> int:
                         found = [check_model(model, shape, name=name, dtype=dtype, device=device, seed=args.seed,
                                              grads=grads, training=mode == "train") for mode in modes]
                     for report in found:
-                        run.print(f"\n### {report.name} [{str(report.dtype).replace('torch.', '')}, {report.device}]\n")
-                        run.print(str(report))
+                        if args.verbose or not report.passed:
+                            run.print(f"\n### {report.name} [{str(report.dtype).replace('torch.', '')}, "
+                                      f"{report.device}]\n")
+                            run.print(str(report))
+                        else:
+                            run.print(f"  {report.summary()}")
                         run.progress(f"{report.name} [{_dtype_words([report.dtype])}, {report.device}]: "
                                      f"{'PASS' if report.passed else 'FAIL'} in {_format_seconds(report.seconds)}")
                         reports.append(report)
@@ -330,7 +280,11 @@ def _verify_run(args: argparse.Namespace, run: _Run) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    return run(_parser().parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run parsed arguments (the parser: ``_gridgraph_cli.parser``)."""
     if args.command == "verify":
         return _verify(args, argv)
     if args.command == "info":

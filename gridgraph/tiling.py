@@ -92,17 +92,35 @@ class _Value:
     def __init__(self, tensor: Tensor, region: Region, size: tuple) -> None:
         self.tensor, self.region, self.size = tensor, region, size
 
+    def position(self, axis: int, c: int) -> int:
+        offset = 0
+        for a, b in self.region[axis]:
+            if a <= c < b:
+                return offset + c - a
+            offset += b - a
+        raise KeyError(c)
+
     def positions(self, axis: int, coords: Sequence[int]) -> Tensor:
-        stored = _coords(self.region[axis])
-        index = {c: i for i, c in enumerate(stored)}
-        return torch.tensor([index[c] for c in coords], dtype=torch.long, device=self.tensor.device)
+        return torch.tensor([self.position(axis, c) for c in coords], dtype=torch.long, device=self.tensor.device)
+
+    def _run(self, axis: int, coords: Sequence[int]) -> Optional[int]:
+        """The stored position where ``coords`` start when they are consecutive stored pixels, else None."""
+        if not coords or any(b - a != 1 for a, b in zip(coords, coords[1:])):
+            return None
+        for a, b in self.region[axis]:
+            if a <= coords[0] and coords[-1] < b:
+                return self.position(axis, coords[0])
+        return None
 
     def restrict(self, region: Region) -> Tensor:
         """The tensor of ``region`` (a subset of the stored pixels)."""
         t = self.tensor
         for axis, iv in enumerate(region):
             if iv != self.region[axis]:
-                t = t.index_select(2 + axis, self.positions(axis, _coords(iv)))
+                coords = _coords(iv)
+                start = self._run(axis, coords)
+                t = t.narrow(2 + axis, start, len(coords)) if start is not None else \
+                    t.index_select(2 + axis, self.positions(axis, coords))
         return t
 
     def gather(self, virtual: Sequence[tuple], mode: str, fill: float = 0.0) -> Tensor:
@@ -112,6 +130,10 @@ class _Value:
             size = self.size[axis]
             src = [_source(c, size, mode) for c in range(lo, hi)]
             if src == _coords(self.region[axis]):
+                continue
+            start = self._run(axis, src) if src and src[0] >= 0 else None
+            if start is not None:
+                t = t.narrow(2 + axis, start, len(src))
                 continue
             valid = [s for s in src if s >= 0]
             index = self.positions(axis, valid)
@@ -210,6 +232,13 @@ class _Plan:
             raise TilingError("tiled: the network's output is not an image")
         self.out_step = self.readout if self.readout is not None else self.steps[self.output]
         self.spatial = spatial
+        self._last_use: dict = {}
+        for step in self.order:
+            for a in step.inputs:
+                self._last_use[a] = step.node
+            for a in step.node.all_input_nodes:  # non-spatial readers (e.g. a readout) count too
+                if a in spatial and a not in step.inputs:
+                    self._last_use[a] = step.node
 
     def _classify(self, node, modules, inputs, spatial, em, ef, binary, training) -> _Step:
         size = spatial[inputs[0]]
@@ -330,6 +359,7 @@ class _Plan:
         """Compute every spatial node on its region; the output block (for a readout: the sum of its input's
         block over the spatial dims, ``[B, C]``)."""
         values: dict = {}
+        keep = {self.readout.inputs[0] if self.readout is not None else self.output}
         for step in self.order:
             region = need.get(step.node)
             if region is None:
@@ -338,6 +368,9 @@ class _Plan:
                 values[step.node] = x
                 continue
             values[step.node] = _Value(self._compute(step, region, values), region, step.size)
+            for a in step.inputs:  # free what no later step reads (a forward's memory, not all of its values)
+                if a not in keep and self._last_use.get(a) is step.node:
+                    del values[a]
         if self.readout is not None:
             block = values[self.readout.inputs[0]].restrict(need[self.readout.inputs[0]])
             return block.sum(dim=tuple(range(2, block.dim())))
@@ -470,12 +503,31 @@ def _tiles(size: tuple, tile: tuple) -> list:
 
 
 def _region_of(region: Region, x: Tensor) -> Tensor:
-    """The pixels ``region`` of the whole grid ``x``."""
+    """The pixels ``region`` of the whole grid ``x`` (a view where each axis is one interval)."""
     t = x
     for axis, iv in enumerate(region):
-        if iv != ((0, x.size(2 + axis)),):
+        if iv == ((0, x.size(2 + axis)),):
+            continue
+        if len(iv) == 1:
+            t = t.narrow(2 + axis, iv[0][0], iv[0][1] - iv[0][0])
+        else:
             t = t.index_select(2 + axis, torch.tensor(_coords(iv), dtype=torch.long, device=x.device))
     return t
+
+
+def _add_at(target: Tensor, index: list, grad: Tensor) -> None:
+    """``target[..., index[0], index[1], ...] += grad`` (``None``: the whole axis)."""
+    n = len(index)
+    todo = [a for a in range(n) if index[a] is not None]
+    if not todo:
+        target.add_(grad)
+        return
+    g = grad
+    for axis in reversed(todo[1:]):
+        shape = list(g.shape)
+        shape[2 + axis] = target.size(2 + axis)
+        g = g.new_zeros(shape).index_add_(2 + axis, index[axis], g)
+    target.index_add_(2 + todo[0], index[todo[0]], g)
 
 
 def _add_into(target: Tensor, region: Region, grad: Tensor) -> None:
@@ -846,18 +898,36 @@ class SpatialParallel(nn.Module):
                     pieces.append(received[q])
             local = torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0]
         state["local"] = local
+        state["subtiles"] = self._subtiles(out_bands[rank], out_size)
         if plan.readout is not None:
             c = None
-            if needs[rank] is not None:
-                c = plan.run(_Value(local, in_region[rank], plan.size), needs[rank])
+            for sub in state["subtiles"]:
+                block = plan.run(_Value(local, in_region[rank], plan.size), plan.needs(sub))
+                c = block if c is None else c + block
             partial = self._readout_partial(plan, c, x)
             self._dist().all_reduce(partial, group=self.group)
             return partial / math.prod(out_size), state
         a, b = out_bands[rank]
         if b > a:
-            return plan.run(_Value(local, in_region[rank], plan.size), needs[rank]), state
+            out = None
+            for sub in state["subtiles"]:
+                block = plan.run(_Value(local, in_region[rank], plan.size), plan.needs(sub))
+                if out is None:
+                    out = block.new_empty(block.shape[:2] + (b - a,) + tuple(out_size[1:]))
+                out[(slice(None), slice(None), slice(sub[0][0][0] - a, sub[0][0][1] - a))
+                    + tuple(slice(lo, hi) for ((lo, hi),) in sub[1:])] = block
+            return out, state
         channels = self._out_channels(plan, x)
         return x.new_zeros((x.size(0), channels, 0) + tuple(out_size[1:])), state
+
+    def _subtiles(self, band: tuple, out_size: tuple) -> list:
+        """This rank's output band in tiles of ``tile_size`` (memory bounded by one tile, as :func:`tiled`)."""
+        a, b = band
+        if b <= a:
+            return []
+        tile = _tuple(self.tile_size if self.tile_size is not None else 256, len(out_size))
+        return [(((a + lo, a + hi),),) + tuple(rest) for (((lo, hi),), *rest) in
+                _tiles((b - a,) + tuple(out_size[1:]), tile)]
 
     def _readout_partial(self, plan, block, x) -> Tensor:
         if block is not None:
@@ -884,22 +954,31 @@ class SpatialParallel(nn.Module):
         local_grad = None
         grads = [torch.zeros_like(p) for p in params]
         if needs[rank] is not None:
-            block = state["local"].detach().requires_grad_(needs_x)
-            with torch.enable_grad():
-                out = plan.run(_Value(block, in_region[rank], plan.size), needs[rank])
-                if plan.readout is not None:
-                    out_size = plan.spatial[plan.readout.inputs[0]]
-                    g = grad / math.prod(out_size)
-                else:
-                    g = grad
-                inputs = ([block] if needs_x else []) + params
-                got = torch.autograd.grad(out, inputs, g, allow_unused=True)
-            if needs_x:
-                local_grad = got[0]
-                got = got[1:]
-            for acc, gp in zip(grads, got):
-                if gp is not None:
-                    acc.add_(gp)
+            local = _Value(state["local"], in_region[rank], plan.size)
+            local_grad = torch.zeros_like(state["local"]) if needs_x else None
+            first = plan.order[0].node
+            band_start = state["subtiles"][0][0][0][0] if state["subtiles"] else 0
+            for sub in state["subtiles"]:
+                need = plan.needs(sub)
+                region = need[first]
+                block = local.restrict(region).detach().requires_grad_(needs_x)
+                with torch.enable_grad():
+                    out = plan.run(_Value(block, region, plan.size), need)
+                    if plan.readout is not None:
+                        g = grad / math.prod(plan.spatial[plan.readout.inputs[0]])
+                    else:
+                        g = grad[(slice(None), slice(None), slice(sub[0][0][0] - band_start, sub[0][0][1] - band_start))
+                                 + tuple(slice(lo, hi) for ((lo, hi),) in sub[1:])]
+                    inputs = ([block] if needs_x else []) + params
+                    got = torch.autograd.grad(out, inputs, g, allow_unused=True)
+                if needs_x:
+                    index = [None if iv == local.region[axis] else local.positions(axis, _coords(iv))
+                             for axis, iv in enumerate(region)]
+                    _add_at(local_grad, index, got[0])
+                    got = got[1:]
+                for acc, gp in zip(grads, got):
+                    if gp is not None:
+                        acc.add_(gp)
         for acc in grads:  # each rank's loss is its share: the weight gradients are summed
             self._dist().all_reduce(acc, group=self.group)
         grad_x = None

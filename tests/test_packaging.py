@@ -22,7 +22,7 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
     tmp = tmp_path_factory.mktemp("wheel")
     source = tmp / "src"
     source.mkdir()
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
+    for name in ("pyproject.toml", "README.md", "LICENSE", "_gridgraph_cli.py"):
         shutil.copy(ROOT / name, source / name)
     shutil.copytree(ROOT / "gridgraph", source / "gridgraph", ignore=shutil.ignore_patterns("__pycache__"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp / "dist"),
@@ -76,3 +76,27 @@ def test_version_option(capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"gridgraph {gridgraph.__version__} (torch ")
     assert "torch_geometric " in out and "Python " in out
+
+
+def test_wheel_ships_the_light_entry_point(wheel):
+    assert "_gridgraph_cli.py" in wheel.namelist()
+    (name,) = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
+    assert "gridgraph = _gridgraph_cli:main" in wheel.read(name).decode()
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["verify", "--help"]])
+def test_help_and_version_import_nothing_heavy(argv):
+    """``gridgraph --help`` / ``--version`` answer before torch, PyG or gridgraph itself are imported."""
+    code = (f"import sys, _gridgraph_cli\ntry:\n    _gridgraph_cli.main({argv!r})\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\n"
+            "heavy = sorted(m for m in ('torch', 'torch_geometric', 'gridgraph', 'numpy', 'matplotlib') "
+            "if m in sys.modules)\nprint('HEAVY', heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout, proc.stdout[-500:]
+
+
+def test_import_gridgraph_still_registers_the_operators():
+    code = "import torch, gridgraph\nprint(hasattr(torch.ops.gridgraph, 'grid_conv'), callable(gridgraph.to_gnn))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["True", "True"], proc.stderr[-2000:]

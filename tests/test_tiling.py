@@ -181,7 +181,13 @@ def _worker(rank: int, world: int, port: int, case: str, queue) -> None:
             g = torch.linspace(-1, 1, y.numel(), dtype=D).view_as(y)
             loss = (y * g).sum()
         grads = torch.autograd.grad(loss, [band] + list(net.parameters()))
-        queue.put((rank, y.detach(), [t.detach() for t in grads]))
+        # numpy arrays travel by value (a shared tensor's memory would vanish with this process)
+        queue.put((rank, y.detach().numpy(), [t.detach().numpy() for t in grads]))
+    except BaseException:  # report instead of leaving the parent waiting
+        import traceback
+
+        queue.put((rank, None, traceback.format_exc()))
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -195,7 +201,10 @@ def test_spatial_parallel_equals_whole(world, case):
     procs = [ctx.Process(target=_worker, args=(r, world, port, case, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    results = sorted(queue.get(timeout=240) for _ in range(world))
+    results = sorted((queue.get(timeout=240) for _ in range(world)), key=lambda r: r[0])
+    failures = [r[2] for r in results if r[1] is None]
+    assert not failures, failures[0]
+    results = [(r, torch.from_numpy(y), [torch.from_numpy(g) for g in grads]) for r, y, grads in results]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0

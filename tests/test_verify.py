@@ -52,7 +52,7 @@ def test_verify_layers_float32_within_tolerance():
 
 
 def test_cli_verify_quick_float64(capsys):
-    assert main(["verify", "--quick", "--dtype", "float64", "--device", "cpu", "--seed", "1"]) == 0
+    assert main(["verify", "--quick", "--dtype", "float64", "--device", "cpu", "--seed", "1", "--verbose"]) == 0
     captured = capsys.readouterr()
     out = captured.out
     tables = assert_aligned(out)  # every row has the header's cells, and the columns line up
@@ -75,6 +75,7 @@ def test_cli_verify_quick_float64(capsys):
     # every network's time is measured: none reads 0
     times = re.findall(r"PASS \S+ \(train\) \[float64, cpu\]: .*; ([0-9.]+) (ms|s)$", out, flags=re.M)
     assert len(times) == len(REFERENCE_MODELS) == 8 and all(float(t) > 0 for t, _ in times)
+    assert out.count("### ") == len(REFERENCE_MODELS)  # --verbose: each network layer by layer
     # progress on stderr: one line per dtype and device of each section and one per network
     progress = captured.err.strip().splitlines()
     assert len(progress) == 3 + len(REFERENCE_MODELS)
@@ -106,7 +107,7 @@ def test_cli_json_report_to_a_file_and_to_stdout(tmp_path, capsys):
     captured = capsys.readouterr()
     report = json.loads(captured.out)
     assert report["passed"] is True and list(report["sections"]) == ["models"]
-    assert "### resnet (train) [float64, cpu]" in captured.err
+    assert "PASS resnet (train) [float64, cpu]: " in captured.err
 
 
 def test_cli_json_report_of_a_failure_and_of_an_error(tmp_path, capsys, monkeypatch):
@@ -145,3 +146,13 @@ def test_cli_rejects_unavailable_cuda(capsys):
 def test_console_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "gridgraph", "verify", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--quick" in proc.stdout
+
+
+def test_cli_verify_output_fits_two_screens(capsys):
+    """Without --verbose: a line per section and per network, the summary; failures would add their rows."""
+    assert main(["verify", "--device", "cpu", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) <= 100, len(lines)
+    assert "### " not in "\n".join(lines) and "| configuration" not in "\n".join(lines)
+    assert sum(line.startswith("  PASS ") for line in lines) == 2 * 2 * len(REFERENCE_MODELS)  # dtypes x modes
+    assert lines[-1].startswith("PASS: layers, beyond the grid, attention and models; total ")
