@@ -16,6 +16,9 @@ from _gridgraph_cli import EXIT_ERROR, EXIT_MISMATCH, EXIT_PASS, parser as _pars
 
 __all__ = ["main", "run", "EXIT_PASS", "EXIT_MISMATCH", "EXIT_ERROR"]
 
+#: The reference networks ``verify --quick`` checks: depthwise, residual, dilated and transposed layers.
+QUICK_MODELS = ("mobilenet", "resnet", "dilated", "unet")
+
 _DTYPES = {"float32": [torch.float32], "float64": [torch.float64], "all": [torch.float32, torch.float64]}
 
 
@@ -239,13 +242,17 @@ def _verify_run(args: argparse.Namespace, run: _Run) -> int:
                       f"(seed {args.seed}, TF32 off)")
         else:
             modes = ("train",) if args.quick else ("train", "eval")
-            names = args.reference or list(REFERENCE_MODELS)
+            names = args.reference or (list(QUICK_MODELS) if args.quick else list(REFERENCE_MODELS))
             jobs = [(name, REFERENCE_MODELS[name], REFERENCE_MODELS[name].input_shape, modes) for name in names]
-            run.print(f"Models: {_count(len(names), 'reference network')} converted with gridgraph.convert, {where}, "
+            model_where = where if not (args.quick and len(dtypes) > 1) else f"float64, on {_device_words(devices)}"
+            run.print(f"Models: {_count(len(names), 'reference network')} converted with gridgraph.convert, {model_where}, "
                       f"{' and '.join(modes)} mode, {checked} (seed {args.seed}, TF32 off)")
         reports = []
+        model_dtypes = dtypes
+        if args.quick and not user_models and len(dtypes) > 1:  # quick: the networks in float64 only
+            model_dtypes = [torch.float64]
         for device in devices:
-            for dtype in dtypes:
+            for dtype in model_dtypes:
                 for name, source, shape, modes in jobs:
                     if modes is None:  # the user's model, in the mode it comes in
                         try:

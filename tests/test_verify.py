@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from gridgraph.cli import main
+from gridgraph.cli import QUICK_MODELS, main
 from gridgraph.models import REFERENCE_MODELS
 from gridgraph.verify import (LAYER_CASES, QUICK_BEYOND_CASES, QUICK_LAYER_CASES, CaseResult, LayerCase, LayerReport,
                               check_layer_case, verify_layers)
@@ -64,7 +64,7 @@ def test_cli_verify_quick_float64(capsys):
     # titles read as sentences; no 'x all x cpu', no 'output output'
     assert " x all x " not in out and "output output" not in out
     assert "12 configurations, float64, on cpu (seed 1, TF32 off)" in out
-    assert "8 reference networks converted with gridgraph.convert, float64, on cpu, train mode" in out
+    assert "4 reference networks converted with gridgraph.convert, float64, on cpu, train mode" in out
     # the summary: one line per section, then the verdict
     lines = out.strip().splitlines()
     start = lines.index("Summary")
@@ -74,14 +74,14 @@ def test_cli_verify_quick_float64(capsys):
     assert lines[-1].startswith("PASS: layers, beyond the grid, attention and models; total ")
     # every network's time is measured: none reads 0
     times = re.findall(r"PASS \S+ \(train\) \[float64, cpu\]: .*; ([0-9.]+) (ms|s)$", out, flags=re.M)
-    assert len(times) == len(REFERENCE_MODELS) == 8 and all(float(t) > 0 for t, _ in times)
-    assert out.count("### ") == len(REFERENCE_MODELS)  # --verbose: each network layer by layer
+    assert len(times) == len(QUICK_MODELS) == 4 and all(float(t) > 0 for t, _ in times)
+    assert out.count("### ") == len(QUICK_MODELS)  # --verbose: each network layer by layer
     # progress on stderr: one line per dtype and device of each section and one per network
     progress = captured.err.strip().splitlines()
-    assert len(progress) == 3 + len(REFERENCE_MODELS)
+    assert len(progress) == 3 + len(QUICK_MODELS)
     assert re.fullmatch(rf"\[ *[0-9.]+s\] layers, float64 on cpu: PASS, {2 * len(QUICK_LAYER_CASES)} checks in "
                         r"[0-9.]+ m?s", progress[0]), progress[0]
-    assert progress[-1].split("] ", 1)[1].startswith(f"{list(REFERENCE_MODELS)[-1]} (train) [float64, cpu]: PASS in ")
+    assert progress[-1].split("] ", 1)[1].startswith(f"{QUICK_MODELS[-1]} (train) [float64, cpu]: PASS in ")
 
 
 def test_cli_json_report_to_a_file_and_to_stdout(tmp_path, capsys):
