@@ -3,6 +3,9 @@
 Build: ``python -m sphinx -W --keep-going -n -b html docs docs/_build/html`` (``tests/test_docs.py``
 does exactly this, so a docstring that breaks the build fails the tests).
 """
+import shutil
+from pathlib import Path
+
 import gridgraph
 
 project = "gridgraph"
@@ -11,8 +14,21 @@ copyright = "2026, the gridgraph authors"
 release = gridgraph.__version__
 version = ".".join(release.split(".")[:2])
 
-extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.mathjax"]
+extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.mathjax", "myst_nb"]
 exclude_patterns = ["_build"]
+
+# The tutorials: the notebooks of notebooks/ with their stored outputs (copied here at each build from the
+# checkout gridgraph is installed from; never executed by the docs build: the test suite executes them).
+nb_execution_mode = "off"
+myst_enable_extensions: list = []
+suppress_warnings = ["myst.header", "myst.xref_missing", "mystnb.unknown_mime_type"]
+_NOTEBOOKS = Path(gridgraph.__file__).resolve().parents[1] / "notebooks"
+_TUTORIALS = Path(__file__).resolve().parent / "tutorials"
+if _NOTEBOOKS.is_dir():
+    shutil.rmtree(_TUTORIALS, ignore_errors=True)
+    _TUTORIALS.mkdir()
+    for _notebook in sorted(_NOTEBOOKS.glob("[0-9][0-9]-*.ipynb")):
+        shutil.copy(_notebook, _TUTORIALS / _notebook.name)
 root_doc = "index"
 
 # Docstrings are Google style (Args:, Returns:, Example:), with reST inside.

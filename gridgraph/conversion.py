@@ -118,12 +118,28 @@ class ImageGridConv2d(_ImageGridConv, GridConv2d):
 
 class ImageGridConv1d(_ImageGridConv, GridConv1d):
     """A drop-in ``nn.Conv1d`` computing by message passing on the graph of its input sequence
-    (:class:`ImageGridConv2d` with one spatial dimension; :func:`convert` puts it in place of ``nn.Conv1d``)."""
+    (:class:`ImageGridConv2d` with one spatial dimension; :func:`convert` puts it in place of ``nn.Conv1d``).
+
+    Example:
+        >>> conv = torch.nn.Conv1d(3, 4, 5, padding=2, padding_mode='circular')
+        >>> twin = ImageGridConv1d.from_conv1d(conv)
+        >>> x = torch.randn(2, 3, 16)
+        >>> torch.allclose(twin(x), conv(x), atol=1e-6)
+        True
+    """
 
 
 class ImageGridConv3d(_ImageGridConv, GridConv3d):
     """A drop-in ``nn.Conv3d`` computing by message passing on the graph of its input volume
-    (:class:`ImageGridConv2d` with three spatial dimensions; :func:`convert` puts it in place of ``nn.Conv3d``)."""
+    (:class:`ImageGridConv2d` with three spatial dimensions; :func:`convert` puts it in place of ``nn.Conv3d``).
+
+    Example:
+        >>> conv = torch.nn.Conv3d(2, 3, 3, stride=(1, 2, 2), padding=1)
+        >>> twin = ImageGridConv3d.from_conv3d(conv)
+        >>> x = torch.randn(1, 2, 4, 6, 6)
+        >>> torch.allclose(twin(x), conv(x), atol=1e-6)
+        True
+    """
 
 
 #: torch convolution class -> its image-facing message-passing twin. ``convert`` replaces modules whose

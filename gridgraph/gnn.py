@@ -37,7 +37,13 @@ __all__ = ["to_gnn", "GNN", "Features", "Grids", "features_of", "to_pixel_graphs
 # ------------------------------------------------------------------------------------------ layout
 class Grids:
     """The layout of a batch of grids: graph ``g`` is a grid ``sizes[g]``, its nodes row-major, the graphs one
-    after the other. ``uniform``: one size for every graph (their nodes are then an image batch in memory)."""
+    after the other. ``uniform``: one size for every graph (their nodes are then an image batch in memory).
+
+    Example:
+        >>> grids = Grids([(4, 5), (2, 3)])
+        >>> grids.num_nodes, grids.batch(torch.device("cpu")).bincount().tolist()
+        (26, [20, 6])
+    """
 
     __slots__ = ("sizes", "cells", "counts", "offsets", "uniform", "_batch", "_groups", "_index")
 
@@ -128,7 +134,13 @@ class GridShape(tuple):
 
 class Features:
     """Node features ``x`` ``[nodes, channels]`` of a batch of grids (:class:`Grids`): what flows through a
-    :class:`GNN` where the CNN had an image batch ``[B, C, *grid]``."""
+    :class:`GNN` where the CNN had an image batch ``[B, C, *grid]``.
+
+    Example:
+        >>> f = features_of(image_to_graph(torch.randn(2, 3, 4, 5), kernel_size=1))
+        >>> f, f.shape
+        (Features(x=[40, 3], Grids(2 x 4x5)), torch.Size([2, 3, 4, 5]))
+    """
 
     __slots__ = ("x", "grids")
 
@@ -974,7 +986,15 @@ def features_of(data: Any) -> Features:
     """The :class:`Features` of a PyG ``Data`` / ``Batch`` of pixel graphs: its node features ``x`` and each
     graph's grid (read from the structure its ``edge_index`` carries: :func:`~gridgraph.image_to_graph`,
     ``ToPixelGraph``, ``Batch.from_data_list``). Masked and point graphs are refused (their nodes are not a
-    full grid)."""
+    full grid).
+
+    Example:
+        >>> from torch_geometric.data import Batch
+        >>> batch = Batch.from_data_list([image_to_graph(torch.randn(1, 3, 4, 4), kernel_size=3),
+        ...                               image_to_graph(torch.randn(1, 3, 2, 6), kernel_size=3)])
+        >>> features_of(batch)
+        Features(x=[28, 3], Grids(4x4, 2x6))
+    """
     from .pixel_graph import PixelEdgeIndex, pixel_structure
 
     if isinstance(data, Features):
@@ -1023,7 +1043,14 @@ def to_pixel_graphs(f: Features, kernel_size: Any = 1) -> Any:
     """A PyG ``Batch`` of pixel graphs with ``f``'s node features (graphs of one size: one ``PixelGraph``
     batch), its edges those of a ``kernel_size`` convolution at stride 1 on each grid (1: self-loops only, the
     cheapest; 3: each pixel's 3x3 neighbourhood, for PyG layers such as ``GATConv``);
-    :func:`~gridgraph.graph_to_image` gives the images back."""
+    :func:`~gridgraph.graph_to_image` gives the images back.
+
+    Example:
+        >>> f = features_of(image_to_graph(torch.randn(2, 3, 4, 5), kernel_size=1))
+        >>> g = to_pixel_graphs(f, kernel_size=3)             # each pixel's 3x3 neighbourhood, for PyG layers
+        >>> type(g).__name__, g.edge_index.size(1), torch.equal(graph_to_image(g.x, g), graph_to_image(f.x, g))
+        ('PixelGraph', 260, True)
+    """
     from torch_geometric.data import Batch
 
     from .graph import image_to_graph
@@ -1054,6 +1081,11 @@ class GNN(nn.Module):
     returns what the CNN returns: a tensor ``[graphs, ...]`` after a readout, or, for dense outputs, a
     ``Batch`` of output pixel graphs (:func:`to_pixel_graphs`; ``graph_to_image`` turns it into images, a
     list when the sizes differ). ``module`` is the converted CNN (its parameters are this module's).
+
+    Example:
+        >>> gnn = to_gnn(reference_model("resnet")).eval()
+        >>> type(gnn).__name__, gnn(image_to_graph(torch.randn(2, 3, 16, 16), kernel_size=1)).shape
+        ('GNN', torch.Size([2, 10]))
     """
 
     def __init__(self, module: nn.Module, graphs: dict, kernel_size: Any = 1) -> None:

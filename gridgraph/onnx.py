@@ -157,7 +157,13 @@ def _ir_tensor(t: torch.Tensor):
 
 def onnx_translations() -> dict:
     """``{operator: ONNX function}`` for ``torch.onnx.export(..., dynamo=True,
-    custom_translation_table=...)``: gridgraph's forward operators in standard ONNX operators."""
+    custom_translation_table=...)``: gridgraph's forward operators in standard ONNX operators.
+
+    Example:
+        >>> table = onnx_translations()                      # for torch.onnx.export(..., custom_translation_table=table)
+        >>> sorted(str(op) for op in table)[:2]
+        ['gridgraph.conv_image.default', 'gridgraph.edge_conv.default']
+    """
     _opset()
     return {torch.ops.gridgraph.grid_conv.default: _grid_conv,
             torch.ops.gridgraph.conv_image.default: _conv_image,
@@ -169,6 +175,15 @@ def export_onnx(model: torch.nn.Module, args: tuple, f: Any = None, **kwargs: An
 
     Shapes are fixed at export (a pixel graph's structure is part of the exported graph, as its neighbour
     table). Returns the ``ONNXProgram``; keyword arguments go to :func:`torch.onnx.export`.
+
+    Example:
+        >>> import tempfile, os
+        >>> twin = convert(torch.nn.Conv2d(3, 4, 3, padding=1)).eval()
+        >>> with tempfile.TemporaryDirectory() as folder:              # needs the "onnx" extra
+        ...     path = os.path.join(folder, "twin.onnx")
+        ...     _ = export_onnx(twin, (torch.randn(1, 3, 8, 8),), path, verbose=False)
+        ...     os.path.getsize(path) > 0
+        True
     """
     table = dict(onnx_translations())
     table.update(kwargs.pop("custom_translation_table", None) or {})

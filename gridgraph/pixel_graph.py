@@ -373,6 +373,11 @@ class PixelGraph(Data):
     ``structure``, ``geometry``, ``in_size``, ``out_size``, ``num_images``, ``batched``. A PyG batch of
     pixel graphs is a pixel graph too (``Batch.from_data_list``, ``DataLoader``): its ``structure`` lists
     the graphs, and :func:`~gridgraph.graph_to_image` turns its outputs back into images.
+
+    Example:
+        >>> g = image_to_graph(torch.randn(2, 3, 4, 5), kernel_size=3)
+        >>> type(g).__name__, g.num_nodes, g.edge_index.size(1), g.in_size, g.num_images
+        ('PixelGraph', 40, 260, (4, 5), 2)
     """
 
     # ------------------------------------------------------------------ the structure
@@ -473,7 +478,14 @@ class PixelGraph(Data):
 class TransposedPixelGraph(PixelGraph):
     """The :class:`PixelGraph` of a transposed convolution: sources on the input grid (``in_size``),
     targets on the larger output grid (``out_size``); ``geometry`` is the strided convolution whose edges
-    it reverses, ``transposed_geometry`` the transposed convolution's own."""
+    it reverses, ``transposed_geometry`` the transposed convolution's own.
+
+    Example:
+        >>> up = torch.nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1)
+        >>> g = transposed_image_to_graph(torch.randn(1, 3, 4, 4), up)
+        >>> type(g).__name__, g.in_size, g.out_size
+        ('TransposedPixelGraph', (4, 4), (8, 8))
+    """
 
     @_derived("transposed_geometry")
     def transposed_geometry(self) -> TransposedGeometry:
@@ -488,6 +500,12 @@ class MaskedPixelGraph(PixelGraph):
     ``out_batch`` the image of each node, ``in_keys``/``out_keys`` the flat
     dense index ``b*H*W + h*W + w`` of every node. ``size()`` is ``(N_src, N_dst)``: the active counts.
     ``submanifold`` is True when the outputs are the input nodes themselves (stride 1, same grid).
+
+    Example:
+        >>> mask = torch.tensor([[True, True, False], [False, True, True]])
+        >>> g = image_to_graph(torch.randn(1, 2, 2, 3), kernel_size=3, mask=mask)
+        >>> type(g).__name__, g.num_src, g.pos.tolist(), g.submanifold
+        ('MaskedPixelGraph', 4, [[0, 0], [0, 1], [1, 1], [1, 2]], True)
     """
 
     @property
@@ -543,6 +561,12 @@ class PointGraph(MaskedPixelGraph):
     its own node, and each member of a virtual node that node), ``batch`` (the image of each point), and
     ``in_keys``/``out_keys`` (each point's pixel in the rasterised grid ``in_size``, for
     :func:`~gridgraph.graph_to_image`, which works while no two points of an image share a cell).
+
+    Example:
+        >>> pos = torch.tensor([[0.0, 0.0], [0.0, 1.1], [0.9, 0.0]])
+        >>> g = positions_to_graph(pos, torch.randn(3, 2), torch.nn.Conv2d(2, 4, 3, padding=1))
+        >>> type(g).__name__, g.edge_index.size(1)
+        ('PointGraph', 9)
     """
 
     def source_features(self, y: Tensor) -> Tensor:

@@ -119,7 +119,15 @@ class MessagePassingMode(TorchFunctionMode):
 
 def message_passing(record: Optional[Callable[[Callable, Optional[str]], None]] = None) -> MessagePassingMode:
     """A context manager in which every ``F.convNd`` / ``F.conv_transposeNd`` call (and so every torch
-    convolution module's forward) runs as message passing: :class:`MessagePassingMode`."""
+    convolution module's forward) runs as message passing: :class:`MessagePassingMode`.
+
+    Example:
+        >>> x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
+        >>> with message_passing():                          # F.conv2d computed on the pixel graph
+        ...     y = torch.nn.functional.conv2d(x, w, padding=1)
+        >>> torch.allclose(y, torch.nn.functional.conv2d(x, w, padding=1), atol=1e-5)
+        True
+    """
     return MessagePassingMode(record)
 
 

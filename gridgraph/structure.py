@@ -223,7 +223,14 @@ def set_cache_limit(max_bytes: Optional[int] = None, max_entries: Optional[int] 
 
 
 def clear_cache() -> None:
-    """Forget every cached table, edge template and index plan (they are rebuilt on demand)."""
+    """Forget every cached table, edge template and index plan (they are rebuilt on demand).
+
+    Example:
+        >>> _ = image_to_graph(torch.randn(1, 3, 8, 8), kernel_size=3)
+        >>> clear_cache()
+        >>> cache_info()["entries"]
+        0
+    """
     REGISTRY.clear()
 
 
@@ -267,6 +274,11 @@ class NeighbourTable(_SlotIndex):
     Node ids are per image; a batch of ``B`` images repeats the table with offsets. ``geometry`` is the
     convolution whose taps the table holds (for a transposed convolution: the strided convolution whose
     edges it reverses).
+
+    Example:
+        >>> table = neighbour_table(ConvGeometry.from_keywords(2, kernel_size=3, padding=1), (3, 3))
+        >>> type(table).__name__, tuple(table.index.shape), table.index[4].tolist()   # the centre pixel's 9 sources
+        ('NeighbourTable', (9, 9), [0, 1, 2, 3, 4, 5, 6, 7, 8])
     """
 
     index: Tensor  # [num_dst, num_taps] long, -1 = no edge
@@ -433,6 +445,12 @@ class SparseTable(_SlotIndex):
     ``index[i, t]`` is the active source node that tap ``t`` of active target node ``i`` reads, or
     ``-1`` (an inactive pixel, or zero padding). Its size scales with the active pixels, never with
     ``H x W``; ``in_size``/``out_size`` are the node counts.
+
+    Example:
+        >>> g = image_to_graph(torch.randn(1, 1, 3, 3), kernel_size=3, mask=torch.eye(3, dtype=torch.bool))
+        >>> table = g.table                                  # per active output pixel, its source per tap (or -1)
+        >>> type(table).__name__, tuple(table.index.shape)
+        ('SparseTable', (3, 9))
     """
 
     index: Tensor  # [num_dst, num_taps] long (or int32 when asked), -1 = no edge
@@ -646,6 +664,11 @@ class GraphPart:
     ``'sparse'`` (the active pixels of a mask or point set: node and edge counts depend on the data).
     ``in_size``/``out_size`` are the grids of each image, ``num_src``/``num_dst``/``num_edges`` the
     graph's node and edge counts, ``batched`` whether the images came with a batch dimension.
+
+    Example:
+        >>> part = image_to_graph(torch.randn(2, 3, 4, 4), kernel_size=3, stride=2).edge_index.structure.parts[0]
+        >>> part.kind, part.in_size, part.out_size, part.num_images, part.num_src, part.num_dst
+        ('grid', (4, 4), (2, 2), 2, 32, 8)
     """
 
     kind: str
@@ -731,6 +754,14 @@ class PixelStructure:
     ``dst_offsets[k] .. + parts[k].num_dst``; its edges follow those of the parts before it. A single
     pixel graph is one part at offset 0; a PyG batch of pixel graphs is their parts one after the other
     (*canonical*: each part's nodes start where the previous part's end).
+
+    Example:
+        >>> from torch_geometric.data import Batch
+        >>> batch = Batch.from_data_list([image_to_graph(torch.randn(1, 3, 4, 4), kernel_size=3),
+        ...                               image_to_graph(torch.randn(1, 3, 6, 5), kernel_size=3)])
+        >>> structure = batch.edge_index.structure
+        >>> [part.in_size for part in structure.parts], structure.src_offsets
+        ([(4, 4), (6, 5)], (0, 16))
     """
 
     parts: tuple[GraphPart, ...]

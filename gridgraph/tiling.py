@@ -590,7 +590,15 @@ class _TiledFunction(torch.autograd.Function):
 class Tiled(nn.Module):
     """A converted network (or layer) computed tile by tile (made by :func:`tiled`): ``forward(x)`` equals
     ``module(x)`` (to float64 rounding) and so do its gradients, with memory bounded by a tile's activations.
-    ``module`` is the network (its parameters are this module's)."""
+    ``module`` is the network (its parameters are this module's).
+
+    Example:
+        >>> net = convert(torch.nn.Conv2d(3, 4, 3, padding=1)).double()
+        >>> run = tiled(net, tile_size=(5, 7))
+        >>> x = torch.randn(1, 3, 12, 20, dtype=torch.float64)
+        >>> type(run).__name__, torch.allclose(run(x), net(x), rtol=1e-12, atol=1e-12)
+        ('Tiled', True)
+    """
 
     def __init__(self, module: nn.Module, graph: torch.fx.Graph, tile_size: Any) -> None:
         super().__init__()
@@ -778,7 +786,16 @@ class _SpatialFunction(torch.autograd.Function):
 
 class SpatialParallel(nn.Module):
     """A converted network run across the processes of a ``torch.distributed`` group, each holding a band of
-    rows (made by :func:`spatial_parallel`). ``module`` is the network (its parameters are this module's)."""
+    rows (made by :func:`spatial_parallel`). ``module`` is the network (its parameters are this module's).
+
+    Example:
+        >>> import torch.distributed as dist
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> run = spatial_parallel(convert(torch.nn.Conv2d(3, 4, 3, padding=1)))
+        >>> type(run).__name__, run(torch.randn(1, 3, 6, 6)).shape
+        ('SpatialParallel', torch.Size([1, 4, 6, 6]))
+        >>> dist.destroy_process_group()
+    """
 
     def __init__(self, module: nn.Module, graph: torch.fx.Graph, group: Any = None, tile_size: Any = None) -> None:
         super().__init__()
@@ -1051,6 +1068,16 @@ def spatial_parallel(model: nn.Module, group: Any = None, tile_size: Any = None)
     Args:
         model (nn.Module): a converted network (the layers :func:`tiled` takes).
         group: the process group (default: the whole world).
+
+    Example:
+        >>> import torch.distributed as dist
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)   # one process here
+        >>> net = convert(torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"))
+        >>> x = torch.randn(1, 3, 9, 8)
+        >>> band = torch.tensor_split(x, dist.get_world_size(), dim=2)[dist.get_rank()]
+        >>> torch.allclose(spatial_parallel(net)(band), net(x), atol=1e-6)
+        True
+        >>> dist.destroy_process_group()
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"spatial_parallel expects an nn.Module (got {type(model).__name__})")

@@ -149,6 +149,11 @@ class GridConvNd(MessagePassing):
     ``weight[:, :, *tap]``, block-diagonal over ``groups``. The geometry (``kernel_size``, ``stride``,
     ``padding``, ``dilation``, ``padding_mode``) is read from the attributes at every call, as
     ``nn.Conv2d`` reads them: editing ``layer.stride`` takes effect.
+
+    Example:
+        >>> layer = GridConv2d(3, 4, 3, padding=1)          # GridConv1d/2d/3d are GridConvNd with ndim fixed
+        >>> isinstance(layer, GridConvNd), layer.geometry.num_taps
+        (True, 9)
     """
 
     _ndim: int = 2

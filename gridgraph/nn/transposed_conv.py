@@ -28,6 +28,12 @@ class GridConvTransposeNd(MessagePassing):
     with ``weight`` ``(C_in, C_out/groups, *kernel)`` as in ``nn.ConvTransposeNd`` (block-diagonal over
     ``groups``). It is the message function of :class:`~gridgraph.GridConvNd` with the weight read as
     the convolution weight ``(C_out, C_in/groups, *kernel)`` it is the transpose of.
+
+    Example:
+        >>> up = GridConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1)
+        >>> g = transposed_image_to_graph(torch.randn(1, 4, 5, 5), up)   # a strided graph with its edges reversed
+        >>> isinstance(up, GridConvTransposeNd), up(g.x, g.edge_index, g.edge_type, size=g.size()).shape
+        (True, torch.Size([100, 2]))
     """
 
     _ndim: int = 2
