@@ -48,13 +48,14 @@ def test_x_of_wrong_ndim(layer, graph, shape):
 
 def test_x_with_wrong_channel_count(layer, graph):
     for edge_index in both_paths(graph):
-        with pytest.raises(ValueError, match=re.escape("expected x with 2 channels (got 5)")):
+        with pytest.raises(ValueError, match=re.escape("expected x with 2 channels, the layer's in_channels (got 5: ")):
             layer(torch.randn(24, 5), edge_index, graph.edge_type)
 
 
 def test_x_with_wrong_row_count(layer, graph):
     with pytest.raises(ValueError, match=re.escape("expected x with 24 rows, the source nodes of this pixel graph "
-                                                   "(got 23)")):
+                                                   "(2 image(s) of 3x4) (got 23): x and edge_index must come from "
+                                                   "the same graph")):
         layer(graph.x[:23], graph.edge_index, graph.edge_type)
     with pytest.raises(ValueError, match=re.escape("size[0] = 24 (the source node count) must equal the number of rows of x (23)")):
         layer(graph.x[:23], graph.edge_index.as_tensor().clone(), graph.edge_type, size=(24, 24))

@@ -154,5 +154,5 @@ def test_bad_optional_arguments():
         layer(x, None, torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"size must be \(4, 4\) \(got \(4, 5\)\)"):
         layer(x, size=(4, 5))
-    with pytest.raises(ValueError, match=r"expected x with 2 channels \(got 3\)"):
+    with pytest.raises(ValueError, match=r"expected x with 2 channels, the layer.s in_channels \(got 3: "):
         layer(torch.randn(4, 3))

@@ -188,7 +188,8 @@ def test_load_model_from_module_or_file(tmp_path):
 
 def test_cli_model_mode_with_a_user_model(tmp_path, capsys):
     path = _user_module(tmp_path)
-    assert main(["verify", "--model", f"{path}:build", "--input-shape", "2,3,8,8", "--device", "cpu"]) == 0
+    assert main(["verify", "--model", f"{path}:build", "--input-shape", "2,3,8,8", "--device", "cpu",
+                 "--verbose"]) == 0
     out = capsys.readouterr().out
     assert f"### {path}:build (train) [float32, cpu]" in out and f"### {path}:build (train) [float64, cpu]" in out
     tables = assert_aligned(out)
@@ -201,7 +202,7 @@ def test_cli_reference_subset_and_exit_code_on_failure(capsys, monkeypatch):
     args = ["verify", "--only", "models", "--reference", "resnext", "--dtype", "float32", "--device", "cpu", "--quick"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "### resnext (train) [float32, cpu]" in out and "mobilenet" not in out
+    assert "  PASS resnext (train) [float32, cpu]: " in out and "mobilenet" not in out
     monkeypatch.setitem(verify_module.TOLERANCES, torch.float32, 0.0)  # every rounding difference now fails
     assert main(args) == 1
     out = capsys.readouterr().out
@@ -288,10 +289,11 @@ def test_cli_in_place_activations(tmp_path, capsys):
 
 
 def test_reference_registry_is_what_the_cli_verifies(capsys):
-    assert main(["verify", "--only", "models", "--dtype", "float64", "--device", "cpu", "--quick", "--no-grads"]) == 0
+    assert main(["verify", "--only", "models", "--dtype", "float64", "--device", "cpu", "--no-grads",
+                 "--verbose"]) == 0
     out = capsys.readouterr().out
     for name in REFERENCE_MODELS:
-        assert f"### {name} (train) [float64, cpu]" in out
+        assert f"### {name} (train) [float64, cpu]" in out and f"### {name} (eval) [float64, cpu]" in out
     assert "gradients of" not in out
 
 

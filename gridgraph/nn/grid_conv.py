@@ -45,8 +45,11 @@ def check_graph_inputs(layer: Any, x: Tensor, edge_index: Any, edge_type: Any, s
             if size is not None and (len(size) != 2 or tuple(int(n) for n in size) != expected):
                 raise ValueError(f"size {tuple(size)} does not match the pixel graph's (N_src, N_dst) = {expected}")
             if x.size(0) != expected[0]:
+                sizes = ", ".join("x".join(map(str, p.in_size)) for p in carried.parts)
                 raise ValueError(f"expected x with {expected[0]} rows, the source nodes of this pixel graph "
-                                 f"(got {x.size(0)})")
+                                 f"({carried.parts[0].num_images if len(carried.parts) == 1 else 'its'} image(s) of "
+                                 f"{sizes}) (got {x.size(0)}): x and edge_index must come from the same graph, "
+                                 "g = image_to_graph(images, layer), then layer(g.x, g.edge_index, g.edge_type)")
             if edge_index.device != x.device:
                 raise ValueError(f"edge_index is on {edge_index.device} but x is on {x.device}")
             return edge_index
@@ -263,11 +266,13 @@ class GridConvNd(MessagePassing):
             raise ValueError(f"expected x of shape [num_nodes, {self.in_channels}]: 2 dims "
                              f"(got a {x.dim()}-dim tensor of shape {tuple(x.shape)})")
         if x.size(1) != self.in_channels:
-            raise ValueError(f"expected x with {self.in_channels} channels (got {x.size(1)})")
+            raise ValueError(f"expected x with {self.in_channels} channels, the layer's in_channels (got {x.size(1)}: "
+                             f"x of shape {tuple(x.shape)}, one row per node and one column per channel)")
         if edge_index is None:
             raise TypeError(f"{type(self).__name__}.forward() needs edge_index: the graph to compute on")
         if x.dtype != self.weight.dtype and not F.autocast_enabled(x.device.type):
-            raise TypeError(f"expected x of dtype {self.weight.dtype}, the layer's dtype (got {x.dtype})")
+            raise TypeError(f"expected x of dtype {self.weight.dtype}, the layer's dtype (got {x.dtype}): convert one "
+                            f"to the other, x.to({self.weight.dtype}) or layer.to({x.dtype})")
         if x.device != self.weight.device:
             raise ValueError(f"x is on {x.device} but the layer's weight is on {self.weight.device}")
 
