@@ -8,7 +8,7 @@ MobileNetV2)::
     python benchmarks/gnn.py --quick         # tiny inputs: checks every case, times nothing
 
 Each case (and, checked only, torchvision's EfficientNet-B0, MobileNetV3-small, RegNetY-400MF, DenseNet-121 and
-SqueezeNet 1.1) first checks, in float64, that the GNN's output and input gradient on the pixel-graph batch equal
+SqueezeNet 1.1, ConvNeXt-T) first checks, in float64, that the GNN's output and input gradient on the pixel-graph batch equal
 the original CNN's on the images (eval mode, and train mode with dropout off) and that no torch convolution,
 pooling or interpolation operator ran in the GNN's forward and backward (watched at the ATen level), then times, interleaved
 (``benchmarks/networks.py``'s timing: rounds of blocks of at least 0.2 s, median), in eval mode under
@@ -57,7 +57,8 @@ def cases(quick: bool):
         yield name, getattr(torchvision.models, name)(), None
 
 
-CHECKED_ONLY = ["efficientnet_b0", "mobilenet_v3_small", "regnet_y_400mf", "densenet121", "squeezenet1_1"]
+CHECKED_ONLY = ["efficientnet_b0", "mobilenet_v3_small", "regnet_y_400mf", "densenet121", "squeezenet1_1",
+                "convnext_tiny"]
 
 
 def _no_dropout(model: nn.Module) -> nn.Module:

@@ -142,13 +142,15 @@ class Features:
         (Features(x=[40, 3], Grids(2 x 4x5)), torch.Size([2, 3, 4, 5]))
     """
 
-    __slots__ = ("x", "grids")
+    __slots__ = ("x", "grids", "channels_last")
 
-    def __init__(self, x: Tensor, grids: Grids) -> None:
+    def __init__(self, x: Tensor, grids: Grids, channels_last: bool = False) -> None:
         if x.dim() != 2 or x.size(0) != grids.num_nodes:
             raise ValueError(f"expected node features of shape [{grids.num_nodes}, C] for {grids} (got "
                              f"{tuple(x.shape)})")
-        self.x, self.grids = x, grids
+        # channels_last: what the CNN holds as [B, *grid, C] after x.permute(0, 2, 3, 1) (ConvNeXt's LayerNorm
+        # and Linear layers act on the last dim: the node features' channels); the nodes are the same
+        self.x, self.grids, self.channels_last = x, grids, channels_last
 
     @property
     def channels(self) -> int:
@@ -156,6 +158,10 @@ class Features:
 
     @property
     def shape(self):
+        if self.channels_last and self.grids.uniform:
+            return torch.Size([self.grids.num_graphs, *self.grids.sizes[0], self.channels])
+        if self.channels_last:
+            raise NotImplementedError("to_gnn: the shape of channels-last features of grids of different sizes")
         if self.grids.uniform:
             return torch.Size([self.grids.num_graphs, self.channels, *self.grids.sizes[0]])
         return GridShape([self.grids.num_graphs, self.channels, *(None for _ in range(self.grids.ndim))],
@@ -176,7 +182,7 @@ class Features:
         return self.x.device
 
     def with_x(self, x: Tensor, grids: Optional[Grids] = None) -> "Features":
-        return Features(x, self.grids if grids is None else grids)
+        return Features(x, self.grids if grids is None else grids, self.channels_last)
 
     def images(self):
         """Per size: ``(size, graph indices, images [G, C, *size])``, the images a view of the node features
@@ -242,6 +248,9 @@ class _GridChange(ValueError):
 def _per_size(f: Features, fn: Callable[[Tensor], Tensor]) -> Features:
     """``fn`` (images -> images) on each size group of ``f``; on masked graphs only on the active nodes, whose
     grid ``fn`` must keep (stride 1): the result read at the same nodes."""
+    if f.channels_last:
+        raise NotImplementedError("to_gnn: a grid operator on channels-last features (after x.permute(0, 2, 3, 1)); "
+                                  "permute back first")
     grids = f.grids
     if grids.masked:
         rows = [None] * grids.num_graphs
@@ -651,6 +660,17 @@ def _apply_module(where: _Where, module: nn.Module, *args, **kwargs):
     x = args[0] if args else None
     if not isinstance(x, Features):
         return module(*args, **kwargs)
+    if isinstance(module, (nn.LayerNorm, nn.Linear)):  # on the last dim: channels only in channels-last layout
+        if not x.channels_last and not all(math.prod(s) == 1 for s in x.grids.sizes):
+            raise _error(where, f"{type(module).__name__} over the last dim of an image batch (the width, not the "
+                                "channels; permute to channels-last first, as ConvNeXt does)")
+        if isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) != (x.channels,):
+            raise _error(where, f"LayerNorm over {tuple(module.normalized_shape)} (node features have {x.channels} "
+                                "channels)")
+        return x.with_x(module(x.x))
+    if x.channels_last and not isinstance(module, _ELEMENTWISE_MODULES) and \
+            type(module).__name__ not in ("StochasticDepth", "DropPath"):
+        raise _error(where, f"{type(module).__name__} on channels-last features (permute back first)")
     if isinstance(module, _CONVS) or routing.is_routed(module):
         rest = args[1:]
         return _per_size(x, lambda images: module(images, *rest, **kwargs))
@@ -693,6 +713,14 @@ def _apply_function(where: _Where, target: Callable, args, kwargs):
         return args[0][args[1]]
     if target in _ELEMENTWISE_FUNCTIONS:
         return args[0].with_x(target(args[0].x, *args[1:], **kwargs))
+    if target is torch.permute:
+        return _permute(args[0], args[1] if len(args) > 1 else kwargs["dims"], where)
+    if target in (F.layer_norm, F.linear):
+        x = args[0]
+        if not x.channels_last:
+            raise _error(where, f"{target.__name__} over the last dim of an image batch (permute to channels-last "
+                                "first)")
+        return x.with_x(target(x.x, *args[1:], **kwargs))
     if target in _BINARY:
         return _binary(target, args, kwargs, where)
     if target is torch.cat:
@@ -759,6 +787,9 @@ def _apply_method(where: _Where, name: str, args, kwargs):
         return _binary(op, args, kwargs, where)
     if name == "expand":
         return _expand(x, args[1:], where)
+    if name == "permute":
+        dims = args[1:] if len(args) > 2 or not isinstance(args[1], (tuple, list)) else args[1]
+        return _permute(x, dims, where)
     if name in ("view", "reshape"):
         shape = args[1:] if len(args) > 2 or not isinstance(args[1], (tuple, list)) else args[1]
         if len(shape) == 2:
@@ -895,6 +926,8 @@ def _binary(op, args, kwargs, node):
     alpha = kwargs.get("alpha")
     fa, fb = isinstance(a, Features), isinstance(b, Features)
     if fa and fb:
+        if a.channels_last != b.channels_last:
+            raise _error(node, f"{getattr(op, '__name__', op)} of channels-first and channels-last features")
         if a.grids != b.grids:  # one per graph (a 1x1 readout) broadcast to the nodes of the other
             one_a = all(math.prod(s) == 1 for s in a.grids.sizes) and not a.grids.masked
             one_b = all(math.prod(s) == 1 for s in b.grids.sizes) and not b.grids.masked
@@ -928,15 +961,34 @@ def _binary(op, args, kwargs, node):
     return f.with_x(out)
 
 
+def _permute(x: Features, dims, where) -> Features:
+    """``x.permute(0, 2, 3, 1)`` / ``x.permute(0, 3, 1, 2)`` (any grid rank): the same node features, read with
+    the channels last / first."""
+    n = x.grids.ndim
+    dims = tuple(int(d) % (n + 2) for d in dims)
+    to_last, to_first = (0, *range(2, n + 2), 1), (0, n + 1, *range(1, n + 1))
+    if not x.channels_last and dims == to_last:
+        return Features(x.x, x.grids, True)
+    if x.channels_last and dims == to_first:
+        return Features(x.x, x.grids, False)
+    if dims == tuple(range(n + 2)):
+        return x
+    raise _error(where, f"permute{dims} of node features (only channels to the last dim and back)")
+
+
 def _cat(tensors, dim, node):
     if any(not isinstance(t, Features) for t in tensors):
         raise _error(node, "torch.cat of node features with other tensors")
-    if dim not in (1, -tensors[0].dim() + 1):
-        raise _error(node, f"torch.cat along dim {dim} (channels are dim 1)")
+    last = tensors[0].channels_last
+    if any(t.channels_last != last for t in tensors):
+        raise _error(node, "torch.cat of channels-first and channels-last features")
+    channel_dims = (-1, tensors[0].dim() - 1) if last else (1, -tensors[0].dim() + 1)
+    if dim not in channel_dims:
+        raise _error(node, f"torch.cat along dim {dim} (the channels are dim {channel_dims[0]})")
     grids = tensors[0].grids
     if any(t.grids != grids for t in tensors):
         raise _error(node, "torch.cat of features on different grids")
-    return Features(torch.cat([t.x for t in tensors], dim=1), grids)
+    return Features(torch.cat([t.x for t in tensors], dim=1), grids, last)
 
 
 def _mean(x: Features, dim, keepdim: bool, node):

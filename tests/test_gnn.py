@@ -434,3 +434,48 @@ def test_stochastic_depth_per_graph(device):
     kept = [bool(torch.allclose(per_graph[g], 2 * conv[g])) for g in range(8)]
     dropped = [bool((per_graph[g] == 0).all()) for g in range(8)]
     assert all(k or d for k, d in zip(kept, dropped)) and any(kept) and any(dropped)  # whole graphs, scaled
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """torchvision's LayerNorm2d: a LayerNorm over the channels of an image, by permuting."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class _ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block: depthwise 7x7, channels-last LayerNorm and MLP, layer scale, residual."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm, self.up, self.down = nn.LayerNorm(c, eps=1e-6), nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.scale = nn.Parameter(torch.rand(c, 1, 1))
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.down(F.gelu(self.up(self.norm(y)))).permute(0, 3, 1, 2)
+        return x + self.scale * y
+
+
+def test_convnext_style_channels_last_layers(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), _LayerNorm2d(8), _ConvNeXtBlock(8),
+                          _LayerNorm2d(8), nn.Conv2d(8, 16, 2, stride=2), _ConvNeXtBlock(16),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3)).to(device, D)
+    gnn = gg.to_gnn(model)
+    x = torch.randn(2, 3, 32, 24, dtype=D, device=device)
+    xr, xg = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want = model(xr)
+    with _Ops() as ops:
+        got = gnn(gg.image_to_graph(xg, kernel_size=1))
+        got.square().sum().backward()
+    want.square().sum().backward()
+    assert ops.forbidden() == []
+    _close(got, want.detach())
+    _close(xg.grad, xr.grad)
+    bad = gg.to_gnn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.LayerNorm(4)))   # LayerNorm over the width of an image
+    with pytest.raises(NotImplementedError, match="LayerNorm over the last dim of an image batch"):
+        bad(gg.image_to_graph(torch.randn(1, 3, 4, 4, device=device), kernel_size=1))
