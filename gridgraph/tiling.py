@@ -185,6 +185,7 @@ class _Plan:
     def __init__(self, root: nn.Module, graph: torch.fx.Graph, size: tuple, training: bool) -> None:
         self.root, self.graph, self.size = root, graph, tuple(size)
         self.steps: dict = {}
+        self.static: dict = {}  # shape values read from images (their grids)
         self.order: list = []
         self.readout: Optional[_Step] = None
         modules = dict(root.named_modules())
@@ -202,6 +203,11 @@ class _Plan:
                 continue
             else:
                 inputs = [a for a in node.all_input_nodes if a in spatial]
+                shape = self._static_shape(node, spatial)
+                if shape is not None:  # x.shape / x.shape[-2:] of an image: its grid, known from the plan
+                    self.static[node] = shape
+                    self.steps[node] = _Step(node, "static")
+                    continue
                 if not inputs:
                     self.steps[node] = _Step(node, "head")
                     continue
@@ -210,8 +216,9 @@ class _Plan:
             self.steps[node] = step
             if step.kind == "readout":
                 if self.readout is not None:
-                    raise TilingError(f"tiled: a second global pooling {_where(node)}: only one, at the end of "
-                                      "the spatial part, is summed tile by tile")
+                    raise TilingError(f"tiled: {_where(self.readout.node)} is a global pooling in the middle of the "
+                                      f"network (another follows, {_where(node)}; e.g. squeeze-and-excitation): no "
+                                      "tile can be computed before the whole image is")
                 self.readout = step
             else:
                 spatial[node] = step.size
@@ -240,6 +247,21 @@ class _Plan:
                 if a in spatial and a not in step.inputs:
                     self._last_use[a] = step.node
 
+    def _static_shape(self, node, spatial) -> Optional[tuple]:
+        """``x.shape`` / ``x.size()`` of an image (``(None, None, *grid)``: batch and channels are not static
+        here) and the grid part of it (``x.shape[-2:]``, ``x.shape[2]``)."""
+        if node.op == "call_function" and node.target is getattr and node.args[1] == "shape" and \
+                node.args[0] in spatial:
+            return (None, None) + tuple(spatial[node.args[0]])
+        if node.op == "call_method" and node.target == "size" and len(node.args) == 1 and node.args[0] in spatial:
+            return (None, None) + tuple(spatial[node.args[0]])
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in self.static:
+            value = self.static[node.args[0]][node.args[1]]
+            if value is None or (isinstance(value, tuple) and None in value):
+                raise TilingError(f"tiled: {_where(node)} reads the batch or channel count of an image")
+            return value if isinstance(value, tuple) else (value,)
+        return None
+
     def _classify(self, node, modules, inputs, spatial, em, ef, binary, training) -> _Step:
         size = spatial[inputs[0]]
         if node.op == "call_module":
@@ -266,6 +288,9 @@ class _Plan:
             if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
                                    nn.AvgPool3d)):
                 return self._pool(node, module, inputs, size)
+            if isinstance(module, nn.Upsample):
+                return self._interp(node, inputs, size, module.size, module.scale_factor, module.mode,
+                                    module.align_corners, getattr(module, "recompute_scale_factor", None))
             if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
                 if all(o == 1 for o in _tuple(module.output_size, len(size))):
                     return _Step(node, "readout", module, None, inputs, None, {"keepdim": True})
@@ -283,6 +308,18 @@ class _Plan:
                 if a in spatial and spatial[a] != size:
                     raise TilingError(f"tiled: {_where(node)} combines images of different sizes")
             return _Step(node, "pointwise", None, None, inputs, size)
+        if node.op == "call_function" and target is F.interpolate:
+            names = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+            bound = dict(zip(names, node.args), **node.kwargs)
+            if bound.get("antialias"):
+                raise TilingError(f"tiled: {_where(node)}: interpolate with antialias")
+            out = bound.get("size")
+            if isinstance(out, torch.fx.Node):
+                out = self.static.get(out)
+                if out is None:
+                    raise TilingError(f"tiled: {_where(node)}: an interpolation size not read from an image")
+            return self._interp(node, inputs, size, out, bound.get("scale_factor"), bound.get("mode", "nearest"),
+                                bound.get("align_corners"), bound.get("recompute_scale_factor"))
         if node.op == "call_function" and target is torch.cat:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             if dim not in (1, -len(size) - 1) or any(spatial[a] != size for a in inputs):
@@ -301,6 +338,31 @@ class _Plan:
                 return _Step(node, "readout", None, None, inputs, None, {"keepdim": True})
         name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
         raise TilingError(f"tiled: {_where(node)} ({name}) cannot be computed tile by tile exactly here")
+
+    def _interp(self, node, inputs, size, out, scale, mode, align_corners, recompute) -> _Step:
+        n = len(size)
+        if mode not in ("nearest", "linear", "bilinear", "trilinear"):
+            raise TilingError(f"tiled: {_where(node)}: interpolation mode {mode!r} (nearest, linear, bilinear and "
+                              "trilinear are computed tile by tile)")
+        scales = _tuple(scale, n) if scale is not None else (None,) * n
+        target = tuple(int(v) for v in _tuple(out, n)) if out is not None else \
+            tuple(int(math.floor(g * sc)) for g, sc in zip(size, scales))
+        use = scales if scale is not None and not recompute else (None,) * n
+        extra = {"mode": mode, "align_corners": align_corners, "scales": use, "sources": {}}
+        return _Step(node, "interp", None, None, inputs, target, extra)
+
+    def _interp_sources(self, step: _Step, axis: int, dtype=torch.float64, device=None) -> list:
+        """Per output index along ``axis``: torch's source indices and weights (cached per dtype/device)."""
+        from .gnn import _source
+
+        key = (axis, dtype, device)
+        found = step.extra["sources"].get(key)
+        if found is None:
+            src = self.spatial[step.inputs[0]]
+            found = step.extra["sources"][key] = _source(step.size[axis], src[axis], step.extra["mode"],
+                                                         step.extra["align_corners"], step.extra["scales"][axis],
+                                                         dtype, device if device is not None else torch.device("cpu"))
+        return found
 
     def _pool(self, node, module, inputs, size) -> _Step:
         n = len(size)
@@ -336,6 +398,14 @@ class _Plan:
                     (b - 1) * g.stride[axis] - g.padding[axis][0] + (g.kernel_size[axis] - 1) * g.dilation[axis] + 1,
                     src_size[axis], mode)]) for axis in range(len(src_size)))
                 need[step.inputs[0]] = _union(want, need.get(step.inputs[0]))
+            elif step.kind == "interp":
+                want = []
+                for axis in range(len(step.size)):
+                    terms = self._interp_sources(step, axis)
+                    coords = torch.tensor(_coords(region[axis]), dtype=torch.long)
+                    used = sorted({int(v) for index, _ in terms for v in index[coords].tolist()})
+                    want.append(_merge([(v, v + 1) for v in used]))
+                need[step.inputs[0]] = _union(tuple(want), need.get(step.inputs[0]))
             elif step.kind == "transposed":
                 c = step.geometry.conv
                 src_size = self.spatial[step.inputs[0]]
@@ -381,6 +451,9 @@ class _Plan:
         if step.kind in ("conv", "pool", "transposed"):
             source = values[step.inputs[0]]
             return _blocks(region, lambda runs: self._window(step, runs, source))
+        if step.kind == "interp":
+            source = values[step.inputs[0]]
+            return _blocks(region, lambda runs: self._interp_block(step, runs, source))
         args = torch.fx.map_arg(node.args, lambda n: values[n].restrict(region) if n in values else
                                 self._constant(n))
         kwargs = torch.fx.map_arg(node.kwargs, lambda n: values[n].restrict(region) if n in values else
@@ -391,7 +464,24 @@ class _Plan:
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         return node.target(*args, **kwargs)
 
+    def _interp_block(self, step: _Step, runs: tuple, source: _Value) -> Tensor:
+        """Torch's interpolation of the output block ``runs``: per axis, a weighted gather of the stored sources."""
+        t = source.tensor
+        for axis, (a, b) in enumerate(runs):
+            result = None
+            for index, weight in self._interp_sources(step, axis, t.dtype, t.device):
+                piece = t.index_select(2 + axis, source.positions(axis, index[a:b].tolist()))
+                if weight is not None:
+                    shape = [1] * t.dim()
+                    shape[2 + axis] = b - a
+                    piece = piece * weight[a:b].view(shape)
+                result = piece if result is None else result + piece
+            t = result
+        return t
+
     def _constant(self, node):
+        if node in self.static:
+            return self.static[node]
         if node.op == "get_attr":  # a parameter or buffer used beside the image (a layer scale, ...)
             return _fetch(self.root, node.target)
         raise TilingError(f"tiled: {_where(node)} is neither an image nor a parameter of the network")
@@ -711,8 +801,9 @@ def tiled(model: nn.Module, tile_size: Any) -> Tiled:
         model (nn.Module): a converted network (:func:`~gridgraph.convert`) or one converted layer: convolutions
             of any stride, dilation and padding mode (zeros, reflect, replicate, circular: at the image border
             only), pointwise, depthwise and transposed, elementwise layers between them (activations,
-            BatchNorm in eval mode, residual additions, channel concatenations), max and average pooling, and
-            a global average pooling followed by a non-spatial head.
+            BatchNorm in eval mode, residual additions, channel concatenations), max and average pooling,
+            nearest and (bi/tri)linear upsampling (``nn.Upsample``, ``F.interpolate``, sizes read from an image
+            included), and a global average pooling followed by a non-spatial head.
         tile_size (int or tuple): the tile, in pixels of the model's output (of its global pooling's input
             when it ends in one); tiles need not divide the image.
 

@@ -224,3 +224,50 @@ def test_spatial_parallel_equals_whole(world, case):
         if whole[0].dim() <= 2:  # and a global output is whole on every rank
             assert torch.allclose(r[1], results[0][1], rtol=0, atol=1e-12)
     _assert_equal((y, [grad_x] + weights), whole)
+
+
+class _Decoder(nn.Module):
+    """Upsampling as U-Nets and segmentation heads do it: nn.Upsample (nearest, bilinear both ways) and
+    F.interpolate back to the input's size."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.down = nn.Conv2d(3, 6, 3, stride=2, padding=1, padding_mode=mode)
+        self.deeper = nn.Conv2d(6, 6, 3, stride=2, padding=1)
+        self.near = nn.Upsample(scale_factor=2, mode="nearest")
+        self.bilinear = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+        self.mix = nn.Conv2d(12, 4, 3, padding=1, padding_mode=mode)
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        a = torch.relu(self.down(x))                                   # 15x18
+        b = torch.relu(self.deeper(a))                                 # 8x9
+        c = nn.functional.interpolate(self.near(b), size=a.shape[-2:], mode="bilinear")   # 16x18 -> 15x18
+        y = self.bilinear(self.mix(torch.cat([a, c], dim=1)))          # 30x36, align_corners=True
+        return nn.functional.interpolate(y, size=size, mode="bilinear", align_corners=False)   # 29x35
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+def test_tiled_upsampling(mode, device):
+    net = _net(_Decoder(mode), device)
+    x = torch.randn(2, 3, 29, 35, dtype=D, device=device)
+    _assert_equal(_grads(net, x, tiled(net, (6, 9))), _grads(net, x, net))
+
+
+@pytest.mark.parametrize("name", ["UNet", "ResNetish", "MobileNetish"])
+def test_tiled_reference_networks(name, device):
+    """Max pooling, transposed convolutions and skip concatenations (U-Net), residual blocks and a global pooling
+    head (ResNet), depthwise inverted residuals with ReLU6 (MobileNetV2): tiled equals whole."""
+    from gridgraph import models
+
+    net = _net(getattr(models, name)(), device)
+    x = torch.randn(2, 3, 40, 36, dtype=D, device=device)
+    _assert_equal(_grads(net, x, tiled(net, 7)), _grads(net, x, net))
+
+
+def test_tiled_names_squeeze_excitation():
+    from gridgraph import models
+
+    net = _net(models.SqueezeExciteNet(), "cpu")
+    with pytest.raises(NotImplementedError, match="global pooling in the middle"):
+        tiled(net, 8)(torch.randn(1, 3, 24, 24, dtype=D))
