@@ -347,6 +347,22 @@ def max_pool(f: Features, kernel_size, stride=None, padding=0, dilation=1, ceil_
     return _per_size(f, pool)
 
 
+def _avg_divisor(runs, size, kernel, stride, padding, count_include_pad: bool, dtype, device) -> Tensor:
+    """Average pooling's divisor for the output indices ``runs`` (``[(start, stop)]`` per axis) of a grid ``size``,
+    ``[1, *out, 1]`` (node layout): the window's length per axis, padding counted or not, as torch divides."""
+    n = len(runs)
+    divisor = None
+    for a, (lo, hi) in enumerate(runs):
+        start = torch.arange(lo, hi, device=device) * stride[a] - padding[a][0]
+        end = torch.clamp(start + kernel[a], max=size[a] + padding[a][1])
+        length = end - start if count_include_pad else torch.clamp(end, max=size[a]) - torch.clamp(start, min=0)
+        shape = [1] * (n + 2)
+        shape[1 + a] = hi - lo
+        length = length.to(dtype).view(shape)
+        divisor = length if divisor is None else divisor * length
+    return divisor
+
+
 def avg_pool(f: Features, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
              divisor_override=None) -> Features:
     """``AvgPoolNd``: the sum over each target's window divided as torch divides (``count_include_pad``,
@@ -367,16 +383,8 @@ def avg_pool(f: Features, kernel_size, stride=None, padding=0, ceil_mode=False, 
         if divisor_override:
             divisor = torch.tensor(float(divisor_override), dtype=images.dtype, device=images.device)
         else:
-            divisor = None
-            for a in range(n):
-                start = torch.arange(out[a], device=images.device) * s[a] - p[a]
-                end = torch.clamp(start + k[a], max=size[a] + p[a])
-                length = end - start if count_include_pad else \
-                    torch.clamp(end, max=size[a]) - torch.clamp(start, min=0)
-                shape = [1] * (n + 2)
-                shape[1 + a] = out[a]
-                length = length.to(images.dtype).view(shape)
-                divisor = length if divisor is None else divisor * length
+            divisor = _avg_divisor([(0, o) for o in out], size, k, s, [(q, q) for q in p], count_include_pad,
+                                   images.dtype, images.device)
         return (total / divisor).permute(0, n + 1, *range(1, n + 1))
     return _per_size(f, pool)
 

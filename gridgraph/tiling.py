@@ -112,16 +112,35 @@ class _Value:
                 return self.position(axis, coords[0])
         return None
 
+    @classmethod
+    def whole(cls, x: Tensor) -> "_Value":
+        """The whole grid of ``x``."""
+        size = tuple(x.shape[2:])
+        return cls(x, tuple(((0, n),) for n in size), size)
+
+    def index(self, axis: int, iv: Intervals) -> Any:
+        """Where the pixels ``iv`` are stored along ``axis``: None (all of them, in order), ``(start, length)``
+        (consecutive: a narrow view) or an index tensor."""
+        if iv == self.region[axis]:
+            return None
+        coords = _coords(iv)
+        start = self._run(axis, coords)
+        return (start, len(coords)) if start is not None else self.positions(axis, coords)
+
     def restrict(self, region: Region) -> Tensor:
         """The tensor of ``region`` (a subset of the stored pixels)."""
         t = self.tensor
         for axis, iv in enumerate(region):
-            if iv != self.region[axis]:
-                coords = _coords(iv)
-                start = self._run(axis, coords)
-                t = t.narrow(2 + axis, start, len(coords)) if start is not None else \
-                    t.index_select(2 + axis, self.positions(axis, coords))
+            ix = self.index(axis, iv)
+            if isinstance(ix, tuple):
+                t = t.narrow(2 + axis, *ix)
+            elif ix is not None:
+                t = t.index_select(2 + axis, ix)
         return t
+
+    def add(self, region: Region, grad: Tensor) -> None:
+        """``tensor[region] += grad`` in place (narrow views where the pixels are consecutive)."""
+        _add_at(self.tensor, [self.index(axis, iv) for axis, iv in enumerate(region)], grad)
 
     def gather(self, virtual: Sequence[tuple], mode: str, fill: float = 0.0) -> Tensor:
         """Per axis ``(lo, hi)`` padded coordinates: the stored pixels they read, ``fill`` for zero padding."""
@@ -185,6 +204,7 @@ class _Plan:
     def __init__(self, root: nn.Module, graph: torch.fx.Graph, size: tuple, training: bool) -> None:
         self.root, self.graph, self.size = root, graph, tuple(size)
         self.steps: dict = {}
+        self._needs: dict = {}  # out region -> the regions every step computes for it
         self.static: dict = {}  # shape values read from images (their grids)
         self.order: list = []
         self.readout: Optional[_Step] = None
@@ -381,7 +401,15 @@ class _Plan:
     # ------------------------------------------------------------------------------ regions
     def needs(self, out_region: Region) -> dict:
         """Per spatial node, the region it must compute for ``out_region`` of the output step (for a readout:
-        of its input)."""
+        of its input); found once per region (forward and backward, call after call, ask again)."""
+        found = self._needs.get(out_region)
+        if found is None:
+            if len(self._needs) > 4096:
+                self._needs.clear()
+            found = self._needs[out_region] = self._find_needs(out_region)
+        return found
+
+    def _find_needs(self, out_region: Region) -> dict:
         need: dict = {}
         target = self.out_step.inputs[0] if self.readout is not None else self.output
         need[target] = out_region
@@ -534,16 +562,8 @@ def _pool_block(step: _Step, source: _Value, virtual, runs) -> Tensor:
     total = None
     for tap in gnn._taps(nodes, g.kernel_size, g.stride, g.dilation, out):
         total = tap.clone(memory_format=torch.contiguous_format) if total is None else total + tap
-    divisor = None
-    for axis, (a, b) in enumerate(runs):
-        start = torch.arange(a, b, device=patch.device) * g.stride[axis] - g.padding[axis][0]
-        end = torch.clamp(start + g.kernel_size[axis], max=source.size[axis] + g.padding[axis][1])
-        length = end - start if step.extra["count_include_pad"] else \
-            torch.clamp(end, max=source.size[axis]) - torch.clamp(start, min=0)
-        shape = [1] * (n + 2)
-        shape[1 + axis] = b - a
-        length = length.to(patch.dtype).view(shape)
-        divisor = length if divisor is None else divisor * length
+    divisor = gnn._avg_divisor(runs, source.size, g.kernel_size, g.stride, g.padding,
+                               step.extra["count_include_pad"], patch.dtype, patch.device)
     return (total / divisor).permute(0, n + 1, *range(1, n + 1))
 
 
@@ -594,51 +614,33 @@ def _tiles(size: tuple, tile: tuple) -> list:
 
 def _region_of(region: Region, x: Tensor) -> Tensor:
     """The pixels ``region`` of the whole grid ``x`` (a view where each axis is one interval)."""
-    t = x
-    for axis, iv in enumerate(region):
-        if iv == ((0, x.size(2 + axis)),):
-            continue
-        if len(iv) == 1:
-            t = t.narrow(2 + axis, iv[0][0], iv[0][1] - iv[0][0])
-        else:
-            t = t.index_select(2 + axis, torch.tensor(_coords(iv), dtype=torch.long, device=x.device))
-    return t
+    return _Value.whole(x).restrict(region)
 
 
 def _add_at(target: Tensor, index: list, grad: Tensor) -> None:
-    """``target[..., index[0], index[1], ...] += grad`` (``None``: the whole axis)."""
-    n = len(index)
-    todo = [a for a in range(n) if index[a] is not None]
-    if not todo:
-        target.add_(grad)
+    """``target[..., index[0], index[1], ...] += grad`` in place; per axis ``None`` (the whole axis),
+    ``(start, length)`` (a narrow view) or an index tensor."""
+    t = target
+    tensor_axes = []
+    for axis, ix in enumerate(index):
+        if isinstance(ix, tuple):
+            t = t.narrow(2 + axis, *ix)
+        elif ix is not None:
+            tensor_axes.append(axis)
+    if not tensor_axes:
+        t.add_(grad)
         return
     g = grad
-    for axis in reversed(todo[1:]):
+    for axis in reversed(tensor_axes[1:]):  # spread the later indexed axes first, then add along the first
         shape = list(g.shape)
-        shape[2 + axis] = target.size(2 + axis)
+        shape[2 + axis] = t.size(2 + axis)
         g = g.new_zeros(shape).index_add_(2 + axis, index[axis], g)
-    target.index_add_(2 + todo[0], index[todo[0]], g)
+    t.index_add_(2 + tensor_axes[0], index[tensor_axes[0]], g)
 
 
 def _add_into(target: Tensor, region: Region, grad: Tensor) -> None:
     """``target[region] += grad`` (``target`` the whole grid)."""
-    n = len(region)
-    full = tuple(iv == ((0, target.size(2 + axis)),) for axis, iv in enumerate(region))
-    if all(full):
-        target.add_(grad)
-        return
-    # expand the axes after the first one to their full extent, then add along the first non-full axis
-    g = grad
-    for axis in range(n - 1, -1, -1):
-        if full[axis]:
-            continue
-        shape = list(g.shape)
-        shape[2 + axis] = target.size(2 + axis)
-        index = torch.tensor(_coords(region[axis]), dtype=torch.long, device=target.device)
-        if axis == min(a for a in range(n) if not full[a]):
-            target.index_add_(2 + axis, index, g)
-            return
-        g = g.new_zeros(shape).index_add_(2 + axis, index, g)
+    _Value.whole(target).add(region, grad)
 
 
 # ------------------------------------------------------------------------------------ tiled
@@ -1080,9 +1082,7 @@ class SpatialParallel(nn.Module):
                     inputs = ([block] if needs_x else []) + params
                     got = torch.autograd.grad(out, inputs, g, allow_unused=True)
                 if needs_x:
-                    index = [None if iv == local.region[axis] else local.positions(axis, _coords(iv))
-                             for axis, iv in enumerate(region)]
-                    _add_at(local_grad, index, got[0])
+                    _Value(local_grad, local.region, plan.size).add(region, got[0])
                     got = got[1:]
                 for acc, gp in zip(grads, got):
                     if gp is not None:

@@ -271,3 +271,25 @@ def test_tiled_names_squeeze_excitation():
     net = _net(models.SqueezeExciteNet(), "cpu")
     with pytest.raises(NotImplementedError, match="global pooling in the middle"):
         tiled(net, 8)(torch.randn(1, 3, 24, 24, dtype=D))
+
+
+def test_tiled_survives_copy_pickle_and_compile():
+    import copy
+    import io
+
+    from gridgraph.nn.functional import kernel_trace
+
+    net = _net(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"), nn.ReLU(),
+                             nn.Conv2d(4, 2, 3, stride=2)), "cpu")
+    run = tiled(net, 4)
+    x = torch.randn(1, 3, 17, 13, dtype=D)
+    want = _grads(net, x, net)
+    buffer = io.BytesIO()
+    torch.save(run, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(run), torch.load(buffer, weights_only=False)):
+        y = other(x)
+        _assert_equal((y.detach(), []), (want[0], []))
+    with kernel_trace() as trace:
+        _assert_equal(_grads(net, x, torch.compile(run, backend="aot_eager")), want)  # dynamo, no codegen
+    assert trace and set(trace) <= {"image", "image-op"}  # message passing, tile by tile
